@@ -1,0 +1,131 @@
+//! The firewall stage: the five per-field lookups, then the first rule in the AND of their bit
+//! vectors (see `rampart_common::fw` for the scheme, and `userspace/src/fw/compile.rs` for how the
+//! tables are built).
+
+use aya_ebpf::maps::lpm_trie::Key;
+use rampart_common::fw::{
+    ClassInfo, LPM_SLOT_BITS, NO_PORT, PORT_ENTRIES, PROTO_ENTRIES, SLOT_USES_DST, SLOT_USES_SRC,
+    SUMMARY_WORDS, SlotInfo,
+};
+
+use crate::{
+    maps::{
+        FW_ACTIVE, FW_CLASSES, FW_DPORT, FW_DST4, FW_DST6, FW_PROTO, FW_SLOTS, FW_SPORT, FW_SRC4,
+        FW_SRC6, FW_WORDS,
+    },
+    parse::Packet,
+};
+
+/// The decision for one IP packet.
+pub struct Verdict {
+    /// XDP action.
+    pub action: u32,
+    /// Absolute index in `FW_RULES`/`FW_RULE_STATS` of the matching rule, if one matched.
+    pub rule: Option<u32>,
+}
+
+/// Lowest set bit of a non-zero word. Written out because the BPF target has no count-trailing-
+/// zeros instruction.
+#[inline(always)]
+fn lowest_bit(mut x: u64) -> u32 {
+    let mut n = 0;
+    if x & 0xffff_ffff == 0 {
+        n += 32;
+        x >>= 32;
+    }
+    if x & 0xffff == 0 {
+        n += 16;
+        x >>= 16;
+    }
+    if x & 0xff == 0 {
+        n += 8;
+        x >>= 8;
+    }
+    if x & 0xf == 0 {
+        n += 4;
+        x >>= 4;
+    }
+    if x & 0x3 == 0 {
+        n += 2;
+        x >>= 2;
+    }
+    if x & 0x1 == 0 {
+        n += 1;
+    }
+    n
+}
+
+#[inline(always)]
+fn class(id: u32) -> Option<&'static ClassInfo> {
+    FW_CLASSES.get(id)
+}
+
+#[inline(always)]
+fn word(index: u32) -> u64 {
+    match FW_WORDS.get(index) {
+        Some(w) => *w,
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn addr_class(pkt: &Packet, slot: u32, src: bool) -> Option<u32> {
+    let slot_be = slot.to_be_bytes();
+    if pkt.family == 4 {
+        let mut data = [0u8; 8];
+        data[..4].copy_from_slice(&slot_be);
+        data[4..].copy_from_slice(if src { &pkt.src[..4] } else { &pkt.dst[..4] });
+        let key = Key::new(LPM_SLOT_BITS + 32, data);
+        let map = if src { &FW_SRC4 } else { &FW_DST4 };
+        map.get(&key).copied()
+    } else {
+        let mut data = [0u8; 20];
+        data[..4].copy_from_slice(&slot_be);
+        data[4..].copy_from_slice(if src { &pkt.src } else { &pkt.dst });
+        let key = Key::new(LPM_SLOT_BITS + 128, data);
+        let map = if src { &FW_SRC6 } else { &FW_DST6 };
+        map.get(&key).copied()
+    }
+}
+
+/// Classifies an IP packet against the active rule set. `None` only if the tables are
+/// inconsistent (a map lookup that userspace guarantees cannot fail did): the caller aborts.
+#[inline(always)]
+pub fn classify(pkt: &Packet) -> Option<Verdict> {
+    let slot = FW_ACTIVE.get(0)?.slot;
+    let info: &SlotInfo = FW_SLOTS.get(slot)?;
+    let src = if info.flags & SLOT_USES_SRC != 0 { addr_class(pkt, slot, true)? } else { info.all_class };
+    let dst = if info.flags & SLOT_USES_DST != 0 { addr_class(pkt, slot, false)? } else { info.all_class };
+    let proto = *FW_PROTO.get(slot * PROTO_ENTRIES + pkt.proto as u32)?;
+    let (sp, dp) = if pkt.has_ports { (pkt.sport as u32, pkt.dport as u32) } else { (NO_PORT, NO_PORT) };
+    let sport = *FW_SPORT.get(slot * PORT_ENTRIES + sp)?;
+    let dport = *FW_DPORT.get(slot * PORT_ENTRIES + dp)?;
+
+    let (c1, c2, c3, c4, c5) = (class(src)?, class(dst)?, class(proto)?, class(sport)?, class(dport)?);
+    for s in 0..SUMMARY_WORDS {
+        if s as u32 >= info.summary_words {
+            break;
+        }
+        let mut candidates = c1.summary[s] & c2.summary[s] & c3.summary[s] & c4.summary[s] & c5.summary[s];
+        // At most 64 candidate words per summary word; the explicit bound is for the verifier.
+        for _ in 0..64 {
+            if candidates == 0 {
+                break;
+            }
+            let b = lowest_bit(candidates);
+            candidates &= candidates - 1;
+            let w = s as u32 * 64 + b;
+            let hits = word(c1.words_base + w)
+                & word(c2.words_base + w)
+                & word(c3.words_base + w)
+                & word(c4.words_base + w)
+                & word(c5.words_base + w);
+            if hits != 0 {
+                let rule = info.rule_base + w * 64 + lowest_bit(hits);
+                let action = crate::maps::FW_RULES.get(rule)?.action;
+                return Some(Verdict { action, rule: Some(rule) });
+            }
+        }
+    }
+    Some(Verdict { action: info.default_action, rule: None })
+}

@@ -1,0 +1,2 @@
+//! rampart's userspace: loading and driving the XDP programs, and (later) the daemon.
+pub mod bpf;
