@@ -103,16 +103,24 @@ pub struct SlotInfo {
 map_type!(SlotInfo, 24);
 
 /// `FW_CLASSES[class]` (absolute class id): where the class's bit vector lives.
+///
+/// Vectors are stored sparsely: only the non-zero words, in word order, from `words_base`. Word
+/// `w = 64·s + b` of the vector (when `summary[s]` has bit `b`) is at
+/// `words_base + rank[s] + popcount(summary[s] & ((1 << b) - 1))`. Memory then follows the
+/// rules a class really holds, not classes × rules (10,000 distinct /24s would otherwise need
+/// 10,000 × 157 words).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClassInfo {
     /// Bit `w` set when word `w` of the vector is non-zero.
     pub summary: [u64; SUMMARY_WORDS],
-    /// Index in `FW_WORDS` of the vector's word 0.
+    /// `rank[s]`: non-zero words in summary words `0..s` (prefix popcounts).
+    pub rank: [u16; SUMMARY_WORDS],
+    /// Index in `FW_WORDS` of the class's first stored (non-zero) word.
     pub words_base: u32,
     pub _pad: u32,
 }
-map_type!(ClassInfo, 8 * SUMMARY_WORDS + 8);
+map_type!(ClassInfo, 10 * SUMMARY_WORDS + 8);
 
 /// `FW_RULES[rule_base + r]`: the action of rule `r`.
 #[repr(C)]

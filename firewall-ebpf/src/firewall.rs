@@ -24,48 +24,38 @@ pub struct Verdict {
     pub rule: Option<u32>,
 }
 
-/// Lowest set bit of a non-zero word. Written out because the BPF target has no count-trailing-
-/// zeros instruction.
+/// Set bits in a word (SWAR: the BPF target has no popcount instruction).
 #[inline(always)]
-fn lowest_bit(mut x: u64) -> u32 {
-    let mut n = 0;
-    if x & 0xffff_ffff == 0 {
-        n += 32;
-        x >>= 32;
-    }
-    if x & 0xffff == 0 {
-        n += 16;
-        x >>= 16;
-    }
-    if x & 0xff == 0 {
-        n += 8;
-        x >>= 8;
-    }
-    if x & 0xf == 0 {
-        n += 4;
-        x >>= 4;
-    }
-    if x & 0x3 == 0 {
-        n += 2;
-        x >>= 2;
-    }
-    if x & 0x1 == 0 {
-        n += 1;
-    }
-    n
+fn popcount(mut x: u64) -> u32 {
+    x -= (x >> 1) & 0x5555_5555_5555_5555;
+    x = (x & 0x3333_3333_3333_3333) + ((x >> 2) & 0x3333_3333_3333_3333);
+    x = (x + (x >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    (x.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
+}
+
+/// Index of the lowest set bit of a non-zero word. Branch-free on purpose: every branch inside
+/// the candidate loop multiplies the paths the verifier walks.
+#[inline(always)]
+fn lowest_bit(x: u64) -> u32 {
+    popcount((x & x.wrapping_neg()).wrapping_sub(1))
+}
+
+#[inline(always)]
+fn word(index: u32) -> Option<u64> {
+    FW_WORDS.get(index).copied()
+}
+
+/// Word `64·s + b` of class `c`'s sparse vector; the caller knows `c.summary[s]` has bit `b`.
+/// `None` (tables inconsistent) ends classification at once rather than adding a path.
+#[inline(always)]
+fn class_word(c: &ClassInfo, s: usize, b: u32) -> Option<u64> {
+    let below = c.summary[s] & ((1u64 << b) - 1);
+    word(c.words_base + c.rank[s] as u32 + popcount(below))
 }
 
 #[inline(always)]
 fn class(id: u32) -> Option<&'static ClassInfo> {
     FW_CLASSES.get(id)
-}
-
-#[inline(always)]
-fn word(index: u32) -> u64 {
-    match FW_WORDS.get(index) {
-        Some(w) => *w,
-        None => 0,
-    }
 }
 
 #[inline(always)]
@@ -115,11 +105,11 @@ pub fn classify(pkt: &Packet) -> Option<Verdict> {
             let b = lowest_bit(candidates);
             candidates &= candidates - 1;
             let w = s as u32 * 64 + b;
-            let hits = word(c1.words_base + w)
-                & word(c2.words_base + w)
-                & word(c3.words_base + w)
-                & word(c4.words_base + w)
-                & word(c5.words_base + w);
+            let hits = class_word(c1, s, b)?
+                & class_word(c2, s, b)?
+                & class_word(c3, s, b)?
+                & class_word(c4, s, b)?
+                & class_word(c5, s, b)?;
             if hits != 0 {
                 let rule = info.rule_base + w * 64 + lowest_bit(hits);
                 let action = crate::maps::FW_RULES.get(rule)?.action;

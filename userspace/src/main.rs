@@ -1,8 +1,161 @@
-fn main() {
-    let mut ebpf = aya::Ebpf::load(rampart::bpf::FIREWALL_OBJ).expect("load obj");
-    let prog: &mut aya::programs::Xdp = ebpf.program_mut("rampart_fw").unwrap().try_into().unwrap();
-    match prog.load() {
-        Ok(()) => println!("loaded OK"),
-        Err(e) => { println!("ERR {e}"); if let aya::programs::ProgramError::LoadError { verifier_log, .. } = &e { let s = verifier_log.to_string(); let n = s.len(); println!("{}", &s[n.saturating_sub(3000)..]); } }
+//! `rampart`: attach the XDP firewall to interfaces and manage its rules.
+//!
+//! Every command that touches an interface acts in one scope: the host's network namespace, or
+//! with `-n NAME` the namespace `/run/netns/NAME` (entered with setns for the network only, so
+//! pins stay under the root mount namespace's `/sys/fs/bpf/rampart/<scope>/<iface>/`).
+mod cli;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "rampart", version, about = "XDP firewall: attach to interfaces, load rules, read counters")]
+struct Cli {
+    /// Act inside network namespace NAME (/run/netns/NAME), like `ip -n`.
+    #[arg(short = 'n', long = "netns", value_name = "NAME", global = true)]
+    netns: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Load the firewall and attach it to an interface (no rules: everything passes).
+    Attach {
+        #[arg(long, value_name = "IF")]
+        iface: String,
+        /// auto: native (driver) mode, else generic (skb) mode.
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
+        /// Start with these rules instead of an empty rule set.
+        #[arg(long, value_name = "FILE")]
+        rules: Option<PathBuf>,
+    },
+    /// Detach the firewall from an interface and remove every pin and state file it made.
+    Detach {
+        #[arg(long, value_name = "IF")]
+        iface: String,
+    },
+    /// Firewall rules.
+    Fw {
+        #[command(subcommand)]
+        cmd: FwCmd,
+    },
+    /// What is attached in this scope: mode, program, rules, counters per verdict.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Auto,
+    Native,
+    Skb,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ActionArg {
+    Allow,
+    Deny,
+}
+
+#[derive(Subcommand, Debug)]
+enum FwCmd {
+    /// Replace the rule set with a rule file (atomically; a bad file changes nothing).
+    Load {
+        file: PathBuf,
+        #[arg(long, value_name = "IF")]
+        iface: Option<String>,
+    },
+    /// Validate a rule file without loading it.
+    Check { file: PathBuf },
+    /// Rules in order with their packet and byte counters, then the default policy.
+    List {
+        #[arg(long, value_name = "IF")]
+        iface: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add one rule (flags mirror the rule file's fields).
+    Add {
+        #[arg(long, value_enum)]
+        action: ActionArg,
+        /// CIDRs, addresses and @sets, comma-separated.
+        #[arg(long)]
+        src: Option<String>,
+        #[arg(long)]
+        dst: Option<String>,
+        /// tcp, udp, icmp, icmpv6, any or a number.
+        #[arg(long)]
+        proto: Option<String>,
+        /// Ports and lo-hi ranges, comma-separated.
+        #[arg(long)]
+        sport: Option<String>,
+        #[arg(long)]
+        dport: Option<String>,
+        #[arg(long)]
+        comment: Option<String>,
+        /// 1-based position (default: last).
+        #[arg(long, value_name = "N")]
+        position: Option<usize>,
+        #[arg(long, value_name = "IF")]
+        iface: Option<String>,
+    },
+    /// Delete the rule with this id.
+    Delete {
+        id: u32,
+        #[arg(long, value_name = "IF")]
+        iface: Option<String>,
+    },
+    /// Change a named set: add|delete PREFIX…, or load FILE (one prefix per line).
+    Set {
+        name: String,
+        #[command(subcommand)]
+        op: SetOp,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SetOp {
+    /// Add prefixes (creates the set if missing).
+    Add {
+        #[arg(required = true, value_name = "PREFIX")]
+        prefixes: Vec<String>,
+        #[arg(long, value_name = "IF")]
+        iface: Option<String>,
+    },
+    /// Delete prefixes (each must be in the set).
+    Delete {
+        #[arg(required = true, value_name = "PREFIX")]
+        prefixes: Vec<String>,
+        #[arg(long, value_name = "IF")]
+        iface: Option<String>,
+    },
+    /// Replace the set's contents with a file of one prefix per line (`#` comments).
+    Load {
+        file: PathBuf,
+        #[arg(long, value_name = "IF")]
+        iface: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`rampart fw list | head`), as other command-line tools do,
+    // instead of panicking in println!.
+    // SAFETY: setting a signal disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = Cli::parse();
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
     }
 }

@@ -1,0 +1,177 @@
+//! The commands behind `rampart`'s arguments.
+mod output;
+
+use std::{path::Path, process::ExitCode};
+
+use anyhow::{Result, anyhow, bail};
+use rampart::{
+    fw::{
+        rules::{self, Action, Cidr, Rule, RuleSet},
+        state::Firewall,
+    },
+    netns::{self, NetnsError},
+    paths::Scope,
+    xdp::{self, AttachMode},
+};
+
+use crate::{ActionArg, Cli, Cmd, FwCmd, Mode, SetOp};
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let scope = Scope::from_netns(cli.netns.as_deref());
+    if let Some(name) = &cli.netns {
+        match (&cli.cmd, netns::enter(name)) {
+            (_, Ok(())) => {}
+            // Checking a file needs no namespace.
+            (Cmd::Fw { cmd: FwCmd::Check { .. } }, Err(_)) => {}
+            // Pins outlive a deleted namespace; detach must still be able to remove them.
+            (Cmd::Detach { .. }, Err(NetnsError::NotFound { .. })) => {
+                log::warn!("network namespace {name} is gone; removing rampart's pins and state only");
+            }
+            (_, Err(e)) => return Err(e.into()),
+        }
+    }
+    match cli.cmd {
+        Cmd::Attach { iface, mode, rules } => attach(&scope, &iface, mode, rules.as_deref()),
+        Cmd::Detach { iface } => {
+            xdp::detach(&scope, &iface)?;
+            println!("detached {iface}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { json } => output::status(&scope, json),
+        Cmd::Fw { cmd } => fw(&scope, cmd),
+    }
+}
+
+fn attach(scope: &Scope, iface: &str, mode: Mode, rules: Option<&Path>) -> Result<ExitCode> {
+    let rs = rules.map(rules::parse_file).transpose()?;
+    let mode = match mode {
+        Mode::Auto => AttachMode::Auto,
+        Mode::Native => AttachMode::Native,
+        Mode::Skb => AttachMode::Skb,
+    };
+    let r = xdp::attach(scope, iface, mode, rs)?;
+    println!("attached to {} (ifindex {}) in {} mode, program id {}", r.iface, r.ifindex, r.mode, r.program_id);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--iface`, or the only interface attached in `scope`.
+fn pick_iface(scope: &Scope, iface: Option<String>) -> Result<String> {
+    if let Some(i) = iface {
+        return Ok(i);
+    }
+    let all = xdp::attached_ifaces(scope)?;
+    let where_ = match scope {
+        Scope::Host => String::new(),
+        Scope::Netns(n) => format!(" in network namespace {n}"),
+    };
+    match all.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("nothing is attached{where_}"),
+        many => bail!("several interfaces are attached{where_} ({}): give --iface", many.join(", ")),
+    }
+}
+
+fn open(scope: &Scope, iface: Option<String>) -> Result<Firewall> {
+    let iface = pick_iface(scope, iface)?;
+    Ok(Firewall::open(scope, &iface)?)
+}
+
+fn fw(scope: &Scope, cmd: FwCmd) -> Result<ExitCode> {
+    match cmd {
+        FwCmd::Check { file } => {
+            let rs = rules::parse_file(&file)?;
+            println!("{}: ok, {}", file.display(), summary(&rs));
+        }
+        FwCmd::Load { file, iface } => {
+            // Parse before taking the lock: a big file must not hold up other commands.
+            let rs = rules::parse_file(&file)?;
+            let mut fw = open(scope, iface)?;
+            fw.load(rs)?;
+            println!("loaded {} into {}: {}", file.display(), fw.iface(), summary(fw.rules()));
+        }
+        FwCmd::List { iface, json } => {
+            let fw = open(scope, iface)?;
+            output::list(&fw, json)?;
+        }
+        FwCmd::Add { action, src, dst, proto, sport, dport, comment, position, iface } => {
+            let rule = Rule {
+                id: 0,
+                action: match action {
+                    ActionArg::Allow => Action::Allow,
+                    ActionArg::Deny => Action::Deny,
+                },
+                src: flag("src", src, rules::parse_addr_match)?,
+                dst: flag("dst", dst, rules::parse_addr_match)?,
+                proto: flag("proto", proto, rules::parse_proto)?.flatten(),
+                sport: flag("sport", sport, rules::parse_ports)?,
+                dport: flag("dport", dport, rules::parse_ports)?,
+                comment,
+            };
+            let mut fw = open(scope, iface)?;
+            let id = fw.add_rule(rule, position)?;
+            let pos = fw.rules().rules.iter().position(|r| r.id == id).map_or(0, |p| p + 1);
+            println!("added rule {id} at position {pos} on {}", fw.iface());
+        }
+        FwCmd::Delete { id, iface } => {
+            let mut fw = open(scope, iface)?;
+            fw.delete_rule(id)?;
+            println!("deleted rule {id} on {}", fw.iface());
+        }
+        FwCmd::Set { name, op } => set(scope, &name, op)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses an optional `fw add` flag; errors name the flag.
+fn flag<T>(name: &str, value: Option<String>, parse: fn(&str) -> Result<T, String>) -> Result<Option<T>> {
+    value.map(|v| parse(&v).map_err(|m| anyhow!("--{name}: {m}"))).transpose()
+}
+
+fn set(scope: &Scope, name: &str, op: SetOp) -> Result<()> {
+    rules::check_set_name(name).map_err(|m| anyhow!("{m}"))?;
+    let parse_all = |prefixes: &[String]| -> Result<Vec<Cidr>> {
+        prefixes.iter().map(|p| p.trim().parse::<Cidr>().map_err(|m| anyhow!("{m}"))).collect()
+    };
+    let size = |fw: &Firewall| fw.rules().sets.get(name).map_or(0, Vec::len);
+    match op {
+        SetOp::Add { prefixes, iface } => {
+            let cidrs = parse_all(&prefixes)?;
+            let mut fw = open(scope, iface)?;
+            let added = fw.set_add(name, &cidrs)?;
+            println!("set {name} on {}: added {added} of {}, {} now", fw.iface(), prefixes_n(cidrs.len()), size(&fw));
+        }
+        SetOp::Delete { prefixes, iface } => {
+            let cidrs = parse_all(&prefixes)?;
+            let mut fw = open(scope, iface)?;
+            fw.set_delete(name, &cidrs)?;
+            println!("set {name} on {}: deleted {}, {} now", fw.iface(), prefixes_n(cidrs.len()), size(&fw));
+        }
+        SetOp::Load { file, iface } => {
+            let cidrs = rules::parse_set_file(&file)?;
+            let mut fw = open(scope, iface)?;
+            fw.set_replace(name, cidrs)?;
+            println!("set {name} on {}: loaded {} from {}", fw.iface(), prefixes_n(size(&fw)), file.display());
+        }
+    }
+    Ok(())
+}
+
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn prefixes_n(n: usize) -> String {
+    count(n, "prefix", "prefixes")
+}
+
+/// `3 rules, 1 set (2 prefixes), default deny`.
+fn summary(rs: &RuleSet) -> String {
+    let prefixes: usize = rs.sets.values().map(Vec::len).sum();
+    format!(
+        "{}, {} ({}), default {}",
+        count(rs.rules.len(), "rule", "rules"),
+        count(rs.sets.len(), "set", "sets"),
+        count(prefixes, "prefix", "prefixes"),
+        rs.default
+    )
+}
