@@ -1,1 +1,8 @@
-//! Shared helpers for rampart integration tests.
+//! Shared helpers for rampart's packet-level tests: frames ([`packet`]), random rule sets and
+//! traffic ([`random`]), BPF_PROG_TEST_RUN ([`testrun`]) and network namespaces ([`netns`]);
+//! and for the benchmark binaries ([`bench`]).
+pub mod bench;
+pub mod netns;
+pub mod packet;
+pub mod random;
+pub mod testrun;
