@@ -132,10 +132,10 @@ impl Flood {
         for (ns, dev) in [(&me.tx_ns, &me.tx_if), (&me.rx_ns, &me.rx_if)] {
             sh("ip", &["-n", ns, "link", "set", dev, "up"])?;
         }
-        // veth + native XDP: the sender side needs an XDP program or GRO for the receiver's
-        // native XDP to see the frames at full rate (toolchain.md); GRO is enough.
-        let _ = sh("ip", &["netns", "exec", &me.tx_ns, "ethtool", "-K", &me.tx_if, "gro", "on"]);
-        let _ = sh("ip", &["netns", "exec", &me.rx_ns, "ethtool", "-K", &me.rx_if, "gro", "on"]);
+        // trafgen gives up on the first EAGAIN from a full veth ring; a real qdisc on the
+        // sender absorbs the back-pressure (trafgen then goes through it: --qdisc-path).
+        sh("ip", &["-n", &me.tx_ns, "link", "set", &me.tx_if, "txqueuelen", "10000"])?;
+        sh("tc", &["-n", &me.tx_ns, "qdisc", "replace", "dev", &me.tx_if, "root", "pfifo", "limit", "10000"])?;
         Ok(me)
     }
 
@@ -150,7 +150,7 @@ impl Flood {
         fs::write(&conf, format!("{{ {} }}\n", bytes.join(", ")))?;
         // Bounded by count as well as by the kill below (trafgen ignores SIGTERM mid-flood).
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.tx_ns, "trafgen", "--dev", &self.tx_if, "--conf", conf.to_str().unwrap(), "--cpus", "1", "-n", "200000000", "--no-sock-mem", "-q"])
+            .args(["netns", "exec", &self.tx_ns, "trafgen", "--dev", &self.tx_if, "--conf", conf.to_str().unwrap(), "--cpus", "1", "-n", "200000000", "--no-sock-mem", "--qdisc-path"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -162,6 +162,9 @@ impl Flood {
             thread::sleep(Duration::from_secs(seconds));
             let c1 = count()?;
             let dt = t0.elapsed().as_secs_f64();
+            if std::env::var_os("RAMPART_BENCH_DEBUG").is_some() {
+                eprintln!("{}: counter {c0} -> {c1} in {dt:.2} s", self.rx_ns);
+            }
             Ok((c1.saturating_sub(c0)) as f64 / dt)
         })();
         let _ = Command::new("ip").args(["netns", "pids", &self.tx_ns]).output().map(|o| {
@@ -227,5 +230,7 @@ pub fn xdp_filter_hits(addr: [u8; 4]) -> Result<u64> {
     args.push("-j");
     let out = sh("bpftool", &args)?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
-    Ok(v["values"].as_array().into_iter().flatten().filter_map(|c| c["value"].as_u64()).map(|x| x >> 6).sum())
+    // With BTF, bpftool puts the decoded values under "formatted" (raw bytes under "values").
+    let values = v["formatted"]["values"].as_array().context("no formatted values in bpftool's output")?;
+    Ok(values.iter().filter_map(|c| c["value"].as_u64()).map(|x| x >> 6).sum())
 }

@@ -284,14 +284,16 @@ fn flood_section(dir: &Path, seconds: u64, out: &mut String) -> Result<()> {
         fs::write(&path, rampart_rules(FLOOD_RULES))?;
         let rs = rules::parse_file(&path)?;
         let mut ebpf = Ebpf::load(FIREWALL_OBJ)?;
+        let prog: &mut Xdp = ebpf.program_mut(rampart_common::fw::PROGRAM_NAME).context("program")?.try_into()?;
+        prog.load()?;
+        // Tables first: a program attached before its first install would see an empty slot.
+        let mut tables = FwTables::from_ebpf(&mut ebpf)?;
+        tables.install(&rs)?;
         {
             let prog: &mut Xdp = ebpf.program_mut(rampart_common::fw::PROGRAM_NAME).context("program")?.try_into()?;
-            prog.load()?;
             let _g = NetnsGuard::enter(&net.rx_ns)?;
             prog.attach(&net.rx_if, XdpMode::Driver)?;
         }
-        let mut tables = FwTables::from_ebpf(&mut ebpf)?;
-        tables.install(&rs)?;
         let pps = net.measure(&frame, seconds, || {
             let s = tables.stats()?;
             Ok(s[..=stat::LAST_VERDICT as usize].iter().map(|c: &Counter| c.packets).sum())
@@ -376,10 +378,14 @@ fn main() -> Result<()> {
     fs::create_dir_all(&dir)?;
     let mut out = String::new();
     writeln!(out, "## fw: {}\n", rampart_tests::bench::machine())?;
-    let r = testrun_section(&dir, repeat, &mut out).and_then(|_| {
-        thread::sleep(Duration::from_millis(200));
+    let flood_only = args.iter().any(|a| a == "--flood-only");
+    let r = (|| {
+        if !flood_only {
+            testrun_section(&dir, repeat, &mut out)?;
+            thread::sleep(Duration::from_millis(200));
+        }
         flood_section(&dir, seconds, &mut out)
-    });
+    })();
     let _ = fs::remove_dir_all(&dir);
     println!("{out}");
     r
