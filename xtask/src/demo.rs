@@ -1,0 +1,497 @@
+//! `cargo xtask demo`: the firewall in front of a server, between two network namespaces.
+//!
+//! "internet" holds three client addresses (a customer, the admins' network, a blocklisted host);
+//! "server" runs a few services behind rampart. The same traffic is sent before and after rampart
+//! is attached with the rule file of README.md, and each expectation is printed as ✔ or ✘.
+//! Everything the demo creates is removed by [`Lab`]'s `Drop`, on success, failure or Ctrl-C.
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead, BufReader},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    probe,
+    proc::{self, OnInterrupt, capture, capture_ok, capture_with, check_interrupt, show},
+};
+
+/// The rule file of issue 2 and README.md, as written to `rules.toml`.
+const RULES: &str = r#"default = "deny"
+
+[sets]
+blocklist = ["203.0.113.0/24", "2001:db8:bad::/48"]
+crawlers = { file = "crawlers.txt" }
+
+[[rule]]
+action = "deny"
+src = "@blocklist"
+
+[[rule]]
+action = "allow"
+proto = "tcp"
+dport = [80, 443]
+
+[[rule]]
+action = "allow"
+proto = "tcp"
+src = "198.51.100.0/24"
+dport = 22
+
+[[rule]]
+action = "allow"
+proto = "icmp"
+"#;
+
+/// The set `crawlers` reads, one prefix per line (no rule uses it: it shows the file form).
+const CRAWLERS: &str = "66.249.64.0/19\n157.55.39.0/24\n2001:4860:4801::/48\n";
+
+const SERVER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const CUSTOMER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const ADMIN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const BLOCKED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 66);
+/// The NIC on each side of the veth pair (each in its own namespace, so the names never clash).
+const IFACE: &str = "eth0";
+const TCP_PORTS: [u16; 4] = [22, 80, 443, 8080];
+const UDP_PORT: u16 = 53;
+/// How long a probe waits for an answer. A dropped SYN is retried after 1 s, so 1.5 s sees two.
+const PROBE_TIMEOUT_MS: u64 = 1500;
+/// Bound for any one command (`ip`, `rampart`, a probe).
+const COMMAND_LIMIT: Duration = Duration::from_secs(60);
+
+fn who(ip: Ipv4Addr) -> &'static str {
+    match ip {
+        CUSTOMER => "a customer",
+        ADMIN => "the admins",
+        BLOCKED => "blocklisted",
+        _ => "",
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Traffic {
+    Ping,
+    Tcp(u16),
+    Udp(u16),
+}
+
+impl Traffic {
+    fn label(self) -> String {
+        match self {
+            Traffic::Ping => "ping (ICMP echo)".to_string(),
+            Traffic::Tcp(p) => format!("TCP {p} ({})", service(p)),
+            Traffic::Udp(p) => format!("UDP {p} ({})", service(p)),
+        }
+    }
+}
+
+fn service(port: u16) -> &'static str {
+    match port {
+        22 => "ssh",
+        53 => "dns",
+        80 => "http",
+        443 => "https",
+        8080 => "admin app",
+        _ => "?",
+    }
+}
+
+/// One expectation about traffic through the firewall.
+struct Check {
+    traffic: Traffic,
+    from: Ipv4Addr,
+    allowed: bool,
+    /// Which rule decides, in the words of the rule file.
+    why: &'static str,
+}
+
+const fn check(traffic: Traffic, from: Ipv4Addr, allowed: bool, why: &'static str) -> Check {
+    Check { traffic, from, allowed, why }
+}
+
+const CHECKS: [Check; 9] = [
+    check(Traffic::Ping, CUSTOMER, true, "rule 4 allows icmp"),
+    check(Traffic::Ping, BLOCKED, false, "rule 1 denies @blocklist before rule 4 allows icmp"),
+    check(Traffic::Tcp(80), CUSTOMER, true, "rule 2 allows tcp 80 and 443"),
+    check(Traffic::Tcp(443), CUSTOMER, true, "rule 2 allows tcp 80 and 443"),
+    check(Traffic::Tcp(80), BLOCKED, false, "rule 1 denies @blocklist: first match wins"),
+    check(Traffic::Tcp(22), ADMIN, true, "rule 3 allows tcp 22 from 198.51.100.0/24"),
+    check(Traffic::Tcp(22), CUSTOMER, false, "no rule matches: default deny"),
+    check(Traffic::Tcp(8080), CUSTOMER, false, "no rule matches: default deny"),
+    check(Traffic::Udp(UDP_PORT), CUSTOMER, false, "no rule matches: default deny"),
+];
+
+/// Everything the demo creates, removed in `Drop` (also on failure and Ctrl-C).
+struct Lab {
+    internet: String,
+    server: String,
+    /// Namespaces created so far.
+    namespaces: Vec<String>,
+    dir: PathBuf,
+    listeners: Option<Child>,
+    rampart: PathBuf,
+    /// `rampart attach` succeeded and no `detach` has yet.
+    attached: bool,
+    cleaned: bool,
+}
+
+impl Lab {
+    fn new(rampart: &Path) -> Self {
+        let id = std::process::id();
+        Lab {
+            internet: format!("rampart-internet-{id}"),
+            server: format!("rampart-server-{id}"),
+            namespaces: Vec::new(),
+            dir: std::env::temp_dir().join(format!("rampart-demo-{id}")),
+            listeners: None,
+            rampart: rampart.to_path_buf(),
+            attached: false,
+            cleaned: false,
+        }
+    }
+
+    /// Pins of the program rampart attaches to the server's NIC (see `userspace/src/paths.rs`).
+    fn pin_dir(&self) -> PathBuf {
+        Path::new("/sys/fs/bpf/rampart").join(format!("netns-{}", self.server)).join(IFACE)
+    }
+
+    /// rampart's per-namespace directories: pins and runtime state.
+    fn scope_dirs(&self) -> [PathBuf; 2] {
+        let scope = format!("netns-{}", self.server);
+        [Path::new("/sys/fs/bpf/rampart").join(&scope), Path::new("/run/rampart").join(scope)]
+    }
+
+    fn rampart(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.rampart);
+        cmd.args(["-n", &self.server]).args(args);
+        cmd
+    }
+
+    /// Removes everything; returns what could not be removed. Runs to the end even after Ctrl-C.
+    fn cleanup(&mut self) -> Vec<String> {
+        if self.cleaned {
+            return Vec::new();
+        }
+        self.cleaned = true;
+        let mut problems = Vec::new();
+        let limit = Duration::from_secs(30);
+        if let Some(mut child) = self.listeners.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.attached {
+            let mut cmd = self.rampart(&["detach", "--iface", IFACE]);
+            match capture_with(&mut cmd, limit, OnInterrupt::Finish) {
+                Ok(out) if out.success() => self.attached = false,
+                Ok(out) => problems.push(format!("`{}`: {}", show(&cmd), out.text())),
+                Err(e) => problems.push(format!("{e:#}")),
+            }
+        }
+        for ns in std::mem::take(&mut self.namespaces).iter().rev() {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "del", ns]);
+            match capture_with(&mut cmd, limit, OnInterrupt::Finish) {
+                Ok(out) if out.success() => {}
+                Ok(out) => problems.push(format!("`{}`: {}", show(&cmd), out.text())),
+                Err(e) => problems.push(format!("{e:#}")),
+            }
+        }
+        // Whatever a failed run left pinned for the (now deleted) server namespace.
+        for dir in self.scope_dirs().iter().chain([&self.dir]) {
+            if dir.exists()
+                && let Err(e) = fs::remove_dir_all(dir)
+            {
+                problems.push(format!("removing {}: {e}", dir.display()));
+            }
+        }
+        problems
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        eprintln!("cleaning up: namespaces {} and {}, {}", self.internet, self.server, self.dir.display());
+        for p in self.cleanup() {
+            eprintln!("cleanup: {p}");
+        }
+    }
+}
+
+fn heading(n: usize, title: &str) {
+    println!("\n── {n}. {title} {}", "─".repeat(70usize.saturating_sub(title.len() + 6)));
+}
+
+fn indent(text: &str, by: usize) -> String {
+    let pad = " ".repeat(by);
+    text.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("{pad}{l}\n") }).collect()
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    capture_ok(Command::new("ip").args(args), COMMAND_LIMIT)?;
+    Ok(())
+}
+
+/// Runs `cmd` in `netns` (`ip netns exec`).
+fn in_netns(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns]).arg(program);
+    cmd
+}
+
+/// Writes `value` to a sysctl file inside `netns` (`ip netns exec` sees the namespace's
+/// /proc/sys/net); skipped when the kernel has no such file (no IPv6).
+fn netns_sysctl(netns: &str, file: &str, value: &str) -> Result<()> {
+    let mut cmd = in_netns(netns, "sh");
+    cmd.args(["-c", &format!("[ ! -e {file} ] || echo {value} > {file}")]);
+    capture_ok(&mut cmd, COMMAND_LIMIT)?;
+    Ok(())
+}
+
+/// The namespaces, the veth pair, the addresses, and the services in "server".
+fn build_network(lab: &mut Lab) -> Result<()> {
+    let (inet, srv) = (lab.internet.clone(), lab.server.clone());
+    for ns in [&inet, &srv] {
+        if Path::new("/run/netns").join(ns).exists() {
+            bail!(
+                "network namespace {ns} already exists (left by an earlier run?); remove it with `ip netns del {ns}`"
+            );
+        }
+        ip(&["netns", "add", ns])?;
+        lab.namespaces.push(ns.clone());
+        // IPv4 only: without IPv6 the kernel sends no neighbour discovery or MLD of its own,
+        // so the counters show exactly the demo's traffic.
+        for conf in ["all", "default"] {
+            netns_sysctl(ns, &format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1")?;
+        }
+    }
+    // Created directly inside the namespaces: the host's namespace never sees these names.
+    ip(&["-n", &srv, "link", "add", IFACE, "type", "veth", "peer", "name", IFACE, "netns", &inet])?;
+    ip(&["-n", &srv, "addr", "add", &format!("{SERVER_IP}/24"), "dev", IFACE])?;
+    for addr in [CUSTOMER, ADMIN, BLOCKED] {
+        ip(&["-n", &inet, "addr", "add", &format!("{addr}/24"), "dev", IFACE])?;
+    }
+    for ns in [&inet, &srv] {
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", ns, "link", "set", IFACE, "up"])?;
+    }
+    // "internet" is the server's router: replies to 198.51.100.10 and 203.0.113.66 go back
+    // through it.
+    ip(&["-n", &srv, "route", "add", "default", "via", &CUSTOMER.to_string()])?;
+    start_listeners(lab)
+}
+
+fn start_listeners(lab: &mut Lab) -> Result<()> {
+    let me = std::env::current_exe().context("locating the xtask binary")?;
+    let tcp = TCP_PORTS.map(|p| p.to_string()).join(",");
+    let mut cmd = in_netns(&lab.server, &me);
+    cmd.args(["__serve", "--name", "the server", "--tcp", &tcp, "--udp", &UDP_PORT.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().with_context(|| format!("cannot start `{}`", show(&cmd)))?;
+    let stdout = child.stdout.take().context("listener without stdout")?;
+    lab.listeners = Some(child);
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(line) if line.trim() == "ready" => Ok(()),
+        Ok(line) => bail!("the server's listeners did not start (said {line:?})"),
+        Err(_) => bail!("the server's listeners did not start within 10 s"),
+    }
+}
+
+/// Sends `traffic` from `from` to the server; true if it got an answer (or a refusal, which
+/// also proves the packet arrived).
+fn reaches(lab: &Lab, traffic: Traffic, from: Ipv4Addr) -> Result<bool> {
+    check_interrupt()?;
+    let mut cmd = match traffic {
+        Traffic::Ping => {
+            let mut cmd = in_netns(&lab.internet, "ping");
+            cmd.args(["-n", "-q", "-c", "1", "-W", "1", "-I", &from.to_string(), &SERVER_IP.to_string()]);
+            cmd
+        }
+        Traffic::Tcp(port) | Traffic::Udp(port) => {
+            let me = std::env::current_exe().context("locating the xtask binary")?;
+            let proto = if matches!(traffic, Traffic::Tcp(_)) { "tcp" } else { "udp" };
+            let mut cmd = in_netns(&lab.internet, me);
+            cmd.args(["__probe", proto, "--from", &from.to_string(), "--to", &SERVER_IP.to_string()]).args([
+                "--port",
+                &port.to_string(),
+                "--timeout-ms",
+                &PROBE_TIMEOUT_MS.to_string(),
+            ]);
+            cmd
+        }
+    };
+    let out = capture(&mut cmd, COMMAND_LIMIT)?;
+    let code = out.status.code();
+    match traffic {
+        // ping: 0 = reply, 1 = no reply; anything else is a failure of ping itself.
+        Traffic::Ping if code == Some(0) || code == Some(1) => Ok(code == Some(0)),
+        Traffic::Tcp(_) | Traffic::Udp(_) if code == Some(probe::ANSWERED) || code == Some(probe::REFUSED) => Ok(true),
+        Traffic::Tcp(_) | Traffic::Udp(_) if code == Some(probe::NO_ANSWER) => Ok(false),
+        _ => bail!("`{}` failed ({}):\n{}", show(&cmd), out.status, out.text()),
+    }
+}
+
+fn line(mark: bool, c: &Check, result: &str, why: &str) -> String {
+    let mark = if mark { "✔" } else { "✘" };
+    let text = format!(
+        "  {mark} {:<20} from {:<14} {:<13} {result:<8} {why}",
+        c.traffic.label(),
+        c.from.to_string(),
+        format!("({})", who(c.from)),
+    );
+    text.trim_end().to_string()
+}
+
+/// Without a firewall every service must answer, or the later "denied" would prove nothing.
+fn baseline(lab: &Lab) -> Result<()> {
+    let mut failed = 0;
+    for c in &CHECKS {
+        let ok = reaches(lab, c.traffic, c.from)?;
+        failed += usize::from(!ok);
+        println!("{}", line(ok, c, if ok { "answered" } else { "NO ANSWER" }, ""));
+    }
+    if failed > 0 {
+        bail!("{failed} service(s) did not answer even without a firewall: the demo network is broken");
+    }
+    Ok(())
+}
+
+/// Runs a `rampart` command, showing it and its output; fails if it fails.
+fn show_rampart(lab: &Lab, args: &[&str]) -> Result<()> {
+    check_interrupt()?;
+    let mut cmd = lab.rampart(args);
+    let shown = show(&cmd).replacen(&lab.rampart.to_string_lossy().into_owned(), "rampart", 1);
+    println!("  $ {shown}");
+    let out = capture(&mut cmd, COMMAND_LIMIT)?;
+    print!("{}", indent(&out.text(), 4));
+    if !out.success() {
+        bail!("`{shown}` failed ({})", out.status);
+    }
+    Ok(())
+}
+
+/// The demo. Fails if any expectation fails (after cleaning up).
+pub fn run(rampart: &Path) -> Result<()> {
+    proc::catch_interrupts();
+    let mut lab = Lab::new(rampart);
+    let mut failures = Vec::new();
+
+    println!("\nrampart demo: an XDP firewall in front of a server");
+    println!("Using {}. Everything below is removed at the end (also on Ctrl-C).", rampart.display());
+
+    heading(1, "A small network in two network namespaces");
+    build_network(&mut lab)?;
+    let services = TCP_PORTS.iter().map(|p| format!("{p} ({})", service(*p))).collect::<Vec<_>>().join(", ");
+    let mut diagram = format!("\"internet\"  netns {}, {IFACE}:\n", lab.internet);
+    for addr in [CUSTOMER, ADMIN, BLOCKED] {
+        diagram.push_str(&format!("    {:<14} {}\n", addr.to_string(), who(addr)));
+    }
+    diagram.push_str(&format!(
+        "      │  veth pair\n\"server\"    netns {}, {IFACE} (rampart attaches here):\n",
+        lab.server
+    ));
+    diagram.push_str(&format!(
+        "    {:<14} TCP {services}; UDP {UDP_PORT} ({})\n",
+        SERVER_IP.to_string(),
+        service(UDP_PORT)
+    ));
+    print!("{}", indent(&diagram, 2));
+
+    heading(2, "Without a firewall, everything reaches the server");
+    println!("  ✔: the service answered, as it should with nothing in the way.");
+    baseline(&lab)?;
+
+    heading(3, "The rule file");
+    fs::create_dir_all(&lab.dir).with_context(|| format!("creating {}", lab.dir.display()))?;
+    let rules = lab.dir.join("rules.toml");
+    fs::write(&rules, RULES).with_context(|| format!("writing {}", rules.display()))?;
+    let crawlers = lab.dir.join("crawlers.txt");
+    fs::write(&crawlers, CRAWLERS).with_context(|| format!("writing {}", crawlers.display()))?;
+    println!("  {}: rules are tried in order, the first that matches decides.", rules.display());
+    print!("{}", indent(RULES, 4));
+    println!("  ({} lists the set `crawlers`, one prefix per line.)", crawlers.display());
+
+    heading(4, "Attach rampart to the server's NIC and load the rules");
+    lab.attached = true; // from here on, cleanup detaches (harmless if attach fails)
+    show_rampart(&lab, &["attach", "--iface", IFACE])?;
+    show_rampart(&lab, &["fw", "load", &rules.to_string_lossy()])?;
+
+    heading(5, "The same traffic, through the firewall");
+    println!("  ✔: rampart did what the rules say (denied traffic gets no answer at all).");
+    for c in &CHECKS {
+        let reached = reaches(&lab, c.traffic, c.from)?;
+        let ok = reached == c.allowed;
+        let result = if reached { "allowed" } else { "denied" };
+        let why = if ok {
+            c.why.to_string()
+        } else {
+            let want = if c.allowed { "allowed" } else { "denied" };
+            format!("expected {want}: {}", c.why)
+        };
+        println!("{}", line(ok, c, result, &why));
+        if !ok {
+            failures.push(format!("{} from {}: {why}", c.traffic.label(), c.from));
+        }
+    }
+
+    heading(6, "Per-rule counters and the verdict counters");
+    show_rampart(&lab, &["fw", "list"])?;
+    println!("  A denied TCP connection counts 2 packets: the SYN, and its retry 1 s later.");
+    show_rampart(&lab, &["status"])?;
+
+    heading(7, "Detach");
+    show_rampart(&lab, &["detach", "--iface", IFACE])?;
+    lab.attached = false;
+    let pins = lab.pin_dir();
+    let left = pins.exists();
+    println!(
+        "  {} {}",
+        if left { "✘" } else { "✔" },
+        if left {
+            format!("{} still exists after detach", pins.display())
+        } else {
+            format!("nothing left pinned under {}", pins.display())
+        }
+    );
+    if left {
+        failures.push(format!("detach left {}", pins.display()));
+    }
+
+    heading(8, "Clean up");
+    let problems = lab.cleanup();
+    if problems.is_empty() {
+        println!("  ✔ removed both namespaces (and the veth pair with them) and {}", lab.dir.display());
+    }
+    for p in &problems {
+        println!("  ✘ {p}");
+    }
+    failures.extend(problems);
+
+    println!();
+    if failures.is_empty() {
+        println!("All {} expectations met.", CHECKS.len() + 2);
+        return Ok(());
+    }
+    let mut msg = format!("{} expectation(s) not met:", failures.len());
+    for f in &failures {
+        let _ = write!(msg, "\n  - {f}");
+    }
+    bail!(msg)
+}
