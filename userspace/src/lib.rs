@@ -1,2 +1,5 @@
-//! rampart's userspace: loading and driving the XDP programs, and (later) the daemon.
+//! rampart's userspace: loading and driving the XDP programs, the configuration file, and the
+//! daemon (`rampart serve`: TLS termination and the HTTP reverse proxy).
 pub mod bpf;
+pub mod config;
+pub mod serve;
