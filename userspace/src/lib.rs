@@ -1,6 +1,9 @@
-//! rampart's userspace: loading and driving the XDP programs, and (later) the daemon.
+//! rampart's userspace: loading and driving the XDP programs, the configuration file, and the
+//! daemon (`rampart serve`: TLS termination and the HTTP reverse proxy).
 pub mod bpf;
+pub mod config;
 pub mod fw;
 pub mod netns;
 pub mod paths;
+pub mod serve;
 pub mod xdp;

@@ -1,4 +1,5 @@
-//! `rampart`: attach the XDP firewall to interfaces and manage its rules.
+//! `rampart`: attach the XDP firewall to interfaces and manage its rules; run the daemon
+//! (`serve`: TLS termination and the HTTP reverse proxy).
 //!
 //! Every command that touches an interface acts in one scope: the host's network namespace, or
 //! with `-n NAME` the namespace `/run/netns/NAME` (entered with setns for the network only, so
@@ -10,7 +11,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "rampart", version, about = "XDP firewall: attach to interfaces, load rules, read counters")]
+#[command(name = "rampart", version, about = "XDP firewall and TLS-terminating reverse proxy")]
 struct Cli {
     /// Act inside network namespace NAME (/run/netns/NAME), like `ip -n`.
     #[arg(short = 'n', long = "netns", value_name = "NAME", global = true)]
@@ -46,6 +47,23 @@ enum Cmd {
     Status {
         #[arg(long)]
         json: bool,
+    },
+    /// Run the daemon: HTTPS termination and the HTTP reverse proxy.
+    Serve {
+        /// The configuration file (rampart.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration file, including the certificate and CA files it names.
+    CheckConfig {
+        /// The configuration file (rampart.toml).
+        file: PathBuf,
+    },
+    /// Ask the running daemon to load its configuration file again.
+    Reload {
+        /// The daemon's control socket ([admin] control_socket).
+        #[arg(long, default_value = rampart::config::DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
     },
 }
 
@@ -149,8 +167,10 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Cli::parse();
+    // The daemon logs what it does; one-shot commands only what went wrong.
+    let level = if matches!(args.cmd, Cmd::Serve { .. }) { "info" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {

@@ -26,19 +26,19 @@ const APT_PACKAGES: &[&str] = &[
     "xdp-tools",
     "nftables",
     "iptables",
-    // Traffic generators: trafgen floods a veth (netsniff-ng), hping3 crafts packets (flags,
-    // fragments).
+    // trafgen floods a veth for the benchmark (netsniff-ng).
     "netsniff-ng",
-    "hping3",
-    // Capturing what actually crossed a veth when a netns test fails.
-    "tcpdump",
-    // veth offloads and GRO, which native XDP on veth depends on (see toolchain.md).
-    "ethtool",
     // `kill`, `sysctl`, `pgrep`: stopping floods and tuning namespaces in tests and benchmarks.
     "procps",
     // HTTP(S) clients and certificates for the demo and the proxy tests.
     "curl",
     "openssl",
+    // The daemon's tests and TLS benchmark: nginx as backend (and peer), h2load (HTTP/2 client,
+    // nghttp2-client), HAProxy and wrk as the benchmark's peer and client.
+    "nginx-light",
+    "nghttp2-client",
+    "haproxy",
+    "wrk",
 ];
 
 /// The bpf-linker release the kernel crate is linked with (its LLVM 22 matches nightly's).

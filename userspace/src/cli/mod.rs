@@ -1,4 +1,5 @@
 //! The commands behind `rampart`'s arguments.
+mod daemon;
 mod output;
 
 use std::{path::Path, process::ExitCode};
@@ -22,7 +23,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         match (&cli.cmd, netns::enter(name)) {
             (_, Ok(())) => {}
             // Checking a file needs no namespace.
-            (Cmd::Fw { cmd: FwCmd::Check { .. } }, Err(_)) => {}
+            (Cmd::Fw { cmd: FwCmd::Check { .. } } | Cmd::CheckConfig { .. }, Err(_)) => {}
             // Pins outlive a deleted namespace; detach must still be able to remove them.
             (Cmd::Detach { .. }, Err(NetnsError::NotFound { .. })) => {
                 log::warn!("network namespace {name} is gone; removing rampart's pins and state only");
@@ -39,6 +40,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Status { json } => output::status(&scope, json),
         Cmd::Fw { cmd } => fw(&scope, cmd),
+        Cmd::Serve { config } => daemon::serve(&config),
+        Cmd::CheckConfig { file } => daemon::check_config(&file),
+        Cmd::Reload { control_socket } => daemon::reload(&control_socket),
     }
 }
 

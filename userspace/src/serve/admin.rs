@@ -1,0 +1,139 @@
+//! The [admin] listener (`/metrics`, `/healthz`, a text status page) and the control socket
+//! that `rampart reload` talks to.
+
+use std::{convert::Infallible, os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, UnixListener, UnixStream},
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{Shared, proxy};
+
+pub async fn run_admin(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    log::error!("admin listener: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(admin_response(&shared, &req)) }
+            });
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+            let _ = b.serve_connection(TokioIo::new(tcp), svc).await;
+        });
+    }
+}
+
+fn admin_response<B>(shared: &Shared, req: &Request<B>) -> Response<proxy::RespBody> {
+    let (ctype, body) = match req.uri().path() {
+        "/metrics" => ("application/openmetrics-text; version=1.0.0; charset=utf-8", shared.metrics.encode()),
+        "/healthz" => ("text/plain; charset=utf-8", "ok\n".to_string()),
+        "/" => ("text/plain; charset=utf-8", shared.current().status()),
+        _ => return proxy::error_page(StatusCode::NOT_FOUND, "Try /metrics or /."),
+    };
+    let mut r = Response::new(proxy::full(body));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+/// Binds the control socket, readable and writable by its owner only.
+pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // A socket file left by a daemon that died; a live daemon would still answer on it.
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running daemon", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    // Created with a umask that leaves no group/other bits, then set explicitly.
+    let old = unsafe { libc::umask(0o177) };
+    let l = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    let l = l?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serves control commands, one line each: `reload` answers `ok ...` or `error ...`.
+pub async fn run_control(shared: Arc<Shared>, listener: UnixListener, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    log::error!("control socket: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let mut r = BufReader::new(r);
+            if tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line)).await.is_err() {
+                return;
+            }
+            let answer = match line.trim() {
+                "reload" => match shared.reload().await {
+                    Ok(msg) => format!("ok {msg}\n"),
+                    Err(e) => format!("error {}\n", e.replace('\n', "\n  ")),
+                },
+                "status" => format!("ok\n{}", shared.current().status()),
+                other => format!("error unknown command {other:?} (expected reload or status)\n"),
+            };
+            let _ = w.write_all(answer.as_bytes()).await;
+            let _ = w.shutdown().await;
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach the daemon at {path}: {source}")]
+    Connect { path: String, source: std::io::Error },
+    #[error("control socket {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends one command to a running daemon and returns its answer (without the `ok` word).
+pub async fn send_command(path: &Path, command: &str) -> Result<String, ControlError> {
+    let p = path.display().to_string();
+    let mut s = UnixStream::connect(path).await.map_err(|source| ControlError::Connect { path: p.clone(), source })?;
+    let io = |source| ControlError::Io { path: p.clone(), source };
+    s.write_all(format!("{command}\n").as_bytes()).await.map_err(io)?;
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut answer)
+        .await
+        .map_err(|source| ControlError::Io { path: p.clone(), source })?;
+    match answer.strip_prefix("ok") {
+        Some(rest) => Ok(rest.trim().to_string()),
+        None => Err(ControlError::Refused(answer.strip_prefix("error ").unwrap_or(&answer).trim_end().to_string())),
+    }
+}

@@ -1,0 +1,137 @@
+//! The daemon's Prometheus metrics (`rampart_*`), served on the [admin] listener's `/metrics`.
+//!
+//! Labels are bounded: routes, pools, backends, listeners and certificates come from the config;
+//! statuses are HTTP codes; no per-client or per-URL label.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub pool: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub pool: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BlockLabels {
+    pub route: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    pub listener: String,
+    pub cert: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub backend_up: Family<BackendLabels, Gauge>,
+    pub backend_connect_errors: Family<BackendLabels, Counter>,
+    pub backend_retries: Family<PoolLabels, Counter>,
+    pub health_checks_failed: Family<BackendLabels, Counter>,
+    pub firewall_blocks: Family<BlockLabels, Counter>,
+    pub tls_handshakes: Family<ListenerLabels, Counter>,
+    pub tls_handshake_failures: Family<ListenerLabels, Counter>,
+    pub cert_expiry: Family<CertLabels, Gauge<f64, AtomicU64>>,
+    pub client_connections: Family<ListenerLabels, Gauge>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("rampart");
+        let m = Metrics {
+            requests: Family::default(),
+            backend_up: Family::default(),
+            backend_connect_errors: Family::default(),
+            backend_retries: Family::default(),
+            health_checks_failed: Family::default(),
+            firewall_blocks: Family::default(),
+            tls_handshakes: Family::default(),
+            tls_handshake_failures: Family::default(),
+            cert_expiry: Family::default(),
+            client_connections: Family::default(),
+            config_reloads: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("http_requests", "HTTP requests answered, by route, pool and status", m.requests.clone());
+        registry.register(
+            "backend_up",
+            "1 if the backend takes traffic (healthy and ready), else 0",
+            m.backend_up.clone(),
+        );
+        registry.register(
+            "backend_connect_errors",
+            "Failed connections (TCP, TLS or PROXY header) to a backend",
+            m.backend_connect_errors.clone(),
+        );
+        registry.register(
+            "backend_retries",
+            "Requests retried on another backend after a failed connect",
+            m.backend_retries.clone(),
+        );
+        registry.register("health_checks_failed", "Failed active health checks", m.health_checks_failed.clone());
+        registry.register(
+            "http_firewall_blocks",
+            "Requests refused by a route's application firewall, by reason",
+            m.firewall_blocks.clone(),
+        );
+        registry.register("tls_handshakes", "Completed TLS handshakes", m.tls_handshakes.clone());
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "tls_cert_expiry_seconds",
+            "Seconds until the certificate's notAfter (negative once expired)",
+            m.cert_expiry.clone(),
+        );
+        registry.register("client_connections", "Open client connections", m.client_connections.clone());
+        registry.register("config_reloads", "Configuration reloads, by result", m.config_reloads.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
