@@ -1,26 +1,31 @@
-//! `cargo xtask demo`: the firewall in front of a server, between two network namespaces.
+//! `cargo xtask demo`: rampart in front of a server, between two network namespaces.
 //!
 //! "internet" holds three client addresses (a customer, the admins' network, a blocklisted host);
-//! "server" runs a few services behind rampart. The same traffic is sent before and after rampart
-//! is attached with the rule file of README.md, and each expectation is printed as ✔ or ✘.
-//! Everything the demo creates is removed by [`Lab`]'s `Drop`, on success, failure or Ctrl-C.
+//! "server" runs a few services behind rampart. Part one: the same traffic is sent before and
+//! after rampart's XDP firewall is attached with the rule file of README.md. Part two ([`https`]):
+//! with the firewall still attached, `rampart serve` terminates HTTPS on the server's port 443
+//! and proxies to a pool of two web backends, shown with curl. Each expectation is printed as ✔
+//! or ✘. Everything the demo creates is removed by [`Lab`]'s `Drop`, on success, failure or
+//! Ctrl-C.
+mod https;
+
 use std::{
     fmt::Write as _,
     fs,
     io::{BufRead, BufReader},
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::mpsc,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 
 use crate::{
     probe,
-    proc::{self, OnInterrupt, capture, capture_ok, capture_with, check_interrupt, show},
+    proc::{self, OnInterrupt, Out, capture, capture_ok, capture_with, check_interrupt, show, wait_bounded},
 };
 
 /// The rule file of issue 2 and README.md, as written to `rules.toml`.
@@ -135,7 +140,12 @@ struct Lab {
     /// Namespaces created so far.
     namespaces: Vec<String>,
     dir: PathBuf,
+    /// Part one's listeners (`xtask __serve`).
     listeners: Option<Child>,
+    /// Part two's web backends (`xtask __web`), by name.
+    backends: Vec<(String, Child)>,
+    /// `rampart serve`.
+    daemon: Option<Child>,
     rampart: PathBuf,
     /// `rampart attach` succeeded and no `detach` has yet.
     attached: bool,
@@ -151,6 +161,8 @@ impl Lab {
             namespaces: Vec::new(),
             dir: std::env::temp_dir().join(format!("rampart-demo-{id}")),
             listeners: None,
+            backends: Vec::new(),
+            daemon: None,
             rampart: rampart.to_path_buf(),
             attached: false,
             cleaned: false,
@@ -182,7 +194,12 @@ impl Lab {
         self.cleaned = true;
         let mut problems = Vec::new();
         let limit = Duration::from_secs(30);
-        if let Some(mut child) = self.listeners.take() {
+        if let Err(e) = self.stop_daemon() {
+            problems.push(format!("{e:#}"));
+        }
+        for (_, mut child) in
+            std::mem::take(&mut self.backends).into_iter().chain(self.listeners.take().map(|c| (String::new(), c)))
+        {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -212,6 +229,20 @@ impl Lab {
             }
         }
         problems
+    }
+
+    /// Stops `rampart serve` the way an operator does (SIGTERM: it stops accepting, lets
+    /// requests in flight finish, exits), killing it if it takes longer than its drain timeout
+    /// allows. `None` if it was not running.
+    fn stop_daemon(&mut self) -> Result<Option<ExitStatus>> {
+        let Some(mut child) = self.daemon.take() else { return Ok(None) };
+        if let Ok(Some(status)) = child.try_wait() {
+            return Ok(Some(status));
+        }
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        // The config's drain_timeout is 5 s; what takes longer is a bug (wait_bounded kills it).
+        wait_bounded(&mut child, "rampart serve", Duration::from_secs(15), OnInterrupt::Finish).map(Some)
     }
 }
 
@@ -291,16 +322,20 @@ fn build_network(lab: &mut Lab) -> Result<()> {
 }
 
 fn start_listeners(lab: &mut Lab) -> Result<()> {
-    let me = std::env::current_exe().context("locating the xtask binary")?;
     let tcp = TCP_PORTS.map(|p| p.to_string()).join(",");
-    let mut cmd = in_netns(&lab.server, &me);
-    cmd.args(["__serve", "--name", "the server", "--tcp", &tcp, "--udp", &UDP_PORT.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    let args = ["__serve", "--name", "the server", "--tcp", &tcp, "--udp", &UDP_PORT.to_string()];
+    start_helper(&lab.server, &args, "the server's listeners", |child| lab.listeners = Some(child))
+}
+
+/// Starts `xtask ARGS` in `netns` and waits for it to print `ready`. `keep` receives the child
+/// as soon as it runs, so that cleanup stops it even if it never gets ready.
+fn start_helper(netns: &str, args: &[&str], what: &str, keep: impl FnOnce(Child)) -> Result<()> {
+    let me = std::env::current_exe().context("locating the xtask binary")?;
+    let mut cmd = in_netns(netns, &me);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
     let mut child = cmd.spawn().with_context(|| format!("cannot start `{}`", show(&cmd)))?;
-    let stdout = child.stdout.take().context("listener without stdout")?;
-    lab.listeners = Some(child);
+    let stdout = child.stdout.take().context("helper without stdout")?;
+    keep(child);
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut line = String::new();
@@ -309,8 +344,8 @@ fn start_listeners(lab: &mut Lab) -> Result<()> {
     });
     match rx.recv_timeout(Duration::from_secs(10)) {
         Ok(line) if line.trim() == "ready" => Ok(()),
-        Ok(line) => bail!("the server's listeners did not start (said {line:?})"),
-        Err(_) => bail!("the server's listeners did not start within 10 s"),
+        Ok(line) => bail!("{what} did not start (said {line:?})"),
+        Err(_) => bail!("{what} did not start within 10 s"),
     }
 }
 
@@ -348,8 +383,36 @@ fn reaches(lab: &Lab, traffic: Traffic, from: Ipv4Addr) -> Result<bool> {
     }
 }
 
-fn line(mark: bool, c: &Check, result: &str, why: &str) -> String {
-    let mark = if mark { "✔" } else { "✘" };
+fn mark(ok: bool) -> &'static str {
+    if ok { "✔" } else { "✘" }
+}
+
+/// The expectations met and not met so far.
+#[derive(Default)]
+struct Tally {
+    total: usize,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    /// Records an expectation the caller has printed; `failure` says what went wrong.
+    fn record(&mut self, ok: bool, failure: impl FnOnce() -> String) -> bool {
+        self.total += 1;
+        if !ok {
+            self.failures.push(failure());
+        }
+        ok
+    }
+
+    /// Prints `✔ text` or `✘ text` and records it.
+    fn expect(&mut self, ok: bool, text: &str) -> bool {
+        println!("  {} {text}", mark(ok));
+        self.record(ok, || text.to_string())
+    }
+}
+
+fn line(ok: bool, c: &Check, result: &str, why: &str) -> String {
+    let mark = mark(ok);
     let text = format!(
         "  {mark} {:<20} from {:<14} {:<13} {result:<8} {why}",
         c.traffic.label(),
@@ -373,16 +436,26 @@ fn baseline(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+/// `cmd` as the user would type it: `rampart` for the binary xtask built.
+fn shown(lab: &Lab, cmd: &Command) -> String {
+    show(cmd).replacen(&lab.rampart.to_string_lossy().into_owned(), "rampart", 1)
+}
+
+/// Runs `cmd`, showing it and its output; any exit status is returned.
+fn show_run(lab: &Lab, cmd: &mut Command) -> Result<Out> {
+    check_interrupt()?;
+    println!("  $ {}", shown(lab, cmd));
+    let out = capture(cmd, COMMAND_LIMIT)?;
+    print!("{}", indent(&out.text(), 4));
+    Ok(out)
+}
+
 /// Runs a `rampart` command, showing it and its output; fails if it fails.
 fn show_rampart(lab: &Lab, args: &[&str]) -> Result<()> {
-    check_interrupt()?;
     let mut cmd = lab.rampart(args);
-    let shown = show(&cmd).replacen(&lab.rampart.to_string_lossy().into_owned(), "rampart", 1);
-    println!("  $ {shown}");
-    let out = capture(&mut cmd, COMMAND_LIMIT)?;
-    print!("{}", indent(&out.text(), 4));
+    let out = show_run(lab, &mut cmd)?;
     if !out.success() {
-        bail!("`{shown}` failed ({})", out.status);
+        bail!("`{}` failed ({})", shown(lab, &cmd), out.status);
     }
     Ok(())
 }
@@ -390,10 +463,11 @@ fn show_rampart(lab: &Lab, args: &[&str]) -> Result<()> {
 /// The demo. Fails if any expectation fails (after cleaning up).
 pub fn run(rampart: &Path) -> Result<()> {
     proc::catch_interrupts();
+    let started = Instant::now();
     let mut lab = Lab::new(rampart);
-    let mut failures = Vec::new();
+    let mut tally = Tally::default();
 
-    println!("\nrampart demo: an XDP firewall in front of a server");
+    println!("\nrampart demo: an XDP firewall and an HTTPS reverse proxy in front of a server");
     println!("Using {}. Everything below is removed at the end (also on Ctrl-C).", rampart.display());
 
     heading(1, "A small network in two network namespaces");
@@ -446,9 +520,7 @@ pub fn run(rampart: &Path) -> Result<()> {
             format!("expected {want}: {}", c.why)
         };
         println!("{}", line(ok, c, result, &why));
-        if !ok {
-            failures.push(format!("{} from {}: {why}", c.traffic.label(), c.from));
-        }
+        tally.record(ok, || format!("{} from {}: {why}", c.traffic.label(), c.from));
     }
 
     heading(6, "Per-rule counters and the verdict counters");
@@ -456,41 +528,42 @@ pub fn run(rampart: &Path) -> Result<()> {
     println!("  A denied TCP connection counts 2 packets: the SYN, and its retry 1 s later.");
     show_rampart(&lab, &["status"])?;
 
-    heading(7, "Detach");
+    // Part two, with the firewall still attached: sections 7 to 11.
+    let log_seen = https::run(&mut lab, &mut tally)?;
+
+    heading(12, "Stop rampart serve (SIGTERM: it drains) and detach");
+    https::stop(&mut lab, &mut tally, log_seen)?;
     show_rampart(&lab, &["detach", "--iface", IFACE])?;
     lab.attached = false;
     let pins = lab.pin_dir();
     let left = pins.exists();
-    println!(
-        "  {} {}",
-        if left { "✘" } else { "✔" },
-        if left {
+    tally.expect(
+        !left,
+        &if left {
             format!("{} still exists after detach", pins.display())
         } else {
             format!("nothing left pinned under {}", pins.display())
-        }
+        },
     );
-    if left {
-        failures.push(format!("detach left {}", pins.display()));
-    }
 
-    heading(8, "Clean up");
+    heading(13, "Clean up");
     let problems = lab.cleanup();
     if problems.is_empty() {
-        println!("  ✔ removed both namespaces (and the veth pair with them) and {}", lab.dir.display());
+        tally.expect(true, &format!("removed both namespaces (and the veth pair with them) and {}", lab.dir.display()));
     }
-    for p in &problems {
+    for p in problems {
         println!("  ✘ {p}");
+        tally.record(false, || p);
     }
-    failures.extend(problems);
 
     println!();
-    if failures.is_empty() {
-        println!("All {} expectations met.", CHECKS.len() + 2);
+    let took = started.elapsed().as_secs();
+    if tally.failures.is_empty() {
+        println!("All {} expectations met ({took} s).", tally.total);
         return Ok(());
     }
-    let mut msg = format!("{} expectation(s) not met:", failures.len());
-    for f in &failures {
+    let mut msg = format!("{} of {} expectation(s) not met:", tally.failures.len(), tally.total);
+    for f in &tally.failures {
         let _ = write!(msg, "\n  - {f}");
     }
     bail!(msg)

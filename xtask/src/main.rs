@@ -6,8 +6,12 @@ mod probe;
 mod proc;
 mod setup;
 mod tasks;
+mod web;
 
-use std::{net::Ipv4Addr, process::ExitCode};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::ExitCode,
+};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -38,7 +42,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Setup, build, then show the firewall at work between two network namespaces (as root).
+    /// Setup, build, then show rampart at work between two network namespaces (as root): the
+    /// XDP firewall, then HTTPS through `rampart serve` to a pool of two web backends.
     Demo,
     /// Setup, build, then run a benchmark (as root).
     Bench {
@@ -56,6 +61,16 @@ enum Cmd {
         tcp: Vec<u16>,
         #[arg(long, value_delimiter = ',')]
         udp: Vec<u16>,
+        #[arg(long, default_value_t = 600)]
+        max_seconds: u64,
+    },
+    /// One of the demo's web backends (run inside a namespace).
+    #[command(name = "__web", hide = true)]
+    Web {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        listen: SocketAddr,
         #[arg(long, default_value_t = 600)]
         max_seconds: u64,
     },
@@ -111,6 +126,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             tasks::bench(&tools, what, &args)?;
         }
         Cmd::Serve { name, tcp, udp, max_seconds } => probe::serve(&name, &tcp, &udp, max_seconds)?,
+        Cmd::Web { name, listen, max_seconds } => web::serve(&name, listen, max_seconds)?,
         Cmd::Probe { proto, from, to, port, timeout_ms } => {
             let code = probe::probe(proto, from, to, port, timeout_ms)?;
             return Ok(ExitCode::from(code as u8));
