@@ -114,9 +114,9 @@ pub async fn run_control(shared: Arc<Shared>, listener: UnixListener, stop: Canc
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("cannot reach the daemon at {path}: {source}")]
+    #[error("cannot reach the daemon at {path}")]
     Connect { path: String, source: std::io::Error },
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}")]
     Io { path: String, source: std::io::Error },
     #[error("{0}")]
     Refused(String),
