@@ -4,14 +4,13 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use rampart_common::fw::{
-    ClassInfo, LPM_SLOT_BITS, NO_PORT, PORT_ENTRIES, PROTO_ENTRIES, SLOT_USES_DST, SLOT_USES_SRC,
-    SUMMARY_WORDS, SlotInfo,
+    ClassInfo, LPM_SLOT_BITS, NO_PORT, PORT_ENTRIES, PROTO_ENTRIES, SLOT_USES_DST, SLOT_USES_SRC, SUMMARY_WORDS,
+    SlotInfo,
 };
 
 use crate::{
     maps::{
-        FW_ACTIVE, FW_CLASSES, FW_DPORT, FW_DST4, FW_DST6, FW_PROTO, FW_SLOTS, FW_SPORT, FW_SRC4,
-        FW_SRC6, FW_WORDS,
+        FW_ACTIVE, FW_CLASSES, FW_DPORT, FW_DST4, FW_DST6, FW_PROTO, FW_SLOTS, FW_SPORT, FW_SRC4, FW_SRC6, FW_WORDS,
     },
     parse::Packet,
 };
@@ -58,20 +57,24 @@ fn class(id: u32) -> Option<&'static ClassInfo> {
     FW_CLASSES.get(id)
 }
 
+/// The class of an address (`addr` as in [`Packet::src`]) in the active slot's LPM trie.
 #[inline(always)]
 fn addr_class(pkt: &Packet, slot: u32, src: bool) -> Option<u32> {
+    let addr = if src { &pkt.src } else { &pkt.dst };
     let slot_be = slot.to_be_bytes();
+    let a0 = addr[0].to_ne_bytes();
     if pkt.family == 4 {
         let mut data = [0u8; 8];
         data[..4].copy_from_slice(&slot_be);
-        data[4..].copy_from_slice(if src { &pkt.src[..4] } else { &pkt.dst[..4] });
+        data[4..].copy_from_slice(&a0[..4]);
         let key = Key::new(LPM_SLOT_BITS + 32, data);
         let map = if src { &FW_SRC4 } else { &FW_DST4 };
         map.get(&key).copied()
     } else {
         let mut data = [0u8; 20];
         data[..4].copy_from_slice(&slot_be);
-        data[4..].copy_from_slice(if src { &pkt.src } else { &pkt.dst });
+        data[4..12].copy_from_slice(&a0);
+        data[12..].copy_from_slice(&addr[1].to_ne_bytes());
         let key = Key::new(LPM_SLOT_BITS + 128, data);
         let map = if src { &FW_SRC6 } else { &FW_DST6 };
         map.get(&key).copied()
@@ -80,6 +83,14 @@ fn addr_class(pkt: &Packet, slot: u32, src: bool) -> Option<u32> {
 
 /// Classifies an IP packet against the active rule set. `None` only if the tables are
 /// inconsistent (a map lookup that userspace guarantees cannot fail did): the caller aborts.
+///
+/// Verifier cost: the candidate loop is most of the program's (4 × 64 iterations of about 230
+/// instructions, ~60,000 of the ~78,000). It stays inline: as a BPF global function the verifier
+/// would check it once on its own, but the call costs packets 3-10 ns here (return thunks). The
+/// verifier walks it once only while every parser path reaches the loop in a state it can prune
+/// against one already checked; the IPv6 extension-header walk, inlined, broke that (~360,000,
+/// see parse.rs). After changing the parser or this function, check `verifier_budget`: a jump
+/// means the loop is walked once per parser path again.
 #[inline(always)]
 pub fn classify(pkt: &Packet) -> Option<Verdict> {
     let slot = FW_ACTIVE.get(0)?.slot;

@@ -6,10 +6,12 @@ use aya::{Ebpf, programs::Xdp};
 use rampart::bpf::FIREWALL_OBJ;
 use rampart_common::fw::PROGRAM_NAME;
 
-/// A regression guard below the kernel's 1,000,000 (today ~675,000; the IPv6 extension-header walk is
-/// most of it). The L4 balancer (roadmap 1) runs as its own program through a tail call, with
-/// its own budget.
-const BUDGET: u32 = 750_000;
+/// A regression guard, about twice today's ~77,500 (the candidate loop in `firewall.rs` is
+/// ~60,000 of it, walked once; the IPv6 extension-header walk, a global function, ~9,500). Going
+/// over means some path now reaches the candidate loop in a state of its own (see the notes in
+/// `parse.rs` and `firewall.rs`). The L4 balancer (roadmap 1) runs as its own program through a
+/// tail call, with its own budget.
+const BUDGET: u32 = 155_000;
 
 #[test]
 fn firewall_program_stays_within_the_verifier_budget() {
