@@ -102,8 +102,7 @@ fn rampart_big_set(dir: &Path) -> Result<(String, [u8; 4])> {
 /// rampart loaded (not attached) with a rule set: its program id for `bpftool prog run`.
 struct Rampart {
     ebpf: Ebpf,
-    /// Held so the rule set stays installed while bpftool runs the program.
-    _tables: FwTables,
+    tables: FwTables,
 }
 
 impl Rampart {
@@ -116,11 +115,24 @@ impl Rampart {
         prog.load()?;
         let mut tables = FwTables::from_ebpf(&mut ebpf)?;
         tables.install(&rs)?;
-        Ok(Self { ebpf, _tables: tables })
+        Ok(Self { ebpf, tables })
     }
     fn prog_id(&self) -> Result<u32> {
         let prog: &Xdp = self.ebpf.program(rampart_common::fw::PROGRAM_NAME).context("program")?.try_into()?;
         Ok(prog.info()?.id())
+    }
+    /// Attaches in native mode to `iface` in namespace `ns` (tables are already installed, so
+    /// the first packet sees the whole rule set).
+    fn attach(&mut self, ns: &str, iface: &str) -> Result<()> {
+        let prog: &mut Xdp = self.ebpf.program_mut(rampart_common::fw::PROGRAM_NAME).context("program")?.try_into()?;
+        let _g = NetnsGuard::enter(ns)?;
+        prog.attach(iface, XdpMode::Driver)?;
+        Ok(())
+    }
+    /// Packets the program gave a verdict.
+    fn processed(&self) -> Result<u64> {
+        let s = self.tables.stats()?;
+        Ok(s[..=stat::LAST_VERDICT as usize].iter().map(|c: &Counter| c.packets).sum())
     }
 }
 
@@ -280,26 +292,10 @@ fn flood_section(dir: &Path, seconds: u64, out: &mut String) -> Result<()> {
     }
     {
         let net = Flood::new("rp")?;
-        let path = dir.join("flood.toml");
-        fs::write(&path, rampart_rules(FLOOD_RULES))?;
-        let rs = rules::parse_file(&path)?;
-        let mut ebpf = Ebpf::load(FIREWALL_OBJ)?;
-        let prog: &mut Xdp = ebpf.program_mut(rampart_common::fw::PROGRAM_NAME).context("program")?.try_into()?;
-        prog.load()?;
-        // Tables first: a program attached before its first install would see an empty slot.
-        let mut tables = FwTables::from_ebpf(&mut ebpf)?;
-        tables.install(&rs)?;
-        {
-            let prog: &mut Xdp = ebpf.program_mut(rampart_common::fw::PROGRAM_NAME).context("program")?.try_into()?;
-            let _g = NetnsGuard::enter(&net.rx_ns)?;
-            prog.attach(&net.rx_if, XdpMode::Driver)?;
-        }
-        let pps = net.measure(&frame, seconds, || {
-            let s = tables.stats()?;
-            Ok(s[..=stat::LAST_VERDICT as usize].iter().map(|c: &Counter| c.packets).sum())
-        })?;
+        let mut rp = Rampart::load(&rampart_rules(FLOOD_RULES), dir)?;
+        rp.attach(&net.rx_ns, &net.rx_if)?;
+        let pps = net.measure(&frame, seconds, || rp.processed())?;
         results.push(("rampart (native XDP)".into(), format!("{FLOOD_RULES} CIDR rules"), pps));
-        drop(ebpf);
     }
     {
         let net = Flood::new("xf")?;
