@@ -161,13 +161,16 @@ enum SetOp {
 }
 
 fn main() -> ExitCode {
-    // Die quietly on a closed pipe (`rampart fw list | head`), as other command-line tools do,
-    // instead of panicking in println!.
-    // SAFETY: setting a signal disposition before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let args = Cli::parse();
+    // One-shot commands die quietly on a closed pipe (`rampart fw list | head`), as other
+    // command-line tools do, instead of panicking in println!. Never the daemon: one client
+    // resetting its connection must not kill it (serve::run also ignores SIGPIPE itself).
+    if !matches!(args.cmd, Cmd::Serve { .. }) {
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // The daemon logs what it does; one-shot commands only what went wrong.
     let level = if matches!(args.cmd, Cmd::Serve { .. }) { "info" } else { "warn" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();

@@ -1,6 +1,6 @@
 //! `rampart serve` end to end: TLS termination with real clients (curl HTTP/1.1 and HTTP/2,
 //! openssl s_client, h2load), forwarding headers, the redirect listener, the application
-//! firewall, PROXY protocol v2 in and out, nginx as a backend.
+//! firewall, PROXY protocol v2 in and out, nginx as a backend, a client resetting its connection.
 
 mod serve_support;
 
@@ -540,4 +540,98 @@ async fn header_and_idle_timeouts_close_connections() {
     assert_eq!(r.status, 200, "{r:?}");
     let m = http_get(admin, "/metrics");
     assert!(metric(&m, "rampart_tls_handshake_failures_total", &[]) >= 1.0, "{m}");
+}
+
+/// The pid of the `rampart serve` process running `cfg` (its command line names the file).
+fn daemon_pid(cfg: &std::path::Path) -> i32 {
+    let want = cfg.as_os_str().as_encoded_bytes();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.contains(&&b"serve"[..]) && args.contains(&want) {
+            return pid;
+        }
+    }
+    panic!("no `rampart serve` process for {}", cfg.display());
+}
+
+/// Every thread of `pid` is stopped (state T after SIGSTOP).
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|t| {
+        // The state letter follows the parenthesised command name.
+        std::fs::read_to_string(t.path().join("stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with(['T', 't'])))
+    })
+}
+
+/// Resumes a process stopped with SIGSTOP, also when the test fails while it is stopped.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        // SAFETY: sends a signal to our own child process.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// A client that ends with close_notify, FIN and then a TCP reset (it closed with unread data,
+/// as h2load's clients do) makes the daemon's own close_notify meet EPIPE. That ends this one
+/// connection; it must not end the daemon (SIGPIPE at its default action killed it, resetting
+/// every other client's connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_does_not_kill_the_daemon() {
+    use tokio::io::AsyncReadExt;
+    let site = Site::new("reset");
+    let b1 = TestBackend::start("b1", free_addr()).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let cfg = site.config(
+        listen,
+        admin,
+        "",
+        &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", b1.addr),
+    );
+    let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
+    let pid = daemon_pid(&cfg);
+
+    // One answer, so the daemon then waits on an idle keep-alive connection.
+    let mut tls = tls_connect(listen, None, "site.test", &site.ca.pem).await;
+    tls.write_all(b"GET /one HTTP/1.1\r\nHost: site.test\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while !String::from_utf8_lossy(&got).contains("body_len=0\n") {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(answered.is_ok() && text.starts_with("HTTP/1.1 200 OK"), "{text}");
+
+    // While the daemon is stopped, the close_notify, the FIN and the reset all arrive, so the
+    // daemon's reply to the close_notify always finds the connection reset.
+    d.signal(libc::SIGSTOP);
+    let resume = Resume(pid);
+    assert!(eventually(50, || all_threads_stopped(pid)).await, "the daemon did not stop");
+    tls.shutdown().await.unwrap();
+    tls.get_ref().0.set_zero_linger().unwrap();
+    drop(tls);
+    drop(resume);
+
+    // The daemon closes that connection and goes on serving.
+    let closed =
+        |m: &str| m.contains("rampart_client_connections{") && metric(m, "rampart_client_connections", &[]) == 0.0;
+    let state = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        eventually(50, || closed(&http_get(admin, "/metrics"))).await,
+        "daemon gone? /proc/{pid}/stat (Z = exited; last field = wait status, 13 = SIGPIPE): {}\n{}",
+        state(),
+        d.log_text()
+    );
+    let r = curl_https(listen, "site.test", "/two", &site.ca_file, &[]);
+    assert_eq!(r.status, 200, "{r:?}\n{}", d.log_text());
 }

@@ -214,8 +214,22 @@ fn bind_new(
     Ok(fresh)
 }
 
+/// Makes a write to a connection the peer has reset fail with EPIPE instead of killing the
+/// process. rustls and hyper write with `writev`, which (unlike std's `send`) does not pass
+/// MSG_NOSIGNAL; with SIGPIPE at its default action (which `main` restores for the one-shot
+/// commands, `rampart fw list | head`), one client closing abruptly ended the whole daemon and
+/// reset every other client's connection.
+fn ignore_sigpipe() -> Result<(), ServeError> {
+    // SAFETY: sets the process-wide action of one signal to "ignore"; no handler code is involved.
+    if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(ServeError::Signal(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Runs the daemon until SIGTERM or SIGINT, then drains.
 pub async fn run(config_path: &Path) -> Result<(), ServeError> {
+    ignore_sigpipe()?;
     let config = Config::load(config_path)?;
     for n in config.not_applied_by_serve() {
         log::warn!("not applied by the daemon in this version: {n}");
