@@ -97,12 +97,16 @@ pub enum Bench {
     /// The XDP firewall: per-packet cost against rule count, and flood throughput against
     /// xdp-filter, nftables and iptables (writes its table for BENCHMARKS.md).
     Fw,
+    /// `rampart serve`: keep-alive requests/s, full handshakes/s and latency against HAProxy and
+    /// nginx terminating TLS in front of the same backend.
+    Tls,
 }
 
 impl Bench {
     fn binary(self) -> &'static str {
         match self {
             Bench::Fw => "fw-bench",
+            Bench::Tls => "tls-bench",
         }
     }
 }

@@ -93,19 +93,39 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and those the Connection header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if h.contains_key(header::CONNECTION) {
+    // One pass over the (few) headers finds what is there: most messages carry none of these,
+    // or only Connection, and each removal is a hashed lookup.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in h.keys() {
+        // Names in a HeaderMap are lower case; the order is HOP_BY_HOP's.
+        let i = match name.as_str() {
+            "connection" => 0,
+            "keep-alive" => 1,
+            "proxy-connection" => 2,
+            "te" => 3,
+            "trailer" => 4,
+            "transfer-encoding" => 5,
+            "upgrade" => 6,
+            _ => continue,
+        };
+        present[i] = true;
+    }
+    if present[0] {
+        // `close` and `keep-alive` (the usual values) name no header left to remove.
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|n| !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .collect();
         for n in named {
             h.remove(n);
         }
     }
-    for n in &HOP_BY_HOP {
+    for (n, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         h.remove(n);
     }
 }
@@ -131,27 +151,19 @@ fn effective_client(ctx: &ConnCtx, headers: &HeaderMap) -> IpAddr {
 /// otherwise (so a client cannot forge its address).
 pub fn rewrite_forwarding(h: &mut HeaderMap, client: IpAddr, trusted: bool, host: Option<&str>) {
     use std::fmt::Write as _;
-    // One formatting of the address serves both headers (this runs once per request).
+    // One formatting of the address serves both headers, and the strings built here become the
+    // header values without another copy (this runs once per request).
     let mut client_s = String::with_capacity(48);
-    let _ = write!(client_s, "{client}");
-    let xff = if trusted {
-        let prior: Vec<&str> = h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
-        if prior.is_empty() { None } else { Some(format!("{}, {client_s}", prior.join(", "))) }
-    } else {
-        None
-    };
-    if let Ok(v) = HeaderValue::from_str(xff.as_deref().unwrap_or(&client_s)) {
-        h.insert(&X_FORWARDED_FOR, v);
-    }
-    if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
-        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-    }
     let mut element = String::with_capacity(64);
     match client {
-        IpAddr::V4(_) => {
-            let _ = write!(element, "for={client_s};proto=https");
+        IpAddr::V4(v4) => {
+            push_ipv4(&mut client_s, v4);
+            element.push_str("for=");
+            element.push_str(&client_s);
+            element.push_str(";proto=https");
         }
-        IpAddr::V6(_) => {
+        IpAddr::V6(v6) => {
+            let _ = write!(client_s, "{v6}");
             let _ = write!(element, "for=\"[{client_s}]\";proto=https");
         }
     }
@@ -161,14 +173,43 @@ pub fn rewrite_forwarding(h: &mut HeaderMap, client: IpAddr, trusted: bool, host
         element.push_str(";host=");
         element.push_str(host);
     }
+    let value = |s: String| HeaderValue::from_maybe_shared(Bytes::from(s));
+    let xff = if trusted {
+        let prior: Vec<&str> = h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+        if prior.is_empty() { client_s } else { format!("{}, {client_s}", prior.join(", ")) }
+    } else {
+        client_s
+    };
+    if let Ok(v) = value(xff) {
+        h.insert(&X_FORWARDED_FOR, v);
+    }
+    if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+    }
     let forwarded = if trusted {
         let prior: Vec<&str> = h.get_all(header::FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect();
         if prior.is_empty() { element } else { format!("{}, {element}", prior.join(", ")) }
     } else {
         element
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Ok(v) = value(forwarded) {
         h.insert(header::FORWARDED, v);
+    }
+}
+
+/// Appends `a.b.c.d`; cheaper than the formatting machinery, and it runs for every request.
+fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
+    for (i, o) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if o >= 100 {
+            out.push(char::from(b'0' + o / 100));
+        }
+        if o >= 10 {
+            out.push(char::from(b'0' + o / 10 % 10));
+        }
+        out.push(char::from(b'0' + o % 10));
     }
 }
 
@@ -177,7 +218,7 @@ pub async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incomin
     let g = shared.current();
     let host = request_host(req.uri(), req.headers());
     let path = req.uri().path();
-    let Some(route) = g.route(host.as_deref(), &path) else {
+    let Some(route) = g.route(host.as_deref(), path) else {
         drain(req.into_body());
         let r = error_page(StatusCode::NOT_FOUND, "No route for this host and path.");
         shared.count(&RequestLabels { route: "-".into(), pool: "-".into(), status: 404 });
@@ -194,7 +235,7 @@ pub async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incomin
     let mut max_body = None;
     if let Some(fw) = &route.firewall {
         let size = firewall::head_size(req.method(), req.uri(), req.headers());
-        if let Err(block) = fw.check(req.method(), &path, size, req.headers(), client) {
+        if let Err(block) = fw.check(req.method(), path, size, req.headers(), client) {
             shared
                 .metrics
                 .firewall_blocks
@@ -478,6 +519,28 @@ mod tests {
         rewrite_forwarding(&mut h, "2001:db8::5".parse().unwrap(), true, None);
         assert_eq!(h["x-forwarded-for"], "198.51.100.9, 203.0.113.1, 2001:db8::5");
         assert_eq!(h[header::FORWARDED], "for=\"[2001:db8::5]\";proto=https");
+    }
+
+    #[test]
+    fn ipv4_text() {
+        for ip in ["0.0.0.0", "10.9.100.255", "192.0.2.7", "255.255.255.255", "1.20.199.0"] {
+            let mut s = String::new();
+            push_ipv4(&mut s, ip.parse().unwrap());
+            assert_eq!(s, ip);
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_keeps_end_to_end_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("100"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h[header::CONTENT_LENGTH], "100");
     }
 
     #[test]

@@ -1,0 +1,527 @@
+//! `tls-bench`: rampart vs HAProxy 2.6 vs nginx 1.22 terminating TLS (same ECDSA P-256
+//! certificate, TLS 1.3 AES-128-GCM X25519) in front of the same nginx backend, on this machine,
+//! in one run. Prints a markdown report (keep-alive requests/s, full handshakes/s, p50/p99, and
+//! rampart's ratios) on stdout; progress goes to stderr. `--quick` is a smoke run of a few seconds.
+//!
+//! Run it as `cargo xtask bench tls` or
+//! `cargo run --release -p rampart-tests --bin tls-bench -- [--quick]`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use rampart_tests::tls_bench::{
+    BenchCert, PATH, WorkDir,
+    clients::{self, OPENSSL_CLIENT_CONF},
+    contenders::{self, Kind, Server},
+    procs::{CpuSample, Cpus, Interference, ticks_per_second},
+    report::FOREIGN_LIMIT,
+    report::{self, Contender, Round},
+    require_tool,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tls-bench",
+    about = "rampart vs HAProxy vs nginx: TLS termination and proxying, one machine, one run"
+)]
+struct Args {
+    /// Smoke run: one round of 1 s runs, no warm-up (a few seconds in all).
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per measurement (keep-alive, and handshakes) per contender per round [default: 8; quick: 1].
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Seconds of keep-alive load before each keep-alive measurement [default: 1; quick: 0].
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Rounds; the contenders' order rotates each round, figures are medians [default: 3; quick: 1].
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Client connections at a time (wrk -c, and the handshake client's concurrency).
+    #[arg(long, default_value_t = 50)]
+    connections: usize,
+    /// Threads (rampart's tokio workers, HAProxy's nbthread, nginx's worker_processes).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Contenders to run, in order.
+    #[arg(long, value_delimiter = ',', default_value = "rampart,haproxy,nginx")]
+    only: Vec<String>,
+    /// Do not pin the contenders and the clients to separate CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// The rampart binary [env RAMPART_BIN; default: build target/release/rampart with cargo].
+    #[arg(long)]
+    rampart_bin: Option<PathBuf>,
+    /// Seconds to wait, before each measurement, for other work on the machine to stop
+    /// (every CPU under 15% busy) [default: 120; quick: 0].
+    #[arg(long)]
+    quiet_wait: Option<u64>,
+    /// Keep the scratch directory (configs, logs) and print where it is.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (duration, warmup, rounds) = if args.quick {
+        (args.duration.unwrap_or(1), args.warmup.unwrap_or(0), args.rounds.unwrap_or(1))
+    } else {
+        (args.duration.unwrap_or(8), args.warmup.unwrap_or(1), args.rounds.unwrap_or(3))
+    };
+    let (duration, warmup) = (Duration::from_secs(duration.max(1)), Duration::from_secs(warmup));
+    let quiet_wait = Duration::from_secs(args.quiet_wait.unwrap_or(if args.quick { 0 } else { 120 }));
+    let kinds: Vec<Kind> = args
+        .only
+        .iter()
+        .map(|s| Kind::parse(s).with_context(|| format!("unknown contender {s:?} (rampart, haproxy, nginx)")))
+        .collect::<anyhow::Result<_>>()?;
+    if kinds.is_empty() {
+        bail!("no contender to run");
+    }
+    for tool in ["wrk", "openssl", "nginx", "taskset"] {
+        require_tool(tool)?;
+    }
+    if kinds.contains(&Kind::Haproxy) {
+        require_tool("haproxy")?;
+    }
+    let rampart_bin = if kinds.contains(&Kind::Rampart) {
+        Some(locate_rampart(args.rampart_bin.clone().or_else(|| std::env::var_os("RAMPART_BIN").map(PathBuf::from)))?)
+    } else {
+        None
+    };
+
+    // Clients and the backend on some CPUs, the contender on the others.
+    let (server_cpus, client_cpus, layout) = plan_cpus(args.threads, args.no_pin)?;
+    if let Some(ids) = client_cpus.0.as_ref().map(|_| client_cpus.ids()) {
+        pin_self(&ids).context("pin the bench (and its handshake client) to the client CPUs")?;
+    }
+
+    let work = WorkDir::new(args.keep)?;
+    let cert = BenchCert::generate(&work)?;
+    let openssl_conf = work.write("client-openssl.cnf", OPENSSL_CLIENT_CONF)?;
+    let tls_client = clients::client_config(&cert.der)?;
+
+    eprintln!("tls-bench: starting the backend and {} contender(s) in {}", kinds.len(), work.path.display());
+    let backend = contenders::start_backend(&work, &client_cpus)?;
+    let mut servers: Vec<Server> = Vec::new();
+    for &k in &kinds {
+        let s = contenders::start(
+            k,
+            &work,
+            &cert,
+            backend.addr,
+            args.threads,
+            &server_cpus,
+            rampart_bin.as_deref().unwrap_or(Path::new("rampart")),
+        )?;
+        servers.push(s);
+    }
+
+    // Each contender must answer correctly before anything is measured.
+    let mut results: Vec<Contender> = Vec::new();
+    for s in &mut servers {
+        let kind = s.kind.context("contender without kind")?;
+        let probe = clients::run_handshakes(tls_client.config.clone(), s.addr, 1, Duration::from_millis(300))?;
+        if probe.ok == 0 || probe.error_count() > 0 {
+            bail!(
+                "{} does not answer GET {PATH} with the backend's body over TLS: {:?}\nits log:\n{}",
+                kind.name(),
+                probe,
+                s.proc.log_text()
+            );
+        }
+        let negotiated_openssl =
+            clients::openssl_probe(&openssl_conf, s.addr, &work.path.join(format!("probe-{}.log", kind.name())))?;
+        let (procs, threads) = s.threads();
+        results.push(Contender {
+            kind,
+            label: format!("{} {}", kind.name(), s.version),
+            setup: format!("{} ({procs} process(es), {threads} thread(s) in all)", s.setup),
+            negotiated_openssl,
+            rounds: Vec::new(),
+        });
+    }
+
+    let guard = Guard { quiet_wait, attempts: if args.quick { 1 } else { 3 } };
+    let started = Instant::now();
+    let tps = ticks_per_second();
+    let mut warnings = Vec::new();
+    for round in 0..rounds {
+        for i in 0..servers.len() {
+            let idx = (i + round) % servers.len();
+            let s = &mut servers[idx];
+            let name = results[idx].label.clone();
+            let log = work.path.join(format!("wrk-{}-{round}.log", s.kind.map_or("x", Kind::name)));
+            let tag = format!("round {}/{rounds}: {name}", round + 1);
+            let ka = measured(&guard, &mut warnings, &format!("{tag}: keep-alive {duration:?}"), || {
+                if !warmup.is_zero() {
+                    clients::run_wrk(&client_cpus, &openssl_conf, s.addr, args.connections, warmup, &log)?;
+                }
+                let (t0, b0, c0, w0) = (s.ticks(), backend.ticks(), CpuSample::now(), Instant::now());
+                let r = clients::run_wrk(&client_cpus, &openssl_conf, s.addr, args.connections, duration, &log)?;
+                let pct = |ticks: u64| 100.0 * ticks as f64 / tps / w0.elapsed().as_secs_f64();
+                let cpu = (pct(s.ticks().saturating_sub(t0)), pct(backend.ticks().saturating_sub(b0)));
+                s.proc.check_alive()?;
+                Ok((r, cpu, c0.busy_since(&CpuSample::now())))
+            })?;
+            let hs = measured(&guard, &mut warnings, &format!("{tag}: new handshakes {duration:?}"), || {
+                let (t0, b0, c0, w0) = (s.ticks(), backend.ticks(), CpuSample::now(), Instant::now());
+                let r = clients::run_handshakes(tls_client.config.clone(), s.addr, args.connections, duration)?;
+                let pct = |ticks: u64| 100.0 * ticks as f64 / tps / w0.elapsed().as_secs_f64();
+                let cpu = (pct(s.ticks().saturating_sub(t0)), pct(backend.ticks().saturating_sub(b0)));
+                s.proc.check_alive()?;
+                Ok((r, cpu, c0.busy_since(&CpuSample::now())))
+            })?;
+            let ((ka, ka_cpu, ka_busy, ka_foreign), (hs, hs_cpu, hs_busy, hs_foreign)) = (ka, hs);
+            eprintln!(
+                "tls-bench:   {:.0} req/s (p50 {:.0} µs, p99 {:.0} µs, {} errors), {:.0} handshakes/s ({} errors)",
+                ka.rps,
+                ka.p50_us,
+                ka.p99_us,
+                ka.errors(),
+                hs.rate(),
+                hs.error_count()
+            );
+            results[idx].rounds.push(Round {
+                keepalive: ka,
+                keepalive_cpu: ka_cpu.0,
+                keepalive_backend_cpu: ka_cpu.1,
+                keepalive_busy: ka_busy,
+                keepalive_foreign: ka_foreign,
+                handshakes: hs,
+                handshake_cpu: hs_cpu.0,
+                handshake_backend_cpu: hs_cpu.1,
+                handshake_busy: hs_busy,
+                handshake_foreign: hs_foreign,
+            });
+        }
+    }
+    let elapsed = started.elapsed();
+
+    // Sanity: every contender served requests and handshakes, all full handshakes.
+    let mut failed = Vec::new();
+    for c in &results {
+        let s = c.summary();
+        if s.rps <= 0.0 || s.hps <= 0.0 {
+            failed.push(format!("{}: no successful requests or handshakes", c.label));
+        }
+        let (ka_err, hs_err) = c.errors();
+        if ka_err > 0 || hs_err > 0 {
+            warnings.push(format!("{}: {ka_err} keep-alive error(s), {hs_err} handshake error(s)", c.label));
+        }
+    }
+
+    let url = format!("https://127.0.0.1:PORT{PATH}");
+    let ctx = report::Context {
+        title: format!(
+            "TLS termination: {} ({})",
+            results.iter().map(|c| c.kind.name()).collect::<Vec<_>>().join(" vs "),
+            if args.quick { "quick smoke run, numbers not meaningful" } else { "full run" }
+        ),
+        machine: machine_line(),
+        versions: versions_line(&results, &backend),
+        layout,
+        tls: "one ECDSA P-256 certificate generated for the run (rcgen), served by every contender; \
+              clients offer only TLS 1.3, TLS_AES_128_GCM_SHA256 and X25519, so every contender \
+              negotiates the same (see \"Setup\")"
+            .into(),
+        backend: format!(
+            "nginx {} on 127.0.0.1 (same CPUs as the clients), 1 worker, serving a 100-byte static file at {PATH} \
+             over HTTP/1.1 keep-alive; every contender proxies to it with keep-alive connections and adds \
+             X-Forwarded-For, X-Forwarded-Proto and Forwarded",
+            backend.version
+        ),
+        method: format!(
+            "{rounds} round(s); in each, every contender in turn (order rotated each round) gets {}{} s of \
+             keep-alive load, then {} s of new connections; figures are medians over the rounds; a measurement \
+             during which other programs used more than {FOREIGN_LIMIT}% of a core is taken again (at most {} \
+             attempts) and left out; measuring took {:.0} s",
+            if warmup.is_zero() { String::new() } else { format!("{} s of warm-up, ", warmup.as_secs()) },
+            duration.as_secs(),
+            duration.as_secs(),
+            guard.attempts,
+            elapsed.as_secs_f64()
+        ),
+        commands: vec![
+            format!(
+                "keep-alive (req/s, p50, p99): `OPENSSL_CONF=client-openssl.cnf {}wrk {}`, with client-openssl.cnf \
+                 setting `MinProtocol = TLSv1.3`, `Ciphersuites = TLS_AES_128_GCM_SHA256`, `Groups = X25519`",
+                client_cpus.prefix(),
+                clients::wrk_args(&url, args.connections, duration).join(" ")
+            ),
+            format!(
+                "full handshakes: tls-bench's own client{} ({} connections at a time for {} s; each: TCP connect, \
+                 TLS 1.3 handshake with rustls 0.23 / aws-lc-rs offering only TLS_AES_128_GCM_SHA256 and X25519, \
+                 the bench certificate pinned, the server's CertificateVerify signature verified on every {}th \
+                 connection (verifying all would make the client the bottleneck), then \
+                 `GET {PATH}` with `Connection: close`, read to the end, status 200 and the 100-byte body checked). \
+                 wrk and h2load are not used here because both resume TLS sessions when they reconnect",
+                client_cpus.0.as_ref().map(|l| format!(" pinned to CPU {l}")).unwrap_or_default(),
+                args.connections,
+                duration.as_secs(),
+                clients::SIGNATURE_SAMPLE,
+            ),
+        ],
+        verification: {
+            let (checked, not_full): (u64, u64) =
+                results.iter().map(|c| c.handshakes_checked()).fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+            vec![
+                "the client keeps no sessions (rustls `Resumption::disabled()`: no tickets or session IDs are \
+                 stored, so none can be offered)"
+                    .into(),
+                format!(
+                    "every connection is checked after its handshake: rustls reported `HandshakeKind::Full` for all \
+                     {} counted connections; {not_full} were anything else (those are counted as errors, not as \
+                     handshakes)",
+                    report::thousands(checked as f64)
+                ),
+                format!(
+                    "{} server signatures were verified (a bad one fails the handshake and counts as an error)",
+                    report::thousands(tls_client.signatures_checked.load(std::sync::atomic::Ordering::Relaxed) as f64)
+                ),
+            ]
+        },
+        warnings: warnings.clone(),
+        configs: servers
+            .iter()
+            .chain(std::iter::once(&backend))
+            .map(|s| {
+                let name = match s.kind {
+                    Some(k) => format!("{} config ({})", k.name(), s.config.display()),
+                    None => format!("backend config ({})", s.config.display()),
+                };
+                (name, std::fs::read_to_string(&s.config).unwrap_or_default())
+            })
+            .collect(),
+    };
+    print!("{}", report::render(&ctx, &results));
+    if args.keep {
+        eprintln!("tls-bench: configs and logs kept in {}", work.path.display());
+    }
+    drop(servers);
+    drop(backend);
+    if !failed.is_empty() {
+        bail!("the bench did not work:\n{}", failed.join("\n"));
+    }
+    Ok(())
+}
+
+/// How measurements protect themselves from other work on a shared machine.
+struct Guard {
+    quiet_wait: Duration,
+    attempts: usize,
+}
+
+/// Runs `f` once the machine is quiet; runs it again (up to `attempts` in all) when other
+/// programs took more than [`FOREIGN_LIMIT`] of CPU meanwhile. Returns f's result and that share;
+/// the report leaves disturbed measurements out of its medians.
+fn measured<T, U, V>(
+    guard: &Guard,
+    warnings: &mut Vec<String>,
+    what: &str,
+    mut f: impl FnMut() -> Result<(T, U, V), rampart_tests::tls_bench::BenchError>,
+) -> anyhow::Result<(T, U, V, f64)> {
+    let mut attempt = 1;
+    loop {
+        let noisy_start = wait_for_quiet(guard.quiet_wait);
+        eprintln!("tls-bench: {what}");
+        let watch = Interference::start();
+        let (t, u, v) = f()?;
+        let foreign = watch.foreign_percent();
+        if foreign <= FOREIGN_LIMIT {
+            return Ok((t, u, v, foreign));
+        }
+        if attempt >= guard.attempts {
+            warnings.push(format!(
+                "{what}: other programs used {foreign:.0}% of a core during the measurement, after {attempt} \
+                 attempt(s){}; left out of the medians unless no round was clean",
+                noisy_start.map(|w| format!(" ({w})")).unwrap_or_default()
+            ));
+            return Ok((t, u, v, foreign));
+        }
+        eprintln!("tls-bench:   other programs used {foreign:.0}% of a core meanwhile; measuring again");
+        attempt += 1;
+    }
+}
+
+/// Waits (at most `within`) until no CPU is more than 15% busy over half a second: other work on
+/// a shared machine would skew the measurement. Returns a warning when it never got quiet.
+fn wait_for_quiet(within: Duration) -> Option<String> {
+    let deadline = Instant::now() + within;
+    let mut said = false;
+    loop {
+        let c0 = CpuSample::now();
+        std::thread::sleep(Duration::from_millis(500));
+        let busy = c0.busy_since(&CpuSample::now());
+        if busy.iter().all(|b| *b <= 15.0) {
+            return None;
+        }
+        let text = busy.iter().map(|b| format!("{b:.0}%")).collect::<Vec<_>>().join(" / ");
+        if Instant::now() >= deadline {
+            return Some(format!("the machine was busy ({text}) and did not get quiet within {within:?}"));
+        }
+        if !said {
+            eprintln!("tls-bench: waiting (up to {within:?}) for other work to stop: CPUs busy {text}");
+            said = true;
+        }
+    }
+}
+
+/// The rampart binary: the given path, or a release build made now (a no-op when up to date).
+fn locate_rampart(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        if !p.is_file() {
+            bail!("RAMPART_BIN/--rampart-bin {} is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace dir")?.to_path_buf();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("tls-bench: building rampart (cargo build --release -p rampart --bin rampart)");
+    // Cargo names the binary it built (whatever the target dir is) in its JSON messages.
+    let out = Command::new(cargo)
+        .args(["build", "--release", "-p", "rampart", "--bin", "rampart", "--message-format=json-render-diagnostics"])
+        .current_dir(&workspace)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("run cargo build")?;
+    if !out.status.success() {
+        bail!("cargo build of rampart failed ({}); set RAMPART_BIN to use a built binary", out.status);
+    }
+    let bin = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "rampart")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo did not report the rampart binary it built")?;
+    Ok(bin)
+}
+
+/// CPUs this process may use.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this process.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+fn pin_self(cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: as above; the set only names CPUs we were allowed to use.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn list(cpus: &[usize]) -> String {
+    cpus.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// (contender CPUs, client + backend CPUs, description).
+fn plan_cpus(threads: usize, no_pin: bool) -> anyhow::Result<(Cpus, Cpus, String)> {
+    let cpus = allowed_cpus();
+    let threads_line = format!(
+        "{threads} thread(s) per contender: rampart {threads} tokio worker(s) (TOKIO_WORKER_THREADS), \
+         HAProxy `nbthread {threads}`, nginx `worker_processes {threads}`"
+    );
+    if no_pin || cpus.len() <= threads {
+        let why = if no_pin { "--no-pin" } else { "not enough CPUs to separate them" };
+        return Ok((
+            Cpus(None),
+            Cpus(None),
+            format!("no pinning ({why}): contenders, clients and the backend share all CPUs; {threads_line}"),
+        ));
+    }
+    let (client, server) = cpus.split_at(cpus.len() - threads);
+    Ok((
+        Cpus(Some(list(server))),
+        Cpus(Some(list(client))),
+        format!(
+            "contenders pinned to CPU {} (`taskset -c {}`); clients (wrk, the handshake client) and the backend \
+             pinned to CPU {}; {threads_line}",
+            list(server),
+            list(server),
+            list(client)
+        ),
+    ))
+}
+
+fn machine_line() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |k: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    let model = field("model name");
+    let cores = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+    let mhz = field("cpu MHz");
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let os = std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))
+        .unwrap_or_else(|| "?".into());
+    let virt = if cpuinfo.contains(" hypervisor") { ", virtual machine" } else { "" };
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!("{model} ({cores} cores, {mhz} MHz{virt}), Linux {kernel}, {os}; load average before the run {load}")
+}
+
+fn versions_line(results: &[Contender], backend: &Server) -> String {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default();
+    let git = Command::new("git")
+        .args(["-C"])
+        .arg(&workspace)
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "?".into());
+    let wrk = Command::new("wrk")
+        .arg("-v")
+        .output()
+        .map(|o| {
+            let t = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            t.split_whitespace().nth(1).unwrap_or("?").to_string()
+        })
+        .unwrap_or_else(|_| "?".into());
+    let mut parts: Vec<String> =
+        results
+            .iter()
+            .map(|c| {
+                if c.kind == Kind::Rampart {
+                    format!("{} (git {git}, release build)", c.label)
+                } else {
+                    c.label.clone()
+                }
+            })
+            .collect();
+    parts.push(format!("backend nginx {}", backend.version));
+    parts.push(format!("OpenSSL {}", contenders::openssl_version()));
+    parts.push(format!("wrk {wrk}"));
+    parts.join(", ")
+}

@@ -1,0 +1,321 @@
+//! The backend (nginx serving a static file) and the three TLS-terminating proxies, each from
+//! a config generated here, listening on free loopback ports.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use super::{
+    BODY, BenchCert, BenchError, PATH, WorkDir,
+    procs::{Cpus, Proc, free_loopback_addr},
+    write_file,
+};
+
+const START_WITHIN: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Rampart,
+    Haproxy,
+    Nginx,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Rampart => "rampart",
+            Kind::Haproxy => "HAProxy",
+            Kind::Nginx => "nginx",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s.to_ascii_lowercase().as_str() {
+            "rampart" => Some(Kind::Rampart),
+            "haproxy" => Some(Kind::Haproxy),
+            "nginx" => Some(Kind::Nginx),
+            _ => None,
+        }
+    }
+}
+
+/// A running server; stopped on drop.
+pub struct Server {
+    pub kind: Option<Kind>,
+    pub addr: SocketAddr,
+    pub version: String,
+    /// How it was set up, for the report (threads, notable settings).
+    pub setup: String,
+    pub config: PathBuf,
+    pub proc: Proc,
+}
+
+impl Server {
+    /// CPU time (ticks) of the server and its worker processes so far.
+    pub fn ticks(&self) -> u64 {
+        super::procs::tree_ticks(self.proc.pid())
+    }
+
+    /// Threads of the server's processes (for the report): (processes, threads).
+    pub fn threads(&self) -> (usize, usize) {
+        let mut pids = vec![self.proc.pid()];
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let ppid = stat
+                    .rfind(')')
+                    .and_then(|i| stat.get(i + 2..))
+                    .and_then(|r| r.split_whitespace().nth(1))
+                    .and_then(|p| p.parse::<u32>().ok());
+                if ppid == Some(self.proc.pid()) {
+                    pids.push(pid);
+                }
+            }
+        }
+        let threads =
+            pids.iter().map(|p| std::fs::read_dir(format!("/proc/{p}/task")).map(|d| d.count()).unwrap_or(0)).sum();
+        (pids.len(), threads)
+    }
+}
+
+fn first_line(out: &std::process::Output) -> String {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    text.lines().next().unwrap_or("").trim().to_string()
+}
+
+pub fn nginx_version() -> String {
+    Command::new("nginx")
+        .arg("-v")
+        .output()
+        .map(|o| first_line(&o))
+        .map(|l| l.rsplit('/').next().unwrap_or(&l).to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+pub fn haproxy_version() -> String {
+    Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .map(|o| first_line(&o))
+        .map(|l| l.split_whitespace().nth(2).unwrap_or("?").to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Keeps nginx's temp directories inside `dir` (the defaults are under /var/lib/nginx).
+fn nginx_http_paths(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
+         uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n"
+    )
+}
+
+fn start_nginx(name: &str, dir: &Path, conf: &str, cpus: &Cpus, addr: SocketAddr) -> Result<Proc, BenchError> {
+    let conf_path = write_file(&dir.join("nginx.conf"), conf)?;
+    let mut cmd = cpus.command("nginx");
+    cmd.arg("-p").arg(dir).arg("-e").arg(dir.join("error.log")).arg("-c").arg(&conf_path);
+    let mut p = Proc::spawn(name, cmd, &dir.join("stdout.log"))?;
+    p.wait_port(addr, START_WITHIN).map_err(|e| with_log(e, &dir.join("error.log")))?;
+    Ok(p)
+}
+
+/// Adds nginx's error log (where it says why it did not start) to a start-up error.
+fn with_log(e: BenchError, log: &Path) -> BenchError {
+    match std::fs::read_to_string(log) {
+        Ok(text) if !text.trim().is_empty() => BenchError::Msg(format!("{e}\n{}:\n{text}", log.display())),
+        _ => e,
+    }
+}
+
+/// The one backend every contender proxies to: nginx serving [`BODY`] from a static file at
+/// [`PATH`], HTTP/1.1 keep-alive without a request limit.
+pub fn start_backend(work: &WorkDir, cpus: &Cpus) -> Result<Server, BenchError> {
+    let dir = work.sub("backend")?;
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).map_err(|e| BenchError::io("create www", e))?;
+    write_file(&www.join(PATH.trim_start_matches('/')), BODY)?;
+    let addr = free_loopback_addr()?;
+    let conf = format!(
+        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nevents {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n{paths}  default_type text/plain;\n  sendfile off;\n  tcp_nodelay on;\n  \
+         open_file_cache max=16;\n  keepalive_requests 1000000;\n  keepalive_timeout 300s;\n  \
+         server {{\n    listen {addr} backlog=4096;\n    root {www};\n  }}\n}}\n",
+        d = dir.display(),
+        paths = nginx_http_paths(&dir),
+        www = www.display(),
+    );
+    let proc = start_nginx("backend nginx", &dir, &conf, cpus, addr)?;
+    Ok(Server {
+        kind: None,
+        addr,
+        version: nginx_version(),
+        // sendfile off: for a 100-byte file, pread + one writev costs the backend ~8 µs a request
+        // here against ~12 µs for writev + sendfile (two segments), and the backend shares the
+        // clients' CPU.
+        setup: "1 worker process, static file, sendfile off, keep-alive (keepalive_requests 1000000)".into(),
+        config: dir.join("nginx.conf"),
+        proc,
+    })
+}
+
+/// Starts one contender terminating TLS with `cert` and proxying to `backend`.
+pub fn start(
+    kind: Kind,
+    work: &WorkDir,
+    cert: &BenchCert,
+    backend: SocketAddr,
+    threads: usize,
+    cpus: &Cpus,
+    rampart_bin: &Path,
+) -> Result<Server, BenchError> {
+    let addr = free_loopback_addr()?;
+    match kind {
+        Kind::Rampart => start_rampart(work, cert, backend, addr, threads, cpus, rampart_bin),
+        Kind::Haproxy => start_haproxy(work, cert, backend, addr, threads, cpus),
+        Kind::Nginx => start_nginx_proxy(work, cert, backend, addr, threads, cpus),
+    }
+}
+
+fn start_rampart(
+    work: &WorkDir,
+    cert: &BenchCert,
+    backend: SocketAddr,
+    addr: SocketAddr,
+    threads: usize,
+    cpus: &Cpus,
+    bin: &Path,
+) -> Result<Server, BenchError> {
+    let dir = work.sub("rampart")?;
+    let conf = format!(
+        "[admin]\ncontrol_socket = \"{sock}\"\ndrain_timeout = \"1s\"\n\n\
+         [[https]]\nlisten = \"{addr}\"\ncerts = [{{ cert = \"{c}\", key = \"{k}\" }}]\nidle_timeout = \"5m\"\n\n\
+         [[route]]\npath = \"/\"\npool = \"bench\"\n\n\
+         [[pool]]\nname = \"bench\"\nbackends = [\"{backend}\"]\nbalance = \"round-robin\"\n\
+         max_idle = 1024\nidle_timeout = \"5m\"\n",
+        sock = dir.join("control.sock").display(),
+        c = cert.cert_pem.display(),
+        k = cert.key_pem.display(),
+    );
+    let config = write_file(&dir.join("rampart.toml"), conf)?;
+    let mut cmd = cpus.command(&bin.to_string_lossy());
+    cmd.args(["serve", "--config"]).arg(&config);
+    // The tokio runtime's worker count; tokio reads this variable when the program sets none.
+    cmd.env("TOKIO_WORKER_THREADS", threads.to_string());
+    cmd.env("RUST_LOG", "info");
+    let mut proc = Proc::spawn("rampart", cmd, &dir.join("rampart.log"))?;
+    proc.wait_port(addr, START_WITHIN)?;
+    let version = Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| first_line(&o))
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
+        .unwrap_or_else(|_| "?".into());
+    Ok(Server {
+        kind: Some(Kind::Rampart),
+        addr,
+        version,
+        setup: format!(
+            "tokio multi-thread runtime with {threads} worker thread(s) (TOKIO_WORKER_THREADS={threads}), \
+             rustls aws-lc-rs, session tickets + cache as shipped, no health checks"
+        ),
+        config,
+        proc,
+    })
+}
+
+fn start_haproxy(
+    work: &WorkDir,
+    cert: &BenchCert,
+    backend: SocketAddr,
+    addr: SocketAddr,
+    threads: usize,
+    cpus: &Cpus,
+) -> Result<Server, BenchError> {
+    let dir = work.sub("haproxy")?;
+    let mut conf = String::new();
+    let _ = write!(
+        conf,
+        "global\n  nbthread {threads}\n  maxconn 4096\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n\n\
+         defaults\n  mode http\n  http-reuse always\n  option forwardfor\n  timeout connect 5s\n  \
+         timeout client 300s\n  timeout server 300s\n  timeout http-keep-alive 300s\n\n\
+         frontend bench\n  bind {addr} ssl crt {crt} alpn h2,http/1.1 ssl-min-ver TLSv1.2\n  \
+         http-request set-header X-Forwarded-Proto https\n  \
+         http-request set-header Forwarded \"for=%[src];proto=https\"\n  default_backend web\n\n\
+         backend web\n  server s1 {backend}\n",
+        crt = cert.combined_pem.display(),
+    );
+    let config = write_file(&dir.join("haproxy.cfg"), conf)?;
+    let mut cmd = cpus.command("haproxy");
+    // -db: stay in the foreground, no master process; one process with `nbthread` threads.
+    cmd.arg("-db").arg("-f").arg(&config);
+    let mut proc = Proc::spawn("haproxy", cmd, &dir.join("haproxy.log"))?;
+    proc.wait_port(addr, START_WITHIN)?;
+    Ok(Server {
+        kind: Some(Kind::Haproxy),
+        addr,
+        version: haproxy_version(),
+        setup: format!(
+            "nbthread {threads}, mode http, http-reuse always, option forwardfor, OpenSSL {} (Debian), \
+             session cache + tickets as shipped",
+            openssl_version()
+        ),
+        config,
+        proc,
+    })
+}
+
+fn start_nginx_proxy(
+    work: &WorkDir,
+    cert: &BenchCert,
+    backend: SocketAddr,
+    addr: SocketAddr,
+    threads: usize,
+    cpus: &Cpus,
+) -> Result<Server, BenchError> {
+    let dir = work.sub("nginx")?;
+    let conf = format!(
+        "daemon off;\nworker_processes {threads};\npid {d}/nginx.pid;\nevents {{ worker_connections 8192; }}\n\
+         http {{\n  access_log off;\n{paths}  tcp_nodelay on;\n  keepalive_requests 1000000;\n  \
+         keepalive_timeout 300s;\n  ssl_protocols TLSv1.2 TLSv1.3;\n  ssl_session_cache shared:SSL:10m;\n  \
+         ssl_session_tickets on;\n\
+         \x20 upstream web {{\n    server {backend};\n    keepalive 1024;\n    keepalive_requests 1000000;\n    \
+         keepalive_timeout 300s;\n  }}\n\
+         \x20 server {{\n    listen {addr} ssl http2 backlog=4096;\n    ssl_certificate {c};\n    \
+         ssl_certificate_key {k};\n    location / {{\n      proxy_pass http://web;\n      \
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n      \
+         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n      \
+         proxy_set_header X-Forwarded-Proto https;\n      \
+         proxy_set_header Forwarded \"for=$remote_addr;proto=https\";\n    }}\n  }}\n}}\n",
+        d = dir.display(),
+        paths = nginx_http_paths(&dir),
+        c = cert.cert_pem.display(),
+        k = cert.key_pem.display(),
+    );
+    let proc = start_nginx("nginx proxy", &dir, &conf, cpus, addr)?;
+    Ok(Server {
+        kind: Some(Kind::Nginx),
+        addr,
+        version: nginx_version(),
+        setup: format!(
+            "worker_processes {threads}, proxy_http_version 1.1, upstream keepalive 1024, \
+             OpenSSL {} (Debian), ssl_session_cache shared + tickets",
+            openssl_version()
+        ),
+        config: dir.join("nginx.conf"),
+        proc,
+    })
+}
+
+pub fn openssl_version() -> String {
+    Command::new("openssl")
+        .arg("version")
+        .output()
+        .map(|o| first_line(&o))
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
+        .unwrap_or_else(|_| "?".into())
+}
