@@ -178,13 +178,16 @@ pub struct AddrDesc {
     pub zero_class: u32,
     /// Prefix lengths, longest first.
     pub lens: [u8; ADDR_HASH_LENS],
-    /// `masks[i]`: `lens[i]` leading one bits, in wire byte order (IPv4 uses the first 4 bytes).
-    pub masks: [[u8; 16]; ADDR_HASH_LENS],
+    /// `masks[i]`: `lens[i]` leading one bits in wire byte order, as two native-endian words
+    /// (`u64::from_ne_bytes` of bytes 0..8 and 8..16; IPv4 uses the first 4 bytes), so the
+    /// program masks an address with two word ANDs.
+    pub masks: [[u64; 2]; ADDR_HASH_LENS],
 }
 map_type!(AddrDesc, 16 + 16 * ADDR_HASH_LENS);
 
 /// `FW_ADDR4` key: the prefix's slot, field, length, and address (host bits clear, wire order).
-#[repr(C)]
+/// Aligned so the program builds it with word stores, not byte by byte.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Addr4Key {
     pub slot: u8,
@@ -196,7 +199,7 @@ pub struct Addr4Key {
 map_type!(Addr4Key, 8);
 
 /// `FW_ADDR6` key, as [`Addr4Key`].
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Addr6Key {
     pub slot: u8,

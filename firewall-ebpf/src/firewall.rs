@@ -73,8 +73,7 @@ fn addr_class(pkt: &Packet, slot: u32, src: bool) -> Option<u32> {
                 break;
             }
             let m = &desc.masks[i];
-            let m0 = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7]]);
-            let a0 = (addr[0] & m0).to_ne_bytes();
+            let a0 = (addr[0] & m[0]).to_ne_bytes();
             let hit = if v4 {
                 let key = Addr4Key {
                     slot: slot as u8,
@@ -87,8 +86,7 @@ fn addr_class(pkt: &Packet, slot: u32, src: bool) -> Option<u32> {
                 // entries.
                 unsafe { FW_ADDR4.get(&key) }.copied()
             } else {
-                let m1 = u64::from_ne_bytes([m[8], m[9], m[10], m[11], m[12], m[13], m[14], m[15]]);
-                let a1 = (addr[1] & m1).to_ne_bytes();
+                let a1 = (addr[1] & m[1]).to_ne_bytes();
                 let mut a = [0u8; 16];
                 a[..8].copy_from_slice(&a0);
                 a[8..].copy_from_slice(&a1);

@@ -406,6 +406,21 @@ pub fn mask_bytes(len: u8) -> [u8; 16] {
     m.to_be_bytes()
 }
 
+/// [`mask_bytes`] as `AddrDesc::masks` holds it: two native-endian words.
+pub fn mask_words(len: u8) -> [u64; 2] {
+    let b = mask_bytes(len);
+    let word = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    [word(0), word(8)]
+}
+
+/// The bytes of `AddrDesc::masks[i]`, in wire order.
+fn desc_mask(d: &AddrDesc, i: usize) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&d.masks[i][0].to_ne_bytes());
+    b[8..].copy_from_slice(&d.masks[i][1].to_ne_bytes());
+    b
+}
+
 /// The lookup descriptor of one address table (its entries with their /0): hash mode when it
 /// uses at most `ADDR_HASH_LENS` lengths besides /0 and its other entries fit in `budget` (the
 /// room left in this slot's share of the family's hash map), else LPM.
@@ -422,7 +437,7 @@ fn describe<const N: usize>(entries: &[(u8, [u8; N], u32)], budget: &mut usize) 
     let mut d = AddrDesc { mode: ADDR_MODE_HASH, count: lens.len() as u32, zero_class, ..AddrDesc::default() };
     for (i, &len) in lens.iter().enumerate() {
         d.lens[i] = len;
-        d.masks[i] = mask_bytes(len);
+        d.masks[i] = mask_words(len);
     }
     d
 }
@@ -540,7 +555,7 @@ fn lpm<const N: usize>(entries: &[(u8, [u8; N], u32)], addr: [u8; N]) -> Option<
 fn probe<const N: usize>(d: &AddrDesc, entries: &[(u8, [u8; N], u32)], addr: [u8; N]) -> u32 {
     for i in 0..(d.count as usize).min(ADDR_HASH_LENS) {
         let mut key = addr;
-        for (b, m) in key.iter_mut().zip(d.masks[i]) {
+        for (b, m) in key.iter_mut().zip(desc_mask(d, i)) {
             *b &= m;
         }
         if let Some(e) = entries.iter().find(|e| e.0 != 0 && e.0 == d.lens[i] && e.1 == key) {
@@ -778,8 +793,8 @@ mod tests {
                 assert_eq!(&d.lens[..d.count as usize], &lens[..]);
                 for i in 0..ADDR_HASH_LENS {
                     let len = if i < lens.len() { lens[i] } else { 0 };
-                    assert_eq!(d.masks[i], mask_bytes(len));
-                    assert_eq!(u128::from_be_bytes(d.masks[i]).count_ones(), u32::from(len));
+                    assert_eq!(desc_mask(&d, i), mask_bytes(len));
+                    assert_eq!(u128::from_be_bytes(desc_mask(&d, i)).count_ones(), u32::from(len));
                 }
             }
         }
@@ -942,7 +957,7 @@ proto = "tcp"
         check_invariants(&c, &rs);
         let s4 = c.addr_desc[addr_desc_index(0, FIELD_SRC, false) as usize];
         assert_eq!((s4.mode, s4.count, s4.lens), (ADDR_MODE_HASH, 4, [32, 24, 16, 8]));
-        assert_eq!(s4.masks[1][..4], [255, 255, 255, 0]);
+        assert_eq!(desc_mask(&s4, 1)[..5], [255, 255, 255, 0, 0]);
         assert_eq!(s4.zero_class, v4_entry(&c.src4, "0.0.0.0/0"));
         let s6 = c.addr_desc[addr_desc_index(0, FIELD_SRC, true) as usize];
         assert_eq!((s6.mode, s6.count, s6.lens[0]), (ADDR_MODE_HASH, 1, 32));
