@@ -42,6 +42,23 @@ pub const DEFAULT_WORDS: u32 = 1 << 22;
 pub const LPM_MAX_ENTRIES: u32 = 4 << 20;
 /// Bits of slot number in front of every LPM key.
 pub const LPM_SLOT_BITS: u32 = 32;
+/// Most distinct prefix lengths (besides /0) an address table may use to be stored as exact-match
+/// hash entries probed longest first ([`AddrDesc`]); with more it stays an LPM trie.
+pub const ADDR_HASH_LENS: usize = 4;
+/// Capacity of each address hash map (`FW_ADDR4`, `FW_ADDR6`; both slots, src and dst). A
+/// (slot, family) whose src and dst entries together exceed half of it uses the LPM tries.
+/// Allocated on demand (`BPF_F_NO_PREALLOC`), but the kernel sizes the bucket array up front.
+pub const ADDR_HASH_MAX_ENTRIES: u32 = 1 << 20;
+/// Entries of `FW_ADDR_DESC`: per slot, src v4, src v6, dst v4, dst v6 ([`addr_desc_index`]).
+pub const ADDR_DESCS: u32 = SLOTS * 4;
+/// [`AddrDesc::mode`]: look the address up in the LPM trie (`FW_SRC4`…).
+pub const ADDR_MODE_LPM: u32 = 0;
+/// [`AddrDesc::mode`]: probe `FW_ADDR4`/`FW_ADDR6` at each length of the descriptor.
+pub const ADDR_MODE_HASH: u32 = 1;
+/// [`Addr4Key::field`] / [`Addr6Key::field`] and [`addr_desc_index`]: the source address.
+pub const FIELD_SRC: u8 = 0;
+/// The destination address.
+pub const FIELD_DST: u8 = 1;
 
 /// Map names, as in the object file and under the pin directory.
 pub mod map_names {
@@ -59,10 +76,13 @@ pub mod map_names {
     pub const RULES: &str = "FW_RULES";
     pub const RULE_STATS: &str = "FW_RULE_STATS";
     pub const STATS: &str = "FW_STATS";
+    pub const ADDR_DESC: &str = "FW_ADDR_DESC";
+    pub const ADDR4: &str = "FW_ADDR4";
+    pub const ADDR6: &str = "FW_ADDR6";
     /// Every map of the firewall program, for pinning and unpinning.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 17] = [
         ACTIVE, SLOTS, SRC4, DST4, SRC6, DST6, PROTO, SPORT, DPORT, CLASSES, WORDS, RULES,
-        RULE_STATS, STATS,
+        RULE_STATS, STATS, ADDR_DESC, ADDR4, ADDR6,
     ];
 }
 
@@ -131,6 +151,64 @@ pub struct RuleInfo {
     pub _pad: u32,
 }
 map_type!(RuleInfo, 8);
+
+/// Index in `FW_ADDR_DESC` of the descriptor of (slot, [`FIELD_SRC`]/[`FIELD_DST`], family).
+#[inline(always)]
+pub fn addr_desc_index(slot: u32, field: u8, v6: bool) -> u32 {
+    slot * 4 + field as u32 * 2 + v6 as u32
+}
+
+/// `FW_ADDR_DESC[addr_desc_index(..)]`: how one (slot, field, family) maps addresses to classes.
+///
+/// In [`ADDR_MODE_HASH`] the table's prefixes (but /0) are exact-match entries of
+/// `FW_ADDR4`/`FW_ADDR6` keyed by their length; the program probes `lens[..count]` (longest
+/// first, the address ANDed with `masks[i]`) and takes the first hit, else `zero_class`. The
+/// first hit is the longest match, and each entry's class already holds the rules of its covering
+/// prefixes, so this equals the LPM lookup, at a cost that does not grow with the prefixes
+/// (tuple-space search, as OVS and Cilium do). Used only when the field is used
+/// ([`SLOT_USES_SRC`]…).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrDesc {
+    /// [`ADDR_MODE_LPM`] or [`ADDR_MODE_HASH`].
+    pub mode: u32,
+    /// Lengths in use in `lens`/`masks` (at most [`ADDR_HASH_LENS`]).
+    pub count: u32,
+    /// Absolute class of the /0 entry: addresses no longer prefix holds.
+    pub zero_class: u32,
+    /// Prefix lengths, longest first.
+    pub lens: [u8; ADDR_HASH_LENS],
+    /// `masks[i]`: `lens[i]` leading one bits in wire byte order, as two native-endian words
+    /// (`u64::from_ne_bytes` of bytes 0..8 and 8..16; IPv4 uses the first 4 bytes), so the
+    /// program masks an address with two word ANDs.
+    pub masks: [[u64; 2]; ADDR_HASH_LENS],
+}
+map_type!(AddrDesc, 16 + 16 * ADDR_HASH_LENS);
+
+/// `FW_ADDR4` key: the prefix's slot, field, length, and address (host bits clear, wire order).
+/// Aligned so the program builds it with word stores, not byte by byte.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Addr4Key {
+    pub slot: u8,
+    pub field: u8,
+    pub len: u8,
+    pub _pad: u8,
+    pub addr: [u8; 4],
+}
+map_type!(Addr4Key, 8);
+
+/// `FW_ADDR6` key, as [`Addr4Key`].
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Addr6Key {
+    pub slot: u8,
+    pub field: u8,
+    pub len: u8,
+    pub _pad: u8,
+    pub addr: [u8; 16],
+}
+map_type!(Addr6Key, 20);
 
 /// LPM key data for IPv4: slot (big-endian) then the address as on the wire.
 pub type Lpm4Data = [u8; 8];

@@ -4,13 +4,14 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use rampart_common::fw::{
-    ClassInfo, LPM_SLOT_BITS, NO_PORT, PORT_ENTRIES, PROTO_ENTRIES, SLOT_USES_DST, SLOT_USES_SRC, SUMMARY_WORDS,
-    SlotInfo,
+    ADDR_HASH_LENS, ADDR_MODE_HASH, Addr4Key, Addr6Key, AddrDesc, ClassInfo, FIELD_DST, FIELD_SRC, LPM_SLOT_BITS,
+    NO_PORT, PORT_ENTRIES, PROTO_ENTRIES, SLOT_USES_DST, SLOT_USES_SRC, SUMMARY_WORDS, SlotInfo, addr_desc_index,
 };
 
 use crate::{
     maps::{
-        FW_ACTIVE, FW_CLASSES, FW_DPORT, FW_DST4, FW_DST6, FW_PROTO, FW_SLOTS, FW_SPORT, FW_SRC4, FW_SRC6, FW_WORDS,
+        FW_ACTIVE, FW_ADDR_DESC, FW_ADDR4, FW_ADDR6, FW_CLASSES, FW_DPORT, FW_DST4, FW_DST6, FW_PROTO, FW_SLOTS,
+        FW_SPORT, FW_SRC4, FW_SRC6, FW_WORDS,
     },
     parse::Packet,
 };
@@ -57,13 +58,51 @@ fn class(id: u32) -> Option<&'static ClassInfo> {
     FW_CLASSES.get(id)
 }
 
-/// The class of an address (`addr` as in [`Packet::src`]) in the active slot's LPM trie.
+/// The class of an address (`addr` as in [`Packet::src`]) in the active slot: by exact-match
+/// probes at the descriptor's few prefix lengths, longest first (a cost flat in the number of
+/// prefixes), or in the LPM trie when the rules use more lengths (see `AddrDesc`).
 #[inline(always)]
 fn addr_class(pkt: &Packet, slot: u32, src: bool) -> Option<u32> {
     let addr = if src { &pkt.src } else { &pkt.dst };
+    let field = if src { FIELD_SRC } else { FIELD_DST };
+    let v4 = pkt.family == 4;
+    let desc: &AddrDesc = FW_ADDR_DESC.get(addr_desc_index(slot, field, !v4))?;
+    if desc.mode == ADDR_MODE_HASH {
+        for i in 0..ADDR_HASH_LENS {
+            if i as u32 >= desc.count {
+                break;
+            }
+            let m = &desc.masks[i];
+            let a0 = (addr[0] & m[0]).to_ne_bytes();
+            let hit = if v4 {
+                let key = Addr4Key {
+                    slot: slot as u8,
+                    field,
+                    len: desc.lens[i],
+                    _pad: 0,
+                    addr: [a0[0], a0[1], a0[2], a0[3]],
+                };
+                // SAFETY: the value is copied out at once; userspace never deletes a live slot's
+                // entries.
+                unsafe { FW_ADDR4.get(&key) }.copied()
+            } else {
+                let a1 = (addr[1] & m[1]).to_ne_bytes();
+                let mut a = [0u8; 16];
+                a[..8].copy_from_slice(&a0);
+                a[8..].copy_from_slice(&a1);
+                let key = Addr6Key { slot: slot as u8, field, len: desc.lens[i], _pad: 0, addr: a };
+                // SAFETY: as above.
+                unsafe { FW_ADDR6.get(&key) }.copied()
+            };
+            if hit.is_some() {
+                return hit;
+            }
+        }
+        return Some(desc.zero_class);
+    }
     let slot_be = slot.to_be_bytes();
     let a0 = addr[0].to_ne_bytes();
-    if pkt.family == 4 {
+    if v4 {
         let mut data = [0u8; 8];
         data[..4].copy_from_slice(&slot_be);
         data[4..].copy_from_slice(&a0[..4]);

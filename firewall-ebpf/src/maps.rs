@@ -3,13 +3,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
 };
 use rampart_common::{
     Counter,
     fw::{
-        Active, ClassInfo, DEFAULT_WORDS, LPM_MAX_ENTRIES, Lpm4Data, Lpm6Data, MAX_CLASSES,
-        MAX_RULES, PORT_ENTRIES, PROTO_ENTRIES, RuleInfo, SLOTS, SlotInfo, stat,
+        ADDR_DESCS, ADDR_HASH_MAX_ENTRIES, Active, Addr4Key, Addr6Key, AddrDesc, ClassInfo,
+        DEFAULT_WORDS, LPM_MAX_ENTRIES, Lpm4Data, Lpm6Data, MAX_CLASSES, MAX_RULES, PORT_ENTRIES,
+        PROTO_ENTRIES, RuleInfo, SLOTS, SlotInfo, stat,
     },
 };
 
@@ -27,6 +28,17 @@ pub static FW_DST4: LpmTrie<Lpm4Data, u32> = LpmTrie::with_max_entries(LPM_MAX_E
 pub static FW_SRC6: LpmTrie<Lpm6Data, u32> = LpmTrie::with_max_entries(LPM_MAX_ENTRIES, 0);
 #[map]
 pub static FW_DST6: LpmTrie<Lpm6Data, u32> = LpmTrie::with_max_entries(LPM_MAX_ENTRIES, 0);
+
+// Address → class when a (slot, field, family) uses few prefix lengths: a descriptor per
+// (slot, field, family), then exact-match probes (see `AddrDesc`). No preallocation: memory
+// follows the entries, not the capacity.
+const BPF_F_NO_PREALLOC: u32 = 1;
+#[map]
+pub static FW_ADDR_DESC: Array<AddrDesc> = Array::with_max_entries(ADDR_DESCS, 0);
+#[map]
+pub static FW_ADDR4: HashMap<Addr4Key, u32> = HashMap::with_max_entries(ADDR_HASH_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+pub static FW_ADDR6: HashMap<Addr6Key, u32> = HashMap::with_max_entries(ADDR_HASH_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 // Protocol / port → class, indexed `slot * ENTRIES + value`.
 #[map]

@@ -24,6 +24,23 @@ pub struct Universe {
     pub v4: Vec<[u8; 4]>,
     pub v6: Vec<[u8; 16]>,
     pub ports: Vec<u16>,
+    /// Prefix lengths rules draw from. Half the universes use /0 and at most three others, so
+    /// the address tables fit the kernel's hash lookup (at most `ADDR_HASH_LENS` lengths); the
+    /// rest use all, so most tables with several prefixes need the LPM trie.
+    pub lens4: Vec<u8>,
+    pub lens6: Vec<u8>,
+}
+
+const LENS4: [u8; 12] = [0, 8, 12, 16, 20, 24, 24, 28, 30, 31, 32, 32];
+const LENS6: [u8; 12] = [0, 16, 32, 48, 64, 64, 96, 112, 120, 127, 128, 128];
+
+fn lens(rng: &mut impl Rng, all: &[u8]) -> Vec<u8> {
+    if rng.gen_bool(0.5) {
+        return all.to_vec();
+    }
+    let mut few = vec![0];
+    few.extend((0..rng.gen_range(1..=3)).map(|_| *all[1..].choose(rng).expect("non-empty")));
+    few
 }
 
 impl Universe {
@@ -54,7 +71,8 @@ impl Universe {
             .collect();
         let mut ports: Vec<u16> = vec![0, 1, 53, 80, 443, 1024, 65535];
         ports.extend((0..6).map(|_| rng.gen_range(1..65535)));
-        Universe { v4, v6, ports }
+        let (lens4, lens6) = (lens(rng, &LENS4), lens(rng, &LENS6));
+        Universe { v4, v6, ports, lens4, lens6 }
     }
 
     /// An IPv4 address near an anchor: the anchor's top bits, random below.
@@ -109,13 +127,13 @@ fn masked<const N: usize>(addr: &[u8; N], len: u8) -> [u8; N] {
 }
 
 fn cidr4(u: &Universe, rng: &mut impl Rng) -> Cidr {
-    let len = *[0u8, 8, 12, 16, 20, 24, 24, 28, 30, 31, 32, 32].choose(rng).expect("non-empty");
+    let len = *u.lens4.choose(rng).expect("non-empty");
     let a = masked(&u.addr4(rng), len);
     Cidr { addr: IpAddr::V4(Ipv4Addr::from(a)), len }
 }
 
 fn cidr6(u: &Universe, rng: &mut impl Rng) -> Cidr {
-    let len = *[0u8, 16, 32, 48, 64, 64, 96, 112, 120, 127, 128, 128].choose(rng).expect("non-empty");
+    let len = *u.lens6.choose(rng).expect("non-empty");
     let a = masked(&u.addr6(rng), len);
     Cidr { addr: IpAddr::V6(Ipv6Addr::from(a)), len }
 }

@@ -17,8 +17,15 @@ use std::{
     time::Instant,
 };
 
-use rampart::fw::{reference, rules::RuleSet};
-use rampart_common::{Counter, fw::stat};
+use rampart::fw::{
+    compile::{Layout, compile},
+    reference,
+    rules::RuleSet,
+};
+use rampart_common::{
+    Counter,
+    fw::{ADDR_MODE_HASH, ADDR_MODE_LPM, DEFAULT_WORDS, SLOT_USES_DST, SLOT_USES_SRC, stat},
+};
 use rampart_tests::{
     packet::hex,
     random::{Universe, random_frame, random_ruleset},
@@ -64,6 +71,9 @@ struct Tally {
     fragments: usize,
     /// Frames that matched a rule (not the default, not malformed or non-IP).
     rule_matches: usize,
+    /// Address tables (used field × family) looked up by the LPM trie, by hash probes.
+    lpm_tables: usize,
+    hash_tables: usize,
 }
 
 fn run_rule_set(
@@ -76,6 +86,17 @@ fn run_rule_set(
     let (u, rs, mut rng) = case(seed, i);
     rs.validate().map_err(|e| format!("rule set {i}: generator made an invalid rule set: {e}"))?;
     t.install(&rs).map_err(|e| format!("rule set {i}: install: {e:?}\n{}", rs.to_toml()))?;
+    // Which address lookups this rule set exercises (the install compiles the same way).
+    let c = compile(&rs, Layout { slot: 0, words_per_slot: DEFAULT_WORDS / 2 })
+        .map_err(|e| format!("rule set {i}: compile: {e}"))?;
+    // addr_desc order: src v4, src v6, dst v4, dst v6.
+    for (k, d) in c.addr_desc.iter().enumerate() {
+        let flag = if k < 2 { SLOT_USES_SRC } else { SLOT_USES_DST };
+        if c.info.flags & flag != 0 {
+            tally.lpm_tables += usize::from(d.mode == ADDR_MODE_LPM);
+            tally.hash_tables += usize::from(d.mode == ADDR_MODE_HASH);
+        }
+    }
     let mut expected_rules = vec![Counter::default(); rs.rules.len()];
     for p in 0..packets {
         let frame = random_frame(&u, &mut rng);
@@ -173,6 +194,8 @@ fn kernel_matches_reference_on_random_rule_sets() {
                 total.cases += t.cases;
                 total.fragments += t.fragments;
                 total.rule_matches += t.rule_matches;
+                total.lpm_tables += t.lpm_tables;
+                total.hash_tables += t.hash_tables;
                 for (k, v) in t.verdicts {
                     *total.verdicts.entry(k).or_default() += v;
                 }
@@ -189,14 +212,24 @@ fn kernel_matches_reference_on_random_rule_sets() {
         .map(|(k, v)| format!("{}={v}", stat::NAMES.get(*k as usize).copied().unwrap_or("?")))
         .collect();
     eprintln!(
-        "differential: {} cases in {secs:.1} s (RAMPART_SEED={seed}); matched a rule: {}, fragments: {}; {}",
+        "differential: {} cases in {secs:.1} s (RAMPART_SEED={seed}); matched a rule: {}, fragments: {}; \
+         address tables: {} LPM, {} hash; {}",
         total.cases,
         total.rule_matches,
         total.fragments,
+        total.lpm_tables,
+        total.hash_tables,
         by_name.join(" ")
     );
     assert_eq!(total.cases, rule_sets * packets, "every case ran");
     // The generator must keep the comparison meaningful: a good share of frames match a rule
     // (not just the default). Checked on runs big enough for the share to be stable.
     assert!(rule_sets < 20 || total.rule_matches * 4 >= total.cases, "only {} of {} frames matched a rule", total.rule_matches, total.cases);
+    // Both address lookups must be compared: few prefix lengths (hash probes) and many (LPM).
+    assert!(
+        rule_sets < 20 || (total.lpm_tables >= 10 && total.hash_tables >= 10),
+        "address tables: {} LPM, {} hash",
+        total.lpm_tables,
+        total.hash_tables
+    );
 }

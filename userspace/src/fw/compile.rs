@@ -10,6 +10,9 @@
 //!   plus those of the nearest covering prefix. Each family has a /0 entry, whose class holds the
 //!   rules with no condition on the field (and those naming that family's /0). Prefixes are sorted
 //!   so each one's covering prefixes come before it and a stack yields the nearest one.
+//!   Each (field, family) table then picks how the kernel looks it up (`AddrDesc`): with at most
+//!   `ADDR_HASH_LENS` distinct lengths besides /0 (and room in the hash map), its prefixes are
+//!   exact-match hash entries probed longest first; otherwise it stays an LPM trie.
 //! - proto: one entry per protocol number.
 //! - sport/dport: the elementary intervals between range ends, swept once; `NO_PORT` holds only
 //!   the rules with no condition on the field.
@@ -25,8 +28,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use rampart_common::{
     fw::{
-        ClassInfo, MAX_CLASSES, MAX_RULES, NO_PORT, PORT_ENTRIES, PROTO_ENTRIES, RuleInfo, SLOT_USES_DST,
-        SLOT_USES_SRC, SLOTS, SUMMARY_WORDS, SlotInfo,
+        ADDR_HASH_LENS, ADDR_HASH_MAX_ENTRIES, ADDR_MODE_HASH, ADDR_MODE_LPM, AddrDesc, ClassInfo, FIELD_DST,
+        FIELD_SRC, MAX_CLASSES, MAX_RULES, NO_PORT, PORT_ENTRIES, PROTO_ENTRIES, RuleInfo, SLOT_USES_DST,
+        SLOT_USES_SRC, SLOTS, SUMMARY_WORDS, SlotInfo, addr_desc_index,
     },
     xdp_action,
 };
@@ -55,7 +59,12 @@ pub struct Layout {
 pub struct CompiledSlot {
     pub layout: Layout,
     pub info: SlotInfo,
-    /// (prefix length 0..=32, address, absolute class). Empty unless the slot uses the field.
+    /// How each address table is looked up, at `addr_desc_index(0, field, v6)` (the slot's part
+    /// of `FW_ADDR_DESC`). In hash mode the table's entries but /0 go to `FW_ADDR4`/`FW_ADDR6`,
+    /// in LPM mode all of them to the trie.
+    pub addr_desc: [AddrDesc; 4],
+    /// (prefix length 0..=32, address, absolute class). Empty unless the slot uses the field;
+    /// else it has exactly one /0 entry.
     pub src4: Vec<(u8, [u8; 4], u32)>,
     pub dst4: Vec<(u8, [u8; 4], u32)>,
     pub src6: Vec<(u8, [u8; 16], u32)>,
@@ -391,6 +400,48 @@ fn port_field(
     Ok(table)
 }
 
+/// `len` leading one bits, in wire byte order.
+pub fn mask_bytes(len: u8) -> [u8; 16] {
+    let m = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
+    m.to_be_bytes()
+}
+
+/// [`mask_bytes`] as `AddrDesc::masks` holds it: two native-endian words.
+pub fn mask_words(len: u8) -> [u64; 2] {
+    let b = mask_bytes(len);
+    let word = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    [word(0), word(8)]
+}
+
+/// The bytes of `AddrDesc::masks[i]`, in wire order.
+fn desc_mask(d: &AddrDesc, i: usize) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&d.masks[i][0].to_ne_bytes());
+    b[8..].copy_from_slice(&d.masks[i][1].to_ne_bytes());
+    b
+}
+
+/// The lookup descriptor of one address table (its entries with their /0): hash mode when it
+/// uses at most `ADDR_HASH_LENS` lengths besides /0 and its other entries fit in `budget` (the
+/// room left in this slot's share of the family's hash map), else LPM.
+fn describe<const N: usize>(entries: &[(u8, [u8; N], u32)], budget: &mut usize) -> AddrDesc {
+    let zero_class = entries.iter().find(|e| e.0 == 0).map_or(0, |e| e.2);
+    let mut lens: Vec<u8> = entries.iter().map(|e| e.0).filter(|&l| l != 0).collect();
+    lens.sort_unstable_by(|a, b| b.cmp(a));
+    lens.dedup();
+    let hashed = entries.len().saturating_sub(1);
+    if entries.is_empty() || lens.len() > ADDR_HASH_LENS || hashed > *budget {
+        return AddrDesc { mode: ADDR_MODE_LPM, zero_class, ..AddrDesc::default() };
+    }
+    *budget -= hashed;
+    let mut d = AddrDesc { mode: ADDR_MODE_HASH, count: lens.len() as u32, zero_class, ..AddrDesc::default() };
+    for (i, &len) in lens.iter().enumerate() {
+        d.lens[i] = len;
+        d.masks[i] = mask_words(len);
+    }
+    d
+}
+
 /// Compiles `rs` into the tables of `layout.slot`.
 pub fn compile(rs: &RuleSet, layout: Layout) -> Result<CompiledSlot, CompileError> {
     if layout.slot >= SLOTS {
@@ -462,7 +513,28 @@ pub fn compile(rs: &RuleSet, layout: Layout) -> Result<CompiledSlot, CompileErro
         rule_base: layout.slot * MAX_RULES,
     };
     let rules = rs.rules.iter().map(|r| RuleInfo { action: r.action.xdp(), _pad: 0 }).collect();
-    Ok(CompiledSlot { layout, info, src4, dst4, src6, dst6, proto, sport, dport, classes: class_infos, words, rules })
+    // src and dst share each family's hash map: this slot's half of it.
+    let (mut budget4, mut budget6) = ((ADDR_HASH_MAX_ENTRIES / SLOTS) as usize, (ADDR_HASH_MAX_ENTRIES / SLOTS) as usize);
+    let mut addr_desc = [AddrDesc::default(); 4];
+    addr_desc[addr_desc_index(0, FIELD_SRC, false) as usize] = describe(&src4, &mut budget4);
+    addr_desc[addr_desc_index(0, FIELD_SRC, true) as usize] = describe(&src6, &mut budget6);
+    addr_desc[addr_desc_index(0, FIELD_DST, false) as usize] = describe(&dst4, &mut budget4);
+    addr_desc[addr_desc_index(0, FIELD_DST, true) as usize] = describe(&dst6, &mut budget6);
+    Ok(CompiledSlot {
+        layout,
+        info,
+        addr_desc,
+        src4,
+        dst4,
+        src6,
+        dst6,
+        proto,
+        sport,
+        dport,
+        classes: class_infos,
+        words,
+        rules,
+    })
 }
 
 /// Longest-prefix match over a family's entries, as the kernel's LPM trie does.
@@ -477,11 +549,36 @@ fn lpm<const N: usize>(entries: &[(u8, [u8; N], u32)], addr: [u8; N]) -> Option<
         .map(|e| e.2)
 }
 
+/// `firewall::addr_class` in hash mode: probe `(len, address & mask)` at each length in the
+/// descriptor's order, the first exact hit wins, else the /0 class. The entries probed are the
+/// table's but /0, as `tables` writes them to the hash map.
+fn probe<const N: usize>(d: &AddrDesc, entries: &[(u8, [u8; N], u32)], addr: [u8; N]) -> u32 {
+    for i in 0..(d.count as usize).min(ADDR_HASH_LENS) {
+        let mut key = addr;
+        for (b, m) in key.iter_mut().zip(desc_mask(d, i)) {
+            *b &= m;
+        }
+        if let Some(e) = entries.iter().find(|e| e.0 != 0 && e.0 == d.lens[i] && e.1 == key) {
+            return e.2;
+        }
+    }
+    d.zero_class
+}
+
 fn addr_lookup(c: &CompiledSlot, pkt: &PacketFields, src: bool) -> Option<u32> {
     let addr = if src { pkt.src } else { pkt.dst };
+    let field = if src { FIELD_SRC } else { FIELD_DST };
+    let d = &c.addr_desc[addr_desc_index(0, field, pkt.family != 4) as usize];
+    let hash = d.mode == ADDR_MODE_HASH;
     match (pkt.family, addr) {
-        (4, IpAddr::V4(a)) => lpm(if src { &c.src4 } else { &c.dst4 }, a.octets()),
-        (6, IpAddr::V6(a)) => lpm(if src { &c.src6 } else { &c.dst6 }, a.octets()),
+        (4, IpAddr::V4(a)) => {
+            let t = if src { &c.src4 } else { &c.dst4 };
+            if hash { Some(probe(d, t, a.octets())) } else { lpm(t, a.octets()) }
+        }
+        (6, IpAddr::V6(a)) => {
+            let t = if src { &c.src6 } else { &c.dst6 };
+            if hash { Some(probe(d, t, a.octets())) } else { lpm(t, a.octets()) }
+        }
         _ => None,
     }
 }
@@ -669,6 +766,38 @@ mod tests {
                 assert!(Cidr { addr: IpAddr::V6(Ipv6Addr::from(e.1)), len: e.0 }.is_normalized(), "{e:?}");
             }
         }
+        // Descriptors: hash mode exactly when a table has at most ADDR_HASH_LENS lengths besides
+        // /0 (the tests' sets are far below the hash map's capacity), lengths longest first.
+        for (flag, field) in [(SLOT_USES_SRC, FIELD_SRC), (SLOT_USES_DST, FIELD_DST)] {
+            for v6 in [false, true] {
+                let d = c.addr_desc[addr_desc_index(0, field, v6) as usize];
+                if !uses(flag) {
+                    assert_eq!(d, AddrDesc::default());
+                    continue;
+                }
+                let entries: Vec<(u8, u32)> = match (field, v6) {
+                    (FIELD_SRC, false) => c.src4.iter().map(|e| (e.0, e.2)).collect(),
+                    (FIELD_SRC, true) => c.src6.iter().map(|e| (e.0, e.2)).collect(),
+                    (_, false) => c.dst4.iter().map(|e| (e.0, e.2)).collect(),
+                    (_, true) => c.dst6.iter().map(|e| (e.0, e.2)).collect(),
+                };
+                let mut lens: Vec<u8> = entries.iter().map(|e| e.0).filter(|&l| l != 0).collect();
+                lens.sort_unstable_by(|a, b| b.cmp(a));
+                lens.dedup();
+                assert_eq!(d.zero_class, entries.iter().find(|e| e.0 == 0).unwrap().1);
+                if lens.len() > ADDR_HASH_LENS {
+                    assert_eq!((d.mode, d.count), (ADDR_MODE_LPM, 0), "{d:?}");
+                    continue;
+                }
+                assert_eq!(d.mode, ADDR_MODE_HASH, "{lens:?}");
+                assert_eq!(&d.lens[..d.count as usize], &lens[..]);
+                for i in 0..ADDR_HASH_LENS {
+                    let len = if i < lens.len() { lens[i] } else { 0 };
+                    assert_eq!(desc_mask(&d, i), mask_bytes(len));
+                    assert_eq!(u128::from_be_bytes(desc_mask(&d, i)).count_ones(), u32::from(len));
+                }
+            }
+        }
     }
 
     fn pkt(src: &str, dst: &str, proto: u8, ports: Option<(u16, u16)>) -> PacketFields {
@@ -805,6 +934,59 @@ src = "::/0"
         assert_eq!(agree(&c, &rs, &pkt("2001:db8:1::1", "2001:db8::2", 0, None)), Some(2));
         assert_eq!(agree(&c, &rs, &pkt("2001:db9::1", "2001:db8::2", 0, None)), Some(3));
         assert_eq!(agree(&c, &rs, &pkt("2001:db9::1", "2001:db8:1::2", 0, None)), Some(4));
+    }
+
+    /// The same prefixes looked up by hash probes (≤ ADDR_HASH_LENS lengths) and, with one more
+    /// length, by the LPM trie: both give the longest match's class.
+    #[test]
+    fn hash_and_lpm_modes() {
+        let few = r#"default = "allow"
+[[rule]]
+action = "deny"
+src = ["10.1.2.0/24", "10.1.0.0/16", "2001:db8::/32"]
+[[rule]]
+action = "allow"
+src = ["10.0.0.0/8", "10.1.2.3/32"]
+dst = "192.0.2.0/24"
+[[rule]]
+action = "deny"
+proto = "tcp"
+"#;
+        let rs = parse(few);
+        let c = compile(&rs, layout(1)).unwrap();
+        check_invariants(&c, &rs);
+        let s4 = c.addr_desc[addr_desc_index(0, FIELD_SRC, false) as usize];
+        assert_eq!((s4.mode, s4.count, s4.lens), (ADDR_MODE_HASH, 4, [32, 24, 16, 8]));
+        assert_eq!(desc_mask(&s4, 1)[..5], [255, 255, 255, 0, 0]);
+        assert_eq!(s4.zero_class, v4_entry(&c.src4, "0.0.0.0/0"));
+        let s6 = c.addr_desc[addr_desc_index(0, FIELD_SRC, true) as usize];
+        assert_eq!((s6.mode, s6.count, s6.lens[0]), (ADDR_MODE_HASH, 1, 32));
+        let d6 = c.addr_desc[addr_desc_index(0, FIELD_DST, true) as usize];
+        assert_eq!((d6.mode, d6.count), (ADDR_MODE_HASH, 0));
+        let mut more = rs.clone();
+        more.rules[0].src = Some(AddrMatch::from_items(
+            ["10.1.2.0/24", "10.1.0.0/16", "2001:db8::/32", "10.1.2.0/25"]
+                .iter()
+                .map(|c| AddrItem::Cidr(c.parse().unwrap()))
+                .collect(),
+        ));
+        let m = compile(&more, layout(0)).unwrap();
+        check_invariants(&m, &more);
+        assert_eq!(m.addr_desc[addr_desc_index(0, FIELD_SRC, false) as usize].mode, ADDR_MODE_LPM);
+        assert_eq!(m.addr_desc[addr_desc_index(0, FIELD_SRC, true) as usize].mode, ADDR_MODE_HASH);
+        for (src, dst, want) in [
+            ("10.1.2.3", "192.0.2.1", Some(0)),
+            ("10.1.2.200", "1.1.1.1", Some(0)),
+            ("10.1.9.1", "1.1.1.1", Some(0)),
+            ("10.9.9.9", "192.0.2.1", Some(1)),
+            ("10.9.9.9", "1.1.1.1", Some(2)),
+            ("11.0.0.1", "1.1.1.1", Some(2)),
+            ("2001:db8::1", "::1", Some(0)),
+            ("2001:db9::1", "::1", Some(2)),
+        ] {
+            assert_eq!(agree(&c, &rs, &pkt(src, dst, 6, Some((1, 2)))), want, "{src} {dst}");
+            assert_eq!(agree(&m, &more, &pkt(src, dst, 6, Some((1, 2)))), want, "{src} {dst}");
+        }
     }
 
     #[test]
@@ -1103,6 +1285,9 @@ dst = "@big"
         assert_eq!(c.src4.len(), 1_000_002);
         assert_eq!(c.dst4.len(), 1_000_001);
         assert_eq!(c.src6.len(), 1001);
+        // A million /28s exceed the slot's share of the hash map: the trie; the /64s: hashed.
+        assert_eq!(c.addr_desc[addr_desc_index(0, FIELD_SRC, false) as usize].mode, ADDR_MODE_LPM);
+        assert_eq!(c.addr_desc[addr_desc_index(0, FIELD_SRC, true) as usize].mode, ADDR_MODE_HASH);
         assert!(c.classes.len() < 10, "{}", c.classes.len());
         assert_eq!(rules_of(&c, v4_entry(&c.src4, "10.0.0.16/28")), vec![0, 1, 2]);
         assert_eq!(rules_of(&c, v4_entry(&c.src4, "10.1.0.16/28")), vec![0, 1, 2]);
@@ -1235,12 +1420,17 @@ dst = "@big"
         let seed: u64 = std::env::var("RAMPART_FW_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
         let mut rng = StdRng::seed_from_u64(seed);
         let mut matched = 0;
+        // Address tables compiled in LPM mode, in hash mode.
+        let mut modes = [0usize; 2];
         for case in 0..150 {
             let rs = rand_rule_set(&mut rng);
             let slot = rng.gen_range(0..SLOTS);
             let c =
                 compile(&rs, layout(slot)).unwrap_or_else(|e| panic!("seed {seed} case {case}: {e}\n{}", rs.to_toml()));
             check_invariants(&c, &rs);
+            for d in c.addr_desc {
+                modes[usize::from(d.mode == ADDR_MODE_HASH)] += usize::from(d != AddrDesc::default());
+            }
             for _ in 0..300 {
                 let p = rand_packet(&mut rng);
                 let want = match_fields(&rs, &p);
@@ -1256,5 +1446,7 @@ dst = "@big"
         }
         // The generator must exercise matches, not only defaults.
         assert!(matched > 10_000, "seed {seed}: only {matched} of 45000 packets matched a rule");
+        // Both lookups must be exercised: few prefix lengths (hash) and more than ADDR_HASH_LENS.
+        assert!(modes[0] >= 20 && modes[1] >= 20, "seed {seed}: tables in LPM / hash mode: {modes:?}");
     }
 }

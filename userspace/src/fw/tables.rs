@@ -1,6 +1,6 @@
 //! Writing compiled slots into the firewall's maps, flipping the active slot, reading counters.
 //!
-//! [`FwTables`] holds typed handles on the 14 maps of `rampart_fw`, taken from a freshly loaded
+//! [`FwTables`] holds typed handles on the 17 maps of `rampart_fw`, taken from a freshly loaded
 //! object ([`FwTables::from_ebpf`]) or reopened from their pins ([`FwTables::from_pins`]).
 //! [`FwTables::install`] compiles a rule set into the slot packets are NOT using, then makes it
 //! live with one update of `FW_ACTIVE` (see `rampart_common::fw`, "Atomic updates").
@@ -18,13 +18,14 @@ use std::{
 
 use aya::{
     Ebpf, Pod,
-    maps::{Array, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
 };
 use rampart_common::{
     Counter,
     fw::{
-        Active, ClassInfo, LPM_SLOT_BITS, Lpm4Data, Lpm6Data, MAX_CLASSES, MAX_RULES, PORT_ENTRIES, PROTO_ENTRIES,
-        RuleInfo, SLOTS, SlotInfo, map_names as names, stat,
+        ADDR_HASH_LENS, ADDR_HASH_MAX_ENTRIES, ADDR_MODE_HASH, ADDR_MODE_LPM, Active, Addr4Key, Addr6Key, AddrDesc,
+        ClassInfo, FIELD_DST, FIELD_SRC, LPM_SLOT_BITS, Lpm4Data, Lpm6Data, MAX_CLASSES, MAX_RULES, PORT_ENTRIES,
+        PROTO_ENTRIES, RuleInfo, SLOTS, SlotInfo, addr_desc_index, map_names as names, stat,
     },
 };
 
@@ -85,9 +86,10 @@ pub struct InstallReport {
     pub rules: u32,
     pub classes: u32,
     pub words: u32,
-    /// LPM entries written (all four tries).
+    /// Address entries written: LPM entries and hash entries (a hashed table's /0 lives in its
+    /// descriptor).
     pub prefixes: usize,
-    /// Stale LPM entries of the slot removed before writing.
+    /// Stale LPM and hash entries of the slot removed before writing.
     pub stale_removed: usize,
     pub compile_time: Duration,
     pub write_time: Duration,
@@ -109,6 +111,9 @@ pub struct FwTables {
     rules: Array<MapData, RuleInfo>,
     rule_stats: PerCpuArray<MapData, Counter>,
     stats: PerCpuArray<MapData, Counter>,
+    addr_desc: Array<MapData, AddrDesc>,
+    addr4: HashMap<MapData, Addr4Key, u32>,
+    addr6: HashMap<MapData, Addr6Key, u32>,
 }
 
 fn typed<T: TryFrom<Map, Error = MapError>>(map: &'static str, m: Map) -> Result<T> {
@@ -157,11 +162,14 @@ impl FwTables {
             rules: typed(names::RULES, get(names::RULES)?)?,
             rule_stats: typed(names::RULE_STATS, get(names::RULE_STATS)?)?,
             stats: typed(names::STATS, get(names::STATS)?)?,
+            addr_desc: typed(names::ADDR_DESC, get(names::ADDR_DESC)?)?,
+            addr4: typed(names::ADDR4, get(names::ADDR4)?)?,
+            addr6: typed(names::ADDR6, get(names::ADDR6)?)?,
         })
     }
 
     /// Every map with its name, in `map_names::ALL` order.
-    fn all(&self) -> [(&'static str, &MapData); 14] {
+    fn all(&self) -> [(&'static str, &MapData); 17] {
         [
             (names::ACTIVE, self.active.map()),
             (names::SLOTS, self.slots.map()),
@@ -177,6 +185,9 @@ impl FwTables {
             (names::RULES, self.rules.map()),
             (names::RULE_STATS, self.rule_stats.map()),
             (names::STATS, self.stats.map()),
+            (names::ADDR_DESC, self.addr_desc.map()),
+            (names::ADDR4, self.addr4.map()),
+            (names::ADDR6, self.addr6.map()),
         ]
     }
 
@@ -244,11 +255,45 @@ impl FwTables {
         self.check_fits(c)?;
         let t0 = Instant::now();
 
-        let stale_removed = self.clear_lpm_slot(slot)?;
-        write_lpm(&mut self.src4, names::SRC4, slot, &c.src4)?;
-        write_lpm(&mut self.dst4, names::DST4, slot, &c.dst4)?;
-        write_lpm(&mut self.src6, names::SRC6, slot, &c.src6)?;
-        write_lpm(&mut self.dst6, names::DST6, slot, &c.dst6)?;
+        let stale_removed = self.clear_lpm_slot(slot)? + self.clear_hash_slot(slot)?;
+        // Each table goes where its descriptor sends the program: the trie, or (all but /0,
+        // which the descriptor holds) the family's hash map.
+        let desc = |field, v6| c.addr_desc[addr_desc_index(0, field, v6) as usize];
+        let (s4, d4, s6, d6) =
+            (desc(FIELD_SRC, false), desc(FIELD_DST, false), desc(FIELD_SRC, true), desc(FIELD_DST, true));
+        let lpm_part = |d: AddrDesc| d.mode == ADDR_MODE_LPM;
+        let mut written = 0;
+        for (d, n) in [(s4, c.src4.len()), (d4, c.dst4.len()), (s6, c.src6.len()), (d6, c.dst6.len())] {
+            written += if lpm_part(d) { n } else { 0 };
+        }
+        write_lpm(&mut self.src4, names::SRC4, slot, if lpm_part(s4) { &c.src4 } else { &[] })?;
+        write_lpm(&mut self.dst4, names::DST4, slot, if lpm_part(d4) { &c.dst4 } else { &[] })?;
+        write_lpm(&mut self.src6, names::SRC6, slot, if lpm_part(s6) { &c.src6 } else { &[] })?;
+        write_lpm(&mut self.dst6, names::DST6, slot, if lpm_part(d6) { &c.dst6 } else { &[] })?;
+        let mut keys4 = Vec::new();
+        let mut values4 = Vec::new();
+        for (field, d, t) in [(FIELD_SRC, s4, &c.src4), (FIELD_DST, d4, &c.dst4)] {
+            if d.mode == ADDR_MODE_HASH {
+                for &(len, addr, class) in t.iter().filter(|e| e.0 != 0) {
+                    keys4.push(Addr4Key { slot: slot as u8, field, len, _pad: 0, addr });
+                    values4.push(class);
+                }
+            }
+        }
+        let mut keys6 = Vec::new();
+        let mut values6 = Vec::new();
+        for (field, d, t) in [(FIELD_SRC, s6, &c.src6), (FIELD_DST, d6, &c.dst6)] {
+            if d.mode == ADDR_MODE_HASH {
+                for &(len, addr, class) in t.iter().filter(|e| e.0 != 0) {
+                    keys6.push(Addr6Key { slot: slot as u8, field, len, _pad: 0, addr });
+                    values6.push(class);
+                }
+            }
+        }
+        write_hash(&mut self.addr4, names::ADDR4, &keys4, &values4)?;
+        write_hash(&mut self.addr6, names::ADDR6, &keys6, &values6)?;
+        written += keys4.len() + keys6.len();
+        write_array(&mut self.addr_desc, names::ADDR_DESC, addr_desc_index(slot, FIELD_SRC, false), &c.addr_desc)?;
         write_array(&mut self.proto, names::PROTO, slot * PROTO_ENTRIES, &c.proto)?;
         write_array(&mut self.sport, names::SPORT, slot * PORT_ENTRIES, &c.sport)?;
         write_array(&mut self.dport, names::DPORT, slot * PORT_ENTRIES, &c.dport)?;
@@ -269,7 +314,7 @@ impl FwTables {
             rules: c.info.rule_count,
             classes: c.classes.len() as u32,
             words: c.words.len() as u32,
-            prefixes: c.src4.len() + c.dst4.len() + c.src6.len() + c.dst6.len(),
+            prefixes: written,
             stale_removed,
             compile_time: Duration::ZERO,
             write_time: t0.elapsed(),
@@ -336,6 +381,47 @@ impl FwTables {
         check(names::DST4, &mut c.dst4.iter().map(|e| e.2))?;
         check(names::SRC6, &mut c.src6.iter().map(|e| e.2))?;
         check(names::DST6, &mut c.dst6.iter().map(|e| e.2))?;
+        // A descriptor the program reads must name a valid class, at most ADDR_HASH_LENS lengths
+        // that fit the family (longest first, so the first hit is the longest match), and every
+        // hash-mode entry's length; the hash entries must fit this slot's half of the map.
+        let (mut hashed4, mut hashed6) = (0usize, 0usize);
+        for (flag, field) in [(rampart_common::fw::SLOT_USES_SRC, FIELD_SRC), (rampart_common::fw::SLOT_USES_DST, FIELD_DST)] {
+            if c.info.flags & flag == 0 {
+                continue;
+            }
+            for v6 in [false, true] {
+                let d = c.addr_desc[addr_desc_index(0, field, v6) as usize];
+                let width = if v6 { 128 } else { 32 };
+                let lens: Vec<u8> = if v6 {
+                    let t = if field == FIELD_SRC { &c.src6 } else { &c.dst6 };
+                    t.iter().map(|e| e.0).collect()
+                } else {
+                    let t = if field == FIELD_SRC { &c.src4 } else { &c.dst4 };
+                    t.iter().map(|e| e.0).collect()
+                };
+                match d.mode {
+                    ADDR_MODE_LPM => continue,
+                    ADDR_MODE_HASH => {}
+                    m => return fit(names::ADDR_DESC, format!("field {field} v6 {v6}: mode {m}")),
+                }
+                check(names::ADDR_DESC, &mut std::iter::once(d.zero_class))?;
+                let n = d.count as usize;
+                let used = &d.lens[..n.min(ADDR_HASH_LENS)];
+                let sorted = used.windows(2).all(|w| w[0] > w[1]);
+                if n > ADDR_HASH_LENS || !sorted || used.iter().any(|&l| l == 0 || l > width) {
+                    return fit(names::ADDR_DESC, format!("field {field} v6 {v6}: lengths {:?} (count {n})", d.lens));
+                }
+                if let Some(l) = lens.iter().find(|&&l| l != 0 && !used.contains(&l)) {
+                    return fit(names::ADDR_DESC, format!("field {field} v6 {v6}: entry of length {l} never probed"));
+                }
+                *(if v6 { &mut hashed6 } else { &mut hashed4 }) += lens.iter().filter(|&&l| l != 0).count();
+            }
+        }
+        for (map, n) in [(names::ADDR4, hashed4), (names::ADDR6, hashed6)] {
+            if n > (ADDR_HASH_MAX_ENTRIES / SLOTS) as usize {
+                return fit(map, format!("{n} entries > {} per slot", ADDR_HASH_MAX_ENTRIES / SLOTS));
+            }
+        }
         // Sparse vectors (see `ClassInfo`): a class reads `words_base + rank[s] + popcount(..)`,
         // so its stored words, one per summary bit, must lie in what this install writes, and
         // `rank` must be the prefix popcounts or the program reads another class's words.
@@ -373,6 +459,12 @@ impl FwTables {
             + clear_lpm(&mut self.dst4, names::DST4, slot)?
             + clear_lpm(&mut self.src6, names::SRC6, slot)?
             + clear_lpm(&mut self.dst6, names::DST6, slot)?)
+    }
+
+    /// Removes every hash entry of `slot` (left from the rule set before the live one).
+    fn clear_hash_slot(&mut self, slot: u32) -> Result<usize> {
+        Ok(clear_hash(&mut self.addr4, names::ADDR4, slot, |k| k.slot)?
+            + clear_hash(&mut self.addr6, names::ADDR6, slot, |k| k.slot)?)
     }
 
     /// Per-rule counters of `slot`, summed over CPUs, in rule order (`rule_count` of them).
@@ -594,18 +686,23 @@ fn write_lpm<K: SlotKey>(
     Ok(())
 }
 
-/// Every key of an LPM trie (both slots), in the kernel's order.
-fn list_keys<K: SlotKey>(map: &LpmTrie<MapData, K, u32>, name: &'static str) -> Result<Vec<Key<K>>> {
-    let ksize = size_of::<Key<K>>();
-    let fd = map.map().fd().as_fd();
-    let mut out: Vec<Key<K>> = Vec::new();
+/// Every key of a map with `u32` values (both slots), in the kernel's order; `fallback` lists
+/// them key by key when the kernel has no batch lookup.
+fn list_keys<K: Pod>(
+    fd: BorrowedFd<'_>,
+    name: &'static str,
+    fallback: impl FnOnce() -> Result<Vec<K>>,
+) -> Result<Vec<K>> {
+    // The batch cursor is a key for LPM tries, a u32 bucket index for hash maps.
+    let ksize = size_of::<K>();
+    let mut out: Vec<K> = Vec::new();
     if !NO_BATCH.load(Ordering::Relaxed) {
         // BPF_MAP_LOOKUP_BATCH walks the trie in the kernel, a chunk of entries per syscall
         // (one get_next_key syscall per entry costs seconds for a million prefixes).
         let mut keys = vec![0u8; BATCH_CHUNK * ksize];
         let mut values = vec![0u8; BATCH_CHUNK * 4];
-        let mut cursor = vec![0u8; ksize];
-        let mut next = vec![0u8; ksize];
+        let mut cursor = vec![0u8; ksize.max(4)];
+        let mut next = vec![0u8; ksize.max(4)];
         let mut first = true;
         loop {
             let mut attr = BatchAttr {
@@ -629,8 +726,8 @@ fn list_keys<K: SlotKey>(map: &LpmTrie<MapData, K, u32>, name: &'static str) -> 
             let err = (rc < 0).then(io::Error::last_os_error);
             let got = attr.count as usize;
             for chunk in keys[..got * ksize].chunks_exact(ksize) {
-                // SAFETY: `chunk` holds one key as the kernel wrote it; Key<K> is plain bytes.
-                out.push(unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<Key<K>>()) });
+                // SAFETY: `chunk` holds one key as the kernel wrote it; K is plain bytes.
+                out.push(unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<K>()) });
             }
             match err {
                 None => {}
@@ -646,17 +743,16 @@ fn list_keys<K: SlotKey>(map: &LpmTrie<MapData, K, u32>, name: &'static str) -> 
             first = false;
         }
     }
-    for key in map.keys() {
-        out.push(key.map_err(|source| TablesError::Map { map: name, op: "list keys", source })?);
-    }
-    Ok(out)
+    fallback()
 }
 
 /// Deletes every entry of `slot`; returns how many.
 fn clear_lpm<K: SlotKey>(map: &mut LpmTrie<MapData, K, u32>, name: &'static str, slot: u32) -> Result<usize> {
     // Collect first: deleting while walking with get_next_key restarts the walk.
     let t0 = Instant::now();
-    let keys = list_keys(map, name)?;
+    let keys = list_keys(map.map().fd().as_fd(), name, || {
+        map.keys().map(|k| k.map_err(|source| TablesError::Map { map: name, op: "list keys", source })).collect()
+    })?;
     // Every key has at least the 32 slot bits; compare the slot only.
     let stale: Vec<Key<K>> =
         keys.into_iter().filter(|k| k.prefix_len() >= LPM_SLOT_BITS && k.data().slot() == slot).collect();
@@ -667,6 +763,44 @@ fn clear_lpm<K: SlotKey>(map: &mut LpmTrie<MapData, K, u32>, name: &'static str,
     let fd = map.map().fd().as_fd();
     let ksize = size_of::<Key<K>>();
     if !try_batch(name, "delete stale entries", BPF_MAP_DELETE_BATCH, fd, as_bytes(&stale), ksize, None)? {
+        for k in &stale {
+            map.remove(k).map_err(|source| TablesError::Map { map: name, op: "delete stale entries", source })?;
+        }
+    }
+    Ok(stale.len())
+}
+
+/// Writes exact-match entries.
+fn write_hash<K: Pod>(map: &mut HashMap<MapData, K, u32>, name: &'static str, keys: &[K], values: &[u32]) -> Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let fd = map.map().fd().as_fd();
+    if try_batch(name, "write", BPF_MAP_UPDATE_BATCH, fd, as_bytes(keys), size_of::<K>(), Some((as_bytes(values), 4)))? {
+        return Ok(());
+    }
+    for (k, v) in keys.iter().zip(values) {
+        map.insert(k, v, 0).map_err(|source| TablesError::Map { map: name, op: "write", source })?;
+    }
+    Ok(())
+}
+
+/// Deletes every hash entry whose key (`slot_of`) names `slot`; returns how many.
+fn clear_hash<K: Pod>(
+    map: &mut HashMap<MapData, K, u32>,
+    name: &'static str,
+    slot: u32,
+    slot_of: fn(&K) -> u8,
+) -> Result<usize> {
+    let keys = list_keys(map.map().fd().as_fd(), name, || {
+        map.keys().map(|k| k.map_err(|source| TablesError::Map { map: name, op: "list keys", source })).collect()
+    })?;
+    let stale: Vec<K> = keys.into_iter().filter(|k| u32::from(slot_of(k)) == slot).collect();
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    let fd = map.map().fd().as_fd();
+    if !try_batch(name, "delete stale entries", BPF_MAP_DELETE_BATCH, fd, as_bytes(&stale), size_of::<K>(), None)? {
         for k in &stale {
             map.remove(k).map_err(|source| TablesError::Map { map: name, op: "delete stale entries", source })?;
         }
@@ -750,10 +884,74 @@ mod tests {
         }
     }
 
+    fn keys_of<K: Pod>(fd: BorrowedFd<'_>, name: &'static str) -> Vec<K> {
+        list_keys(fd, name, || -> Result<Vec<K>> { panic!("{name}: this kernel has no batch lookup") }).expect("list")
+    }
+
     /// Source-address LPM entries of `slot` (IPv4 and IPv6).
+    fn lpm_keys(t: &FwTables, slot: u32) -> usize {
+        let (s4, s6) = (t.src4.map().fd().as_fd(), t.src6.map().fd().as_fd());
+        keys_of::<Key<Lpm4Data>>(s4, names::SRC4).iter().filter(|k| k.data().slot() == slot).count()
+            + keys_of::<Key<Lpm6Data>>(s6, names::SRC6).iter().filter(|k| k.data().slot() == slot).count()
+    }
+
+    /// Hash entries of `slot` (IPv4 and IPv6).
+    fn hash_keys(t: &FwTables, slot: u32) -> usize {
+        let (a4, a6) = (t.addr4.map().fd().as_fd(), t.addr6.map().fd().as_fd());
+        keys_of::<Addr4Key>(a4, names::ADDR4).iter().filter(|k| u32::from(k.slot) == slot).count()
+            + keys_of::<Addr6Key>(a6, names::ADDR6).iter().filter(|k| u32::from(k.slot) == slot).count()
+    }
+
+    /// Address entries of `slot`: source LPM entries and hash entries.
     fn slot_keys(t: &FwTables, slot: u32) -> usize {
-        list_keys(&t.src4, names::SRC4).expect("list").iter().filter(|k| k.data().slot() == slot).count()
-            + list_keys(&t.src6, names::SRC6).expect("list").iter().filter(|k| k.data().slot() == slot).count()
+        lpm_keys(t, slot) + hash_keys(t, slot)
+    }
+
+    /// deny src `prefixes`, allow udp; default allow.
+    fn prefix_rules(prefixes: &[&str]) -> RuleSet {
+        let cidrs = prefixes.iter().map(|p| p.parse().expect("cidr")).collect();
+        RuleSet {
+            default: Action::Allow,
+            sets: BTreeMap::new(),
+            rules: vec![
+                rule(1, Action::Deny, Some(AddrMatch::Cidrs(cidrs)), None),
+                rule(2, Action::Allow, None, Some(17)),
+            ],
+        }
+    }
+
+    /// Few prefix lengths go to the hash map, more to the trie; flipping between the two leaves
+    /// no stale entries and the program gives the longest match either way.
+    #[test]
+    fn hash_and_lpm_modes_through_the_program() {
+        let mut l = load();
+        let few = prefix_rules(&["11.1.2.3/32", "11.1.2.0/24", "11.1.0.0/16", "12.0.0.0/8", "2001:db8::/32"]);
+        let many = prefix_rules(&["11.1.2.3/32", "11.1.2.0/24", "11.1.0.0/16", "12.0.0.0/8", "11.1.3.0/25"]);
+        let frames = [([11, 1, 2, 3], true), ([11, 1, 9, 9], true), ([12, 9, 9, 9], true), ([11, 2, 0, 1], false)];
+        let check = |l: &Loaded| {
+            for (src, denied) in frames {
+                let want = if denied { xdp_action::DROP } else { xdp_action::PASS };
+                assert_eq!(l.run(&udp_frame(src)), want, "{src:?}");
+            }
+        };
+        let r = l.tables.install(&few).unwrap(); // slot 1: hash (4 v4 lengths, 1 v6)
+        assert_eq!((r.slot, r.prefixes), (1, 5));
+        assert_eq!((hash_keys(&l.tables, 1), lpm_keys(&l.tables, 1)), (5, 0));
+        check(&l);
+        let r = l.tables.install(&many).unwrap(); // slot 0: 5 v4 lengths, the trie; v6 /0 only: hash
+        assert_eq!((r.slot, r.prefixes), (0, 6));
+        assert_eq!((hash_keys(&l.tables, 0), lpm_keys(&l.tables, 0)), (0, 6));
+        check(&l);
+        assert_eq!(l.run(&udp_frame([11, 1, 3, 1])), xdp_action::DROP);
+        let r = l.tables.install(&many).unwrap(); // slot 1 again: its hash entries go
+        assert_eq!((r.slot, r.stale_removed), (1, 5));
+        assert_eq!((hash_keys(&l.tables, 1), lpm_keys(&l.tables, 1)), (0, 6));
+        let r = l.tables.install(&few).unwrap(); // slot 0: its LPM entries go
+        assert_eq!((r.slot, r.stale_removed), (0, 6));
+        assert_eq!((hash_keys(&l.tables, 0), lpm_keys(&l.tables, 0)), (5, 0));
+        check(&l);
+        assert_eq!(l.run(&udp_frame([11, 1, 3, 1])), xdp_action::DROP, "11.1.0.0/16");
+        assert_eq!(l.run(&udp_frame([13, 1, 3, 1])), xdp_action::PASS);
     }
 
     #[test]
