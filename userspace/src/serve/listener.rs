@@ -1,5 +1,6 @@
-//! Client-facing listeners: TLS (PROXY header from trusted peers, handshake, HTTP/1.1 or h2 by
-//! ALPN), the plain-HTTP redirect listener, and the per-connection timeouts and drain.
+//! Client-facing listeners: TLS (PROXY header from trusted peers, handshake, then HTTP/1.1 in
+//! `h1` or h2 in hyper by ALPN), the plain-HTTP redirect listener, and the h2 connections'
+//! timeouts and drain.
 
 use std::{
     convert::Infallible,
@@ -25,7 +26,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Shared,
+    Shared, h1,
     metrics::ListenerLabels,
     proxy::{self, ConnCtx, RespBody},
     proxy_protocol::{self, ProxyHeader},
@@ -232,7 +233,11 @@ async fn serve_tls_conn(
     shared.metrics.tls_handshakes.get_or_create(&labels).inc();
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let ctx = Arc::new(ConnCtx { trusted: lrt.is_trusted(client.ip()), listener: lrt.clone(), client, local });
-    let activity = Activity::new(!h2);
+    if !h2 {
+        h1::serve(shared, ctx, tls).await;
+        return Ok(());
+    }
+    let activity = Activity::new(false);
     let io = TokioIo::new(ActivityIo { inner: tls, activity: activity.clone() });
     let shutdown = shared.shutdown.clone();
     let svc = {
@@ -248,19 +253,10 @@ async fn serve_tls_conn(
         })
     };
     let timeouts = (lrt.client_header_timeout, lrt.idle_timeout);
-    if h2 {
-        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new()).max_concurrent_streams(256);
-        let conn = b.serve_connection(io, svc);
-        drive(conn, &activity, timeouts, shutdown, |c| c.graceful_shutdown()).await;
-    } else {
-        let mut b = hyper::server::conn::http1::Builder::new();
-        // Header and idle timeouts are ours (see `drive`): hyper's header timer also runs while a
-        // keep-alive connection waits for its next request.
-        b.timer(TokioTimer::new()).header_read_timeout(None).keep_alive(true);
-        let conn = b.serve_connection(io, svc);
-        drive(conn, &activity, timeouts, shutdown, |c| c.graceful_shutdown()).await;
-    }
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new()).max_concurrent_streams(256);
+    let conn = b.serve_connection(io, svc);
+    drive(conn, &activity, timeouts, shutdown, |c| c.graceful_shutdown()).await;
     Ok(())
 }
 

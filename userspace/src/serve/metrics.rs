@@ -3,7 +3,7 @@
 //! Labels are bounded: routes, pools, backends, listeners and certificates come from the config;
 //! statuses are HTTP codes; no per-client or per-URL label.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::{RwLock, atomic::AtomicU64};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -49,6 +49,36 @@ pub struct CertLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
+}
+
+/// One route's `rampart_http_requests_total` counters by status: the family's own counters,
+/// found once per status instead of hashing the label strings on every request.
+pub struct RouteCounters {
+    route: String,
+    pool: String,
+    by_status: RwLock<Vec<(u16, Counter)>>,
+}
+
+impl RouteCounters {
+    pub fn new(route: &str, pool: &str) -> Self {
+        RouteCounters { route: route.to_string(), pool: pool.to_string(), by_status: RwLock::new(Vec::new()) }
+    }
+
+    pub fn inc(&self, metrics: &Metrics, status: u16) {
+        let known = self
+            .by_status
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map(|(_, c)| c.inc());
+        if known.is_none() {
+            let labels = RequestLabels { route: self.route.clone(), pool: self.pool.clone(), status };
+            let c = metrics.requests.get_or_create(&labels).clone();
+            c.inc();
+            self.by_status.write().unwrap_or_else(|p| p.into_inner()).push((status, c));
+        }
+    }
 }
 
 pub struct Metrics {

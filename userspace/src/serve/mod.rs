@@ -1,8 +1,9 @@
 //! `rampart serve`: TLS termination and the HTTP reverse proxy.
 //!
 //! Layout: [`runtime`] builds one generation of state from a config; [`listener`] accepts
-//! clients (TLS, redirect); [`proxy`] serves each request; [`backend`] talks to backends and
-//! runs health checks; [`tls`], [`firewall`], [`proxy_protocol`], [`metrics`] and [`admin`]
+//! clients (TLS, redirect); [`h1`] serves HTTP/1.1 clients and hyper serves h2 ones, both
+//! deciding through [`proxy`] (routes, firewall, backend picks); [`upstream`] speaks HTTP/1.1
+//! to backends over the connections [`backend`] opens and keeps, and runs health checks; [`tls`], [`firewall`], [`proxy_protocol`], [`metrics`] and [`admin`]
 //! (metrics listener and control socket) do one job each. Reloads (SIGHUP, `rampart reload`)
 //! build a new generation and swap it in; a config that fails to load or build is refused and
 //! the running one stays.
@@ -10,12 +11,14 @@
 pub mod admin;
 pub mod backend;
 pub mod firewall;
+pub mod h1;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod runtime;
 pub mod tls;
+pub mod upstream;
 
 use std::{
     collections::HashMap,

@@ -1,5 +1,7 @@
-//! The reverse proxy: one client request in, route, application firewall, header rewriting,
-//! a backend picked by the pool's balancer, retries when connecting fails, the response out.
+//! The reverse proxy's decisions, shared by both client paths: routing, the application
+//! firewall, forwarding headers, the backend pick with retries ([`exchange`]), and the pages the
+//! proxy answers itself. HTTP/1.1 clients are served by `h1.rs`; h2 clients by hyper through
+//! [`handle`] here. Both speak HTTP/1.1 to backends through `upstream.rs`.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -8,17 +10,18 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use loadbalancer::HashOn;
+use loadbalancer::{HashOn, PickGuard};
 
 use super::{
     Shared,
-    backend::{BackendConn, BoxError, ConnectError, PooledBody, ProxyHeader, ReqBody, publish},
+    backend::{BackendConn, BoxError, ConnectError, ProxyHeader, ReqBody, publish},
     firewall::{self, Block},
     metrics::{BlockLabels, PoolLabels, RequestLabels},
-    runtime::{ListenerRt, PoolRt},
+    runtime::{ListenerRt, PoolRt, RouteRt},
+    upstream::{self, Framing, ResponseHead, Upstream, UpstreamBody, UpstreamError},
 };
 
 pub type RespBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -34,15 +37,26 @@ pub struct ConnCtx {
     pub trusted: bool,
 }
 
-/// A small HTML page for answers the proxy makes itself.
-pub fn error_page(status: StatusCode, detail: &str) -> Response<RespBody> {
+impl ConnCtx {
+    /// The PROXY header a backend connection for this client starts with.
+    pub fn proxy_header(&self, pool: &PoolRt) -> ProxyHeader {
+        if pool.cfg.sends_proxy_protocol() { ProxyHeader::Client(self.client, self.local) } else { ProxyHeader::None }
+    }
+}
+
+/// The body of a small HTML page for answers the proxy makes itself.
+pub fn error_html(status: StatusCode, detail: &str) -> String {
     let reason = status.canonical_reason().unwrap_or("");
-    let body = format!(
+    format!(
         "<!DOCTYPE html>\n<html><head><title>{code} {reason}</title></head>\n<body><h1>{code} {reason}</h1>\n<p>{detail}</p>\n<hr><p>rampart</p></body></html>\n",
         code = status.as_u16(),
         detail = html_escape(detail),
-    );
-    let mut r = Response::new(full(body));
+    )
+}
+
+/// [`error_html`] as a hyper response.
+pub fn error_page(status: StatusCode, detail: &str) -> Response<RespBody> {
+    let mut r = Response::new(full(error_html(status, detail)));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
     r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -57,28 +71,27 @@ fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// The request's host, lower case and without port: `:authority` (h2, absolute-form), else `Host`.
-pub fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
-    let raw = match uri.authority() {
-        Some(a) => a.host().to_string(),
-        None => {
-            let h = headers.get(header::HOST)?.to_str().ok()?;
-            match h.rsplit_once(':') {
-                // Keep `[v6]` whole; strip a port only after the closing bracket.
-                Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':') => {
-                    host.to_string()
-                }
-                _ => h.to_string(),
-            }
-        }
+/// A Host value (or authority) as routes compare it: lower case, no port, no trailing dot.
+pub fn normalize_host(h: &str) -> String {
+    let mut host = match h.rsplit_once(':') {
+        // Keep `[v6]` whole; strip a port only after the closing bracket.
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':') => host.to_string(),
+        _ => h.to_string(),
     };
-    let mut host = raw;
     host.truncate(host.trim_end_matches('.').len());
     host.make_ascii_lowercase();
-    Some(host)
+    host
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1); pre-parsed names, since this runs twice per request.
+/// The request's host, lower case and without port: `:authority` (h2, absolute-form), else `Host`.
+pub fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    match uri.authority() {
+        Some(a) => Some(normalize_host(a.host())),
+        None => Some(normalize_host(headers.get(header::HOST)?.to_str().ok()?)),
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1); pre-parsed names, since this runs for every h2 request.
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -93,25 +106,7 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and those the Connection header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // One pass over the (few) headers finds what is there: most messages carry none of these,
-    // or only Connection, and each removal is a hashed lookup.
-    let mut present = [false; HOP_BY_HOP.len()];
-    for name in h.keys() {
-        // Names in a HeaderMap are lower case; the order is HOP_BY_HOP's.
-        let i = match name.as_str() {
-            "connection" => 0,
-            "keep-alive" => 1,
-            "proxy-connection" => 2,
-            "te" => 3,
-            "trailer" => 4,
-            "transfer-encoding" => 5,
-            "upgrade" => 6,
-            _ => continue,
-        };
-        present[i] = true;
-    }
-    if present[0] {
-        // `close` and `keep-alive` (the usual values) name no header left to remove.
+    if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
@@ -125,74 +120,87 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
             h.remove(n);
         }
     }
-    for (n, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
 }
 
 /// The client address to rate-limit and hash on: behind trusted proxies, the right-most
 /// X-Forwarded-For entry that is not itself a trusted proxy.
-fn effective_client(ctx: &ConnCtx, headers: &HeaderMap) -> IpAddr {
+pub fn effective_client<'a>(ctx: &ConnCtx, xff: impl Iterator<Item = &'a [u8]>) -> IpAddr {
     let direct = ctx.client.ip();
     if !ctx.trusted {
         return direct;
     }
-    let entries: Vec<IpAddr> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+    let entries: Vec<IpAddr> = xff
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(','))
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     entries.into_iter().rev().find(|ip| !ctx.listener.is_trusted(*ip)).unwrap_or(direct)
 }
 
-/// X-Forwarded-For / -Proto and Forwarded: appended to when the peer is trusted, replaced
-/// otherwise (so a client cannot forge its address).
+/// The X-Forwarded-For and Forwarded values for a request from `client`: appended to the
+/// `prior` values (only ever given for trusted peers), else ours alone, so a client cannot
+/// forge its address.
+pub struct Forwarding {
+    pub xff: String,
+    pub forwarded: String,
+}
+
+impl Forwarding {
+    pub fn new(client: IpAddr, host: Option<&str>, prior_xff: Option<&str>, prior_forwarded: Option<&str>) -> Self {
+        use std::fmt::Write as _;
+        let mut xff = String::with_capacity(48);
+        let mut forwarded = String::with_capacity(64);
+        if let Some(p) = prior_xff {
+            xff.push_str(p);
+            xff.push_str(", ");
+        }
+        if let Some(p) = prior_forwarded {
+            forwarded.push_str(p);
+            forwarded.push_str(", ");
+        }
+        match client {
+            IpAddr::V4(v4) => {
+                let at = xff.len();
+                push_ipv4(&mut xff, v4);
+                forwarded.push_str("for=");
+                forwarded.push_str(&xff[at..]);
+                forwarded.push_str(";proto=https");
+            }
+            IpAddr::V6(v6) => {
+                let _ = write!(xff, "{v6}");
+                let _ = write!(forwarded, "for=\"[{v6}]\";proto=https");
+            }
+        }
+        if let Some(host) = host
+            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        {
+            forwarded.push_str(";host=");
+            forwarded.push_str(host);
+        }
+        Forwarding { xff, forwarded }
+    }
+}
+
+/// X-Forwarded-For / -Proto and Forwarded on a header map (the h2 path).
 pub fn rewrite_forwarding(h: &mut HeaderMap, client: IpAddr, trusted: bool, host: Option<&str>) {
-    use std::fmt::Write as _;
-    // One formatting of the address serves both headers, and the strings built here become the
-    // header values without another copy (this runs once per request).
-    let mut client_s = String::with_capacity(48);
-    let mut element = String::with_capacity(64);
-    match client {
-        IpAddr::V4(v4) => {
-            push_ipv4(&mut client_s, v4);
-            element.push_str("for=");
-            element.push_str(&client_s);
-            element.push_str(";proto=https");
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(client_s, "{v6}");
-            let _ = write!(element, "for=\"[{client_s}]\";proto=https");
-        }
-    }
-    if let Some(host) = host
-        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-    {
-        element.push_str(";host=");
-        element.push_str(host);
-    }
-    let value = |s: String| HeaderValue::from_maybe_shared(Bytes::from(s));
-    let xff = if trusted {
-        let prior: Vec<&str> = h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
-        if prior.is_empty() { client_s } else { format!("{}, {client_s}", prior.join(", ")) }
-    } else {
-        client_s
+    let joined = |h: &HeaderMap, name: &HeaderName| -> Option<String> {
+        let v: Vec<&str> = h.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+        (!v.is_empty()).then(|| v.join(", "))
     };
-    if let Ok(v) = value(xff) {
+    let (prior_xff, prior_fwd) =
+        if trusted { (joined(h, &X_FORWARDED_FOR), joined(h, &header::FORWARDED)) } else { (None, None) };
+    let f = Forwarding::new(client, host, prior_xff.as_deref(), prior_fwd.as_deref());
+    let value = |s: String| HeaderValue::from_maybe_shared(Bytes::from(s));
+    if let Ok(v) = value(f.xff) {
         h.insert(&X_FORWARDED_FOR, v);
     }
     if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     }
-    let forwarded = if trusted {
-        let prior: Vec<&str> = h.get_all(header::FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect();
-        if prior.is_empty() { element } else { format!("{}, {element}", prior.join(", ")) }
-    } else {
-        element
-    };
-    if let Ok(v) = value(forwarded) {
+    if let Ok(v) = value(f.forwarded) {
         h.insert(header::FORWARDED, v);
     }
 }
@@ -213,62 +221,86 @@ fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
     }
 }
 
-/// Serves one request of a TLS client connection.
+/// The balancer's hash key for a request, when the pool hashes.
+pub fn hash_key<'a>(pool: &PoolRt, client: IpAddr, header: impl FnOnce(&str) -> Option<&'a [u8]>) -> Option<Vec<u8>> {
+    match pool.lb.algorithm().hash_on() {
+        Some(HashOn::ClientAddr) => Some(match client {
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
+        }),
+        Some(HashOn::Header(name)) => header(name.as_str()).map(<[u8]>::to_vec),
+        None => None,
+    }
+}
+
+/// A request the route's firewall refused: counted, and the page to answer with.
+pub struct Refusal {
+    pub status: StatusCode,
+    pub detail: &'static str,
+    /// Extra header for the answer (Retry-After, Allow).
+    pub header: Option<(HeaderName, HeaderValue)>,
+}
+
+/// Runs the route's firewall on a request head.
+pub fn check_firewall(
+    shared: &Shared,
+    route: &RouteRt,
+    method: &Method,
+    path: &str,
+    head_size: u64,
+    declared_body: Option<u64>,
+    client: IpAddr,
+) -> Result<(), Refusal> {
+    let Some(fw) = &route.firewall else { return Ok(()) };
+    let Err(block) = fw.check(method, path, head_size, declared_body, client) else { return Ok(()) };
+    count_block(shared, route, block.reason());
+    let header = match block {
+        Block::Rate { retry_after } => Some((header::RETRY_AFTER, HeaderValue::from(retry_after))),
+        Block::Method => fw.allowed_methods().and_then(|a| HeaderValue::from_str(&a).ok()).map(|v| (header::ALLOW, v)),
+        _ => None,
+    };
+    Err(Refusal { status: block.status(), detail: block_detail(block), header })
+}
+
+pub fn count_block(shared: &Shared, route: &RouteRt, reason: &'static str) {
+    shared.metrics.firewall_blocks.get_or_create(&BlockLabels { route: route.label.clone(), reason }).inc();
+}
+
+pub fn count_no_route(shared: &Shared) {
+    shared.count(&RequestLabels { route: "-".into(), pool: "-".into(), status: 404 });
+}
+
+/// Serves one request of an h2 client connection.
 pub async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
     let g = shared.current();
     let host = request_host(req.uri(), req.headers());
     let path = req.uri().path();
     let Some(route) = g.route(host.as_deref(), path) else {
         drain(req.into_body());
-        let r = error_page(StatusCode::NOT_FOUND, "No route for this host and path.");
-        shared.count(&RequestLabels { route: "-".into(), pool: "-".into(), status: 404 });
-        return r;
+        count_no_route(&shared);
+        return error_page(StatusCode::NOT_FOUND, "No route for this host and path.");
     };
     let pool = route.pool.clone();
-    let labels = |status: StatusCode| RequestLabels {
-        route: route.label.clone(),
-        pool: pool.name.clone(),
-        status: status.as_u16(),
-    };
-    let client = effective_client(&ctx, req.headers());
-
-    let mut max_body = None;
-    if let Some(fw) = &route.firewall {
-        let size = firewall::head_size(req.method(), req.uri(), req.headers());
-        if let Err(block) = fw.check(req.method(), path, size, req.headers(), client) {
-            shared
-                .metrics
-                .firewall_blocks
-                .get_or_create(&BlockLabels { route: route.label.clone(), reason: block.reason() })
-                .inc();
-            drain(req.into_body());
-            let mut r = error_page(block.status(), block_detail(block));
-            match block {
-                Block::Rate { retry_after } => {
-                    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-                }
-                Block::Method => {
-                    if let Some(allow) = fw.allowed_methods().and_then(|a| HeaderValue::from_str(&a).ok()) {
-                        r.headers_mut().insert(header::ALLOW, allow);
-                    }
-                }
-                _ => {}
-            }
-            shared.count(&labels(r.status()));
-            return r;
+    let client = effective_client(&ctx, req.headers().get_all(&X_FORWARDED_FOR).iter().map(HeaderValue::as_bytes));
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let size = firewall::head_size(req.method(), req.uri(), req.headers());
+    if let Err(refusal) = check_firewall(&shared, route, req.method(), path, size, declared, client) {
+        drain(req.into_body());
+        let mut r = error_page(refusal.status, refusal.detail);
+        if let Some((n, v)) = refusal.header {
+            r.headers_mut().insert(n, v);
         }
-        max_body = fw.max_body;
+        route.requests.inc(&shared.metrics, r.status().as_u16());
+        return r;
     }
+    let max_body = route.firewall.as_ref().and_then(|f| f.max_body);
 
     let (mut parts, body) = req.into_parts();
-    let hash_key: Option<Vec<u8>> = match pool.lb.algorithm().hash_on() {
-        Some(HashOn::ClientAddr) => Some(match client {
-            IpAddr::V4(v4) => v4.octets().to_vec(),
-            IpAddr::V6(v6) => v6.octets().to_vec(),
-        }),
-        Some(HashOn::Header(name)) => parts.headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()),
-        None => None,
-    };
+    let key = hash_key(&pool, client, |name| parts.headers.get(name).map(HeaderValue::as_bytes));
     strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(header::HOST)
         && let Some(a) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
@@ -276,43 +308,183 @@ pub async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incomin
         parts.headers.insert(header::HOST, a);
     }
     rewrite_forwarding(&mut parts.headers, ctx.client.ip(), ctx.trusted, host.as_deref());
-    parts.uri = parts.uri.path_and_query().map_or_else(
-        || Uri::from_static("/"),
-        |pq| Uri::builder().path_and_query(pq.clone()).build().unwrap_or_else(|_| Uri::from_static("/")),
-    );
-    parts.version = Version::HTTP_11;
-    let declared = parts.headers.contains_key(header::CONTENT_LENGTH);
     let body: ReqBody = match max_body {
         // Without a declared length, read up to the limit before choosing a backend, so an
         // oversized body gets a clean 413 instead of an aborted upload.
-        Some(max) if !declared && !http_body::Body::is_end_stream(&body) => match read_limited(body, max).await {
-            Ok(full_body) => full_body,
-            Err(status) => {
-                shared
-                    .metrics
-                    .firewall_blocks
-                    .get_or_create(&BlockLabels { route: route.label.clone(), reason: "max_body" })
-                    .inc();
-                let r = error_page(
-                    status,
-                    if status == StatusCode::PAYLOAD_TOO_LARGE {
-                        "The request body is too large."
-                    } else {
-                        "The request body could not be read."
-                    },
-                );
-                shared.count(&labels(r.status()));
-                return r;
+        Some(max) if declared.is_none() && !http_body::Body::is_end_stream(&body) => {
+            match read_limited(body, max).await {
+                Ok(full_body) => full_body,
+                Err(status) => {
+                    count_block(&shared, route, "max_body");
+                    let r = error_page(
+                        status,
+                        if status == StatusCode::PAYLOAD_TOO_LARGE {
+                            "The request body is too large."
+                        } else {
+                            "The request body could not be read."
+                        },
+                    );
+                    route.requests.inc(&shared.metrics, r.status().as_u16());
+                    return r;
+                }
             }
-        },
+        }
         // A declared length is enforced by hyper; the firewall already compared it.
         _ => body.map_err(BoxError::from).boxed(),
     };
-    let req = Request::from_parts(parts, body);
-
-    let r = forward(&shared, &ctx, &pool, req, hash_key.as_deref()).await;
-    shared.count(&labels(r.status()));
+    let Ok(mut out) = H2Body::new(body, declared).await else {
+        let r = error_page(StatusCode::BAD_REQUEST, "The request body could not be read.");
+        route.requests.inc(&shared.metrics, r.status().as_u16());
+        return r;
+    };
+    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut head = Vec::with_capacity(512);
+    write_request_line(&mut head, parts.method.as_str().as_bytes(), pq.as_bytes());
+    for (n, v) in &parts.headers {
+        if n != header::CONTENT_LENGTH {
+            write_header(&mut head, n.as_str().as_bytes(), v.as_bytes());
+        }
+    }
+    write_framing(&mut head, out.framing);
+    head.extend_from_slice(b"\r\n");
+    if let Some(b) = &out.buffered {
+        head.extend_from_slice(b);
+    }
+    let idempotent = is_idempotent(&parts.method);
+    let header = ctx.proxy_header(&pool);
+    let r = match exchange(
+        &shared,
+        &pool,
+        header,
+        &head,
+        &mut out,
+        key.as_deref(),
+        idempotent,
+        parts.method == Method::HEAD,
+    )
+    .await
+    {
+        Outcome::Response(x) => response_from(x),
+        Outcome::Error { status, detail } => error_page(status, detail),
+    };
+    route.requests.inc(&shared.metrics, r.status().as_u16());
     r
+}
+
+/// A hyper response streaming a backend's answer.
+fn response_from(x: Exchange) -> Response<RespBody> {
+    let Exchange { head, up, guard, backend, key } = x;
+    let Ok(status) = StatusCode::from_u16(head.status) else {
+        return error_page(StatusCode::BAD_GATEWAY, "The backend failed to answer.");
+    };
+    let mut r = Response::builder().status(status);
+    if let Some(h) = r.headers_mut() {
+        for (n, v) in head.end_to_end() {
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n), HeaderValue::from_bytes(v)) {
+                h.append(n, v);
+            }
+        }
+        let length = match head.framing {
+            Framing::Length(n) => Some(n),
+            Framing::Empty => head.content_length(),
+            _ => None,
+        };
+        if let Some(n) = length {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+    let body = UpstreamBody::new(up, &head, (backend, key), guard).map_err(BoxError::from).boxed();
+    r.body(body).unwrap_or_else(|_| error_page(StatusCode::BAD_GATEWAY, "The backend failed to answer."))
+}
+
+/// An h2 request's body on its way to the backend: small ones in memory (sent with the head,
+/// and resent if a stale connection must be replaced), others streamed.
+struct H2Body {
+    buffered: Option<Bytes>,
+    stream: Option<ReqBody>,
+    framing: Framing,
+    started: bool,
+}
+
+/// Bodies up to this size are read before the backend is chosen.
+const BUFFER_BODY: u64 = 64 * 1024;
+
+impl H2Body {
+    /// `Err` when the client's (small) body could not be read.
+    async fn new(body: ReqBody, declared: Option<u64>) -> Result<Self, BoxError> {
+        use http_body::Body as _;
+        if body.is_end_stream() {
+            let framing = if declared.is_some() { Framing::Length(0) } else { Framing::Empty };
+            return Ok(H2Body { buffered: None, stream: None, framing, started: false });
+        }
+        let exact = body.size_hint().exact().or(declared);
+        if exact.is_some_and(|n| n <= BUFFER_BODY) {
+            let b = body.collect().await?.to_bytes();
+            let framing = Framing::Length(b.len() as u64);
+            return Ok(H2Body { buffered: Some(b), stream: None, framing, started: false });
+        }
+        let framing = exact.map_or(Framing::Chunked, Framing::Length);
+        Ok(H2Body { buffered: None, stream: Some(body), framing, started: false })
+    }
+}
+
+impl RequestBody for H2Body {
+    async fn send(&mut self, up: &mut Upstream) -> Result<(), SendError> {
+        let Some(mut body) = self.stream.take() else { return Ok(()) };
+        self.started = true;
+        let chunked = self.framing == Framing::Chunked;
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| SendError::Client(e.to_string()))?;
+            let Some(data) = frame.data_ref() else { continue };
+            out.clear();
+            if chunked {
+                upstream::encode_chunk(&mut out, data);
+                up.send(&out).await.map_err(SendError::Backend)?;
+            } else {
+                up.send(data).await.map_err(SendError::Backend)?;
+            }
+        }
+        if chunked {
+            up.send(upstream::LAST_CHUNK).await.map_err(SendError::Backend)?;
+        }
+        Ok(())
+    }
+
+    fn replayable(&self) -> bool {
+        !self.started
+    }
+}
+
+/// `METHOD target HTTP/1.1` and CRLF.
+pub fn write_request_line(out: &mut Vec<u8>, method: &[u8], target: &[u8]) {
+    out.extend_from_slice(method);
+    out.push(b' ');
+    out.extend_from_slice(target);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+}
+
+pub fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The framing header of a message we write.
+pub fn write_framing(out: &mut Vec<u8>, f: Framing) {
+    match f {
+        Framing::Length(n) => {
+            use std::io::Write as _;
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Empty | Framing::Close => {}
+    }
+}
+
+pub fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE)
 }
 
 /// Reads a request body of at most `max` bytes; the rest of a longer one is drained.
@@ -368,75 +540,137 @@ fn block_detail(b: Block) -> &'static str {
     }
 }
 
+/// A request body as [`exchange`] sends it after the head. (Only our own types implement it, so
+/// the futures' Send-ness is known where they are spawned.)
+#[allow(async_fn_in_trait)]
+pub trait RequestBody {
+    /// Writes what is left of the body to the backend.
+    async fn send(&mut self, up: &mut Upstream) -> Result<(), SendError>;
+    /// Nothing of the body has been consumed (or it all went with the head): the request can
+    /// be sent again on another connection.
+    fn replayable(&self) -> bool;
+}
+
+pub enum SendError {
+    /// Reading the client's body failed (reset, timeout, bad framing).
+    Client(String),
+    /// Writing to the backend failed.
+    Backend(std::io::Error),
+    /// The body grew past the route's max_body.
+    TooLarge,
+}
+
+/// A backend's answer, with what is needed to read its body and give the connection back.
+pub struct Exchange {
+    pub head: ResponseHead,
+    pub up: Upstream,
+    /// Held while the body streams: least-connections counts it in flight.
+    pub guard: PickGuard<Arc<BackendConn>>,
+    pub backend: Arc<BackendConn>,
+    pub key: ProxyHeader,
+}
+
+// Built once per request and moved straight into a match: boxing the large variant would cost
+// an allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Outcome {
+    Response(Exchange),
+    /// No answer from a backend: the proxy answers with this status and page.
+    Error {
+        status: StatusCode,
+        detail: &'static str,
+    },
+}
+
 enum Attempt {
-    Response(Response<Incoming>, hyper::client::conn::http1::SendRequest<ReqBody>),
+    Response(ResponseHead, Upstream),
     /// The request never left: safe to send to another backend.
-    NotSent(String, Request<ReqBody>, bool),
+    NotSent(String, bool),
     /// Sent, then failed or timed out: answer the client, do not retry.
     Failed(StatusCode, String),
 }
 
-/// Sends `req` to one backend: an idle connection first (a stale one gives the request back
-/// untouched and the next is tried), then a new one.
-async fn attempt(
+/// Sends one request to one backend: an idle connection first (one the backend closed in the
+/// meantime is replaced by a new one, when the request can be sent again), then a new one.
+#[allow(clippy::too_many_arguments)]
+async fn attempt<B: RequestBody>(
     bc: &BackendConn,
     header: ProxyHeader,
-    mut req: Request<ReqBody>,
+    head: &[u8],
+    body: &mut B,
+    idempotent: bool,
+    head_request: bool,
     response_timeout: Duration,
 ) -> Attempt {
     let mut fresh = false;
     loop {
-        let mut sender = match if fresh { None } else { bc.checkout(header) } {
-            Some(s) => s,
+        let mut up = match if fresh { None } else { bc.checkout(header) } {
+            Some(u) => u,
             None => {
                 fresh = true;
                 match bc.connect(header).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let timed_out = matches!(e, ConnectError::Timeout { .. });
-                        return Attempt::NotSent(e.to_string(), req, timed_out);
-                    }
+                    Ok(u) => u,
+                    Err(e) => return Attempt::NotSent(e.to_string(), matches!(e, ConnectError::Timeout { .. })),
                 }
             }
         };
-        match tokio::time::timeout(response_timeout, sender.try_send_request(req)).await {
+        if let Err(e) = up.send(head).await {
+            if !fresh && body.replayable() {
+                fresh = true;
+                continue;
+            }
+            if body.replayable() && idempotent {
+                return Attempt::NotSent(format!("backend {}: {e}", bc.addr), false);
+            }
+            return Attempt::Failed(StatusCode::BAD_GATEWAY, format!("backend {}: {e}", bc.addr));
+        }
+        match body.send(&mut up).await {
+            Ok(()) => {}
+            Err(SendError::Client(e)) => {
+                return Attempt::Failed(StatusCode::BAD_REQUEST, format!("client body to backend {}: {e}", bc.addr));
+            }
+            Err(SendError::TooLarge) => {
+                return Attempt::Failed(StatusCode::PAYLOAD_TOO_LARGE, "The request body is too large.".into());
+            }
+            Err(SendError::Backend(e)) => {
+                return Attempt::Failed(StatusCode::BAD_GATEWAY, format!("backend {}: {e}", bc.addr));
+            }
+        }
+        match tokio::time::timeout(response_timeout, up.read_head(head_request)).await {
             Err(_) => {
                 return Attempt::Failed(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!("backend {} sent no response within {response_timeout:?}", bc.addr),
                 );
             }
-            Ok(Ok(resp)) => return Attempt::Response(resp, sender),
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(back) if !fresh => req = back,
-                Some(back) => return Attempt::NotSent(format!("backend {}: {}", bc.addr, e.error()), back, false),
-                None => {
-                    let err = e.into_error();
-                    // A request body over the route's max_body aborts the upload.
-                    let too_big = std::error::Error::source(&err)
-                        .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some());
-                    if too_big {
-                        return Attempt::Failed(StatusCode::PAYLOAD_TOO_LARGE, "The request body is too large.".into());
-                    }
-                    return Attempt::Failed(StatusCode::BAD_GATEWAY, format!("backend {}: {err}", bc.addr));
-                }
-            },
+            Ok(Ok(h)) => return Attempt::Response(h, up),
+            // A kept-alive connection the backend closed just as it was reused: nothing was
+            // processed, so a request that can be replayed goes out again on a new connection.
+            Ok(Err(UpstreamError::Closed { empty: true }))
+                if up.served == 0 && !fresh && body.replayable() && idempotent =>
+            {
+                fresh = true;
+            }
+            Ok(Err(e)) => return Attempt::Failed(StatusCode::BAD_GATEWAY, format!("backend {}: {e}", bc.addr)),
         }
     }
 }
 
-async fn forward(
+/// Sends a request to the pool: picks a backend, retries on others when connecting fails (up to
+/// the pool's `retries`), reports live successes and failures to passive health, and counts.
+#[allow(clippy::too_many_arguments)]
+pub async fn exchange<B: RequestBody>(
     shared: &Shared,
-    ctx: &ConnCtx,
     pool: &PoolRt,
-    req: Request<ReqBody>,
+    header: ProxyHeader,
+    head: &[u8],
+    body: &mut B,
     key: Option<&[u8]>,
-) -> Response<RespBody> {
-    let header =
-        if pool.cfg.sends_proxy_protocol() { ProxyHeader::Client(ctx.client, ctx.local) } else { ProxyHeader::None };
+    idempotent: bool,
+    head_request: bool,
+) -> Outcome {
     let mut tried = Vec::new();
-    let mut req = Some(req);
-    let mut last: Option<(StatusCode, String)> = None;
+    let mut last: Option<(StatusCode, &'static str)> = None;
     for n in 0..=pool.cfg.retries {
         let Some(guard) = pool.lb.pick_excluding(key, &tried) else { break };
         tried.push(guard.index());
@@ -444,18 +678,14 @@ async fn forward(
             shared.metrics.backend_retries.get_or_create(&PoolLabels { pool: pool.name.clone() }).inc();
         }
         let bc = guard.data().clone();
-        let Some(r) = req.take() else { break };
-        match attempt(&bc, header, r, pool.cfg.response_timeout.0).await {
-            Attempt::Response(resp, sender) => {
+        match attempt(&bc, header, head, body, idempotent, head_request, pool.cfg.response_timeout.0).await {
+            Attempt::Response(head, up) => {
                 if pool.passive {
                     publish(&shared.metrics, &pool.name, guard.report_live_success());
                 }
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                let body = PooledBody::new(body, sender, header, guard).map_err(BoxError::from).boxed();
-                return Response::from_parts(parts, body);
+                return Outcome::Response(Exchange { head, up, guard, backend: bc, key: header });
             }
-            Attempt::NotSent(msg, back, timed_out) => {
+            Attempt::NotSent(msg, timed_out) => {
                 log::warn!("pool {}: {msg}; trying another backend", pool.name);
                 shared
                     .metrics
@@ -469,29 +699,33 @@ async fn forward(
                     publish(&shared.metrics, &pool.name, guard.report_live_failure());
                 }
                 let status = if timed_out { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
-                last = Some((status, "No backend could be reached.".into()));
-                req = Some(back);
+                last = Some((status, "No backend could be reached."));
+                if !body.replayable() {
+                    break;
+                }
             }
             Attempt::Failed(status, msg) => {
                 log::warn!("pool {}: {msg}", pool.name);
-                if pool.passive && status != StatusCode::PAYLOAD_TOO_LARGE {
+                let backend_fault = status == StatusCode::BAD_GATEWAY || status == StatusCode::GATEWAY_TIMEOUT;
+                if pool.passive && backend_fault {
                     publish(&shared.metrics, &pool.name, guard.report_live_failure());
                 }
                 let detail = match status {
                     StatusCode::GATEWAY_TIMEOUT => "The backend did not answer in time.",
                     StatusCode::PAYLOAD_TOO_LARGE => "The request body is too large.",
+                    StatusCode::BAD_REQUEST => "The request body could not be read.",
                     _ => "The backend failed to answer.",
                 };
-                return error_page(status, detail);
+                return Outcome::Error { status, detail };
             }
         }
     }
-    if let Some(r) = req {
-        drain(r.into_body());
-    }
     match last {
-        Some((status, detail)) => error_page(status, &detail),
-        None => error_page(StatusCode::SERVICE_UNAVAILABLE, "No backend is available to serve this request."),
+        Some((status, detail)) => Outcome::Error { status, detail },
+        None => Outcome::Error {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            detail: "No backend is available to serve this request.",
+        },
     }
 }
 

@@ -12,7 +12,7 @@ use super::{
     ServeError,
     backend::{self, BackendConn},
     firewall::Firewall,
-    metrics::{BackendLabels, Metrics},
+    metrics::{BackendLabels, Metrics, RouteCounters},
     tls::{self, CertStore},
 };
 use crate::config::{self, AdminState, Cidr, Config, Scheme};
@@ -34,6 +34,8 @@ pub struct RouteRt {
     path: String,
     pub pool: Arc<PoolRt>,
     pub firewall: Option<Firewall>,
+    /// This route's request counters by status.
+    pub requests: RouteCounters,
 }
 
 /// What a TLS listener needs per connection.
@@ -109,8 +111,10 @@ impl Generation {
             let pool = by_name
                 .get(r.pool.get_ref().as_str())
                 .ok_or_else(|| ServeError::Config(format!("route to unknown pool {}", r.pool.get_ref())))?;
+            let label = format!("{}{}", host.as_deref().unwrap_or("*"), path);
             routes.push(RouteRt {
-                label: format!("{}{}", host.as_deref().unwrap_or("*"), path),
+                requests: RouteCounters::new(&label, &pool.name),
+                label,
                 host,
                 path,
                 pool: Arc::clone(pool),

@@ -1,0 +1,770 @@
+//! HTTP/1.1 clients, served by rampart's own code: the connection's task reads a request head,
+//! routes it, applies the route's firewall, writes the request to a backend connection it holds
+//! for the exchange only, and relays the answer, usually in one write each way. No task,
+//! channel or header map per request: this is the keep-alive hot path (BENCHMARKS.md). h2
+//! clients go through hyper (`proxy::handle`); both share routing, firewall and backend picks.
+//!
+//! Framing follows RFC 9112 strictly where requests could be smuggled: Transfer-Encoding with
+//! Content-Length, a Transfer-Encoding that does not end in chunked, or disagreeing
+//! Content-Length values get a 400 and the connection closes.
+
+use std::{borrow::Cow, io, mem::MaybeUninit, sync::Arc, time::Duration};
+
+use bytes::BytesMut;
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::{
+    Shared,
+    proxy::{self, ConnCtx, Forwarding, Outcome, RequestBody, SendError},
+    runtime::RouteRt,
+    upstream::{
+        self, BodyDecoder, Framing, HeaderPos, MAX_HEADERS, Semantics, Step, Upstream, poll_fill, range, slice,
+    },
+};
+
+/// Largest request head accepted (request line and headers); larger ones get a 431.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// Response bytes gathered before a write to the client.
+const WRITE_BATCH: usize = 64 * 1024;
+/// What is read and dropped of a refused request's body before closing (so the client reads
+/// the answer instead of a reset).
+const LINGER_BYTES: usize = 1 << 20;
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// The client side of the connection: the TLS stream and what has been read from it.
+struct Client<S> {
+    io: S,
+    rbuf: BytesMut,
+    eof: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    async fn fill(&mut self) -> io::Result<usize> {
+        let n = std::future::poll_fn(|cx| poll_fill(&mut self.io, cx, &mut self.rbuf)).await?;
+        if n == 0 {
+            self.eof = true;
+        }
+        Ok(n)
+    }
+
+    async fn write(&mut self, data: &[u8], limit: Duration) -> io::Result<()> {
+        let w = async {
+            self.io.write_all(data).await?;
+            self.io.flush().await
+        };
+        tokio::time::timeout(limit, w).await.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    }
+
+    /// Closes cleanly: TLS close_notify, then FIN (clients treat a bare FIN as truncation).
+    async fn close(mut self) {
+        let _ = tokio::time::timeout(LINGER_TIME, self.io.shutdown()).await;
+    }
+
+    /// After an answer to a request whose body was not read: say goodbye (TLS close_notify and
+    /// FIN), then read and drop what the client still sends, bounded, so it sees the answer.
+    async fn linger_close(mut self) {
+        let _ = tokio::time::timeout(LINGER_TIME, async {
+            let _ = self.io.shutdown().await;
+            let mut left = LINGER_BYTES;
+            while left > 0 {
+                self.rbuf.clear();
+                match self.fill().await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// Why no request head came.
+enum NoHead {
+    /// Closed, reset, idle or header timeout, shutdown: close without a word.
+    Quiet,
+    TooLarge,
+    Bad,
+}
+
+/// The parts of a request line, as offsets into the head.
+struct Line {
+    method: (u32, u32),
+    target: (u32, u32),
+    minor: u8,
+}
+
+/// Parses a complete request head at the start of `buf`; `Ok(None)`: not all here yet.
+fn parse_head(buf: &[u8], hdrs: &mut Vec<HeaderPos>) -> Result<Option<(usize, Line)>, NoHead> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let n = match req.parse_with_uninit_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(NoHead::TooLarge),
+        Err(_) => return Err(NoHead::Bad),
+    };
+    let (Some(m), Some(t), Some(minor)) = (req.method, req.path, req.version) else { return Err(NoHead::Bad) };
+    hdrs.clear();
+    for h in req.headers.iter() {
+        hdrs.push(HeaderPos { name: range(buf, h.name.as_bytes()), value: range(buf, h.value) });
+    }
+    Ok(Some((n, Line { method: range(buf, m.as_bytes()), target: range(buf, t.as_bytes()), minor })))
+}
+
+/// A request's body as it comes from the client, sent on to the backend.
+struct ClientBody<'a, S> {
+    c: &'a mut Client<S>,
+    dec: BodyDecoder,
+    /// Re-encode as chunked toward the backend (the client sent chunked).
+    chunked: bool,
+    /// Send `100 Continue` to the client before reading the body.
+    expect_continue: bool,
+    started: bool,
+    idle: Duration,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RequestBody for ClientBody<'_, S> {
+    async fn send(&mut self, up: &mut Upstream) -> Result<(), SendError> {
+        if self.dec.is_done() {
+            return Ok(());
+        }
+        self.started = true;
+        if std::mem::take(&mut self.expect_continue) {
+            self.c
+                .write(b"HTTP/1.1 100 Continue\r\n\r\n", self.idle)
+                .await
+                .map_err(|e| SendError::Client(e.to_string()))?;
+        }
+        let mut out = Vec::new();
+        loop {
+            match self.dec.step(&mut self.c.rbuf, self.c.eof).map_err(|e| SendError::Client(e.into()))? {
+                Step::Data(b) => {
+                    if self.chunked {
+                        upstream::encode_chunk(&mut out, &b);
+                    } else {
+                        out.extend_from_slice(&b);
+                    }
+                }
+                Step::Done => {
+                    if self.chunked {
+                        out.extend_from_slice(upstream::LAST_CHUNK);
+                    }
+                    return up.send(&out).await.map_err(SendError::Backend);
+                }
+                Step::NeedMore => {
+                    if !out.is_empty() {
+                        up.send(&out).await.map_err(SendError::Backend)?;
+                        out.clear();
+                    }
+                    match tokio::time::timeout(self.idle, self.c.fill()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(SendError::Client(e.to_string())),
+                        Err(_) => return Err(SendError::Client("timed out".into())),
+                    }
+                }
+            }
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        !self.started
+    }
+}
+
+/// Serves HTTP/1.1 on one client connection until it closes, times out or the daemon shuts down.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, ctx: Arc<ConnCtx>, io: S) {
+    let lrt = ctx.listener.clone();
+    let (idle, header_timeout) = (lrt.idle_timeout, lrt.client_header_timeout);
+    let mut c = Client { io, rbuf: BytesMut::with_capacity(8 * 1024), eof: false };
+    let mut hdrs: Vec<HeaderPos> = Vec::with_capacity(32);
+    let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
+    let mut up_head: Vec<u8> = Vec::with_capacity(1024);
+    loop {
+        // The next request: wait for its first byte (idle timeout; a shutdown closes an idle
+        // connection), then for the whole head (header timeout).
+        if c.rbuf.is_empty() {
+            let first = tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return c.close().await,
+                r = tokio::time::timeout(idle, c.fill()) => r,
+            };
+            match first {
+                Ok(Ok(n)) if n > 0 => {}
+                // Idle for too long: say goodbye.
+                Err(_) => return c.close().await,
+                _ => return,
+            }
+        }
+        let deadline = tokio::time::Instant::now() + header_timeout;
+        let parsed = loop {
+            match parse_head(&c.rbuf, &mut hdrs) {
+                Ok(Some(p)) => break Ok(p),
+                Ok(None) if c.rbuf.len() > MAX_REQUEST_HEAD => break Err(NoHead::TooLarge),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+            match tokio::time::timeout_at(deadline, c.fill()).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => break Err(NoHead::Quiet),
+            }
+        };
+        let (head_len, line) = match parsed {
+            Ok(p) => p,
+            Err(NoHead::Quiet) => return,
+            Err(NoHead::TooLarge) => {
+                answer(
+                    &mut c,
+                    &mut out,
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "The request headers are too large.",
+                    None,
+                    false,
+                    true,
+                    idle,
+                )
+                .await;
+                return c.linger_close().await;
+            }
+            Err(NoHead::Bad) => {
+                answer(
+                    &mut c,
+                    &mut out,
+                    StatusCode::BAD_REQUEST,
+                    "The request could not be parsed.",
+                    None,
+                    false,
+                    true,
+                    idle,
+                )
+                .await;
+                return c.linger_close().await;
+            }
+        };
+        match request(&shared, &ctx, &mut c, &hdrs, head_len, line, &mut out, &mut up_head).await {
+            Next::KeepAlive if !shared.shutdown.is_cancelled() => {}
+            Next::KeepAlive | Next::Close => return c.close().await,
+            Next::Linger => return c.linger_close().await,
+        }
+    }
+}
+
+/// What the connection does after a request.
+enum Next {
+    KeepAlive,
+    Close,
+    /// Close after reading and dropping what is left of an unread request body.
+    Linger,
+}
+
+/// Writes one of the proxy's own pages (or just its head, for HEAD).
+#[allow(clippy::too_many_arguments)]
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    detail: &str,
+    extra: Option<(HeaderName, HeaderValue)>,
+    head_only: bool,
+    close: bool,
+    limit: Duration,
+) -> bool {
+    use std::io::Write as _;
+    let body = proxy::error_html(status, detail);
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: text/html; charset=utf-8\r\ncache-control: no-store\r\ncontent-length: {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    if let Some((n, v)) = extra {
+        proxy::write_header(out, n.as_str().as_bytes(), v.as_bytes());
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+    c.write(out, limit).await.is_ok()
+}
+
+/// The route key of a Host value or authority: lower case, no port, no trailing dot; borrowed
+/// when it already is one (the usual case), so no allocation per request.
+fn host_key(h: &str) -> Cow<'_, str> {
+    let clean = !h.bytes().any(|b| b.is_ascii_uppercase() || b == b':') && !h.ends_with('.');
+    if clean { Cow::Borrowed(h) } else { Cow::Owned(proxy::normalize_host(h)) }
+}
+
+/// One request, from its parsed head to the end of its answer.
+#[allow(clippy::too_many_arguments)]
+async fn request<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    ctx: &ConnCtx,
+    c: &mut Client<S>,
+    hdrs: &[HeaderPos],
+    head_len: usize,
+    line: Line,
+    out: &mut Vec<u8>,
+    up_head: &mut Vec<u8>,
+) -> Next {
+    let idle = ctx.listener.idle_timeout;
+    let raw = &c.rbuf[..head_len];
+    let method_b = slice(raw, line.method);
+    let target = slice(raw, line.target);
+    let head_only = method_b == b"HEAD";
+
+    // One pass over the headers: framing, connection options, and what routing needs.
+    let mut sem = Semantics::default();
+    let mut host: Option<&[u8]> = None;
+    let mut hosts = 0;
+    let mut expect: Option<&[u8]> = None;
+    let mut has_xfp = false;
+    for h in hdrs {
+        let (n, v) = (slice(raw, h.name), slice(raw, h.value));
+        sem.add(n, v);
+        if n.eq_ignore_ascii_case(b"host") {
+            host = Some(v);
+            hosts += 1;
+        } else if n.eq_ignore_ascii_case(b"expect") {
+            expect = Some(v);
+        } else if n.eq_ignore_ascii_case(b"x-forwarded-proto") {
+            has_xfp = true;
+        }
+    }
+    let keep = if line.minor == 0 { sem.keep_alive && !sem.close } else { !sem.close };
+
+    // Framing (RFC 9112 §6.1-6.3): anything that two parsers could read differently is refused.
+    let bad = |d| (StatusCode::BAD_REQUEST, d);
+    let framing = if sem.te {
+        if line.minor == 0 {
+            Err(bad("Transfer-Encoding is not allowed in HTTP/1.0."))
+        } else if !sem.te_chunked {
+            Err(bad("The request's transfer coding must end in chunked."))
+        } else if sem.content_length.is_some() {
+            Err(bad("A request cannot carry both Transfer-Encoding and Content-Length."))
+        } else {
+            Ok(Framing::Chunked)
+        }
+    } else {
+        match sem.content_length {
+            Some(Ok(n)) => Ok(Framing::Length(n)),
+            Some(Err(())) => Err(bad("The request's Content-Length is not valid.")),
+            None => Ok(Framing::Empty),
+        }
+    };
+    // The request target: origin-form, absolute-form (its authority is the host), or `*`.
+    let (authority, origin): (Option<&[u8]>, &[u8]) = if target.first() == Some(&b'/') || target == b"*" {
+        (None, target)
+    } else if let Some(rest) = strip_scheme(target) {
+        let end = rest.iter().position(|b| *b == b'/' || *b == b'?').unwrap_or(rest.len());
+        let path = &rest[end..];
+        // `http://host?q` would need a "/" added in front of the query: refused instead (rare).
+        (
+            Some(&rest[..end]),
+            if path.is_empty() {
+                b"/"
+            } else if path[0] == b'?' {
+                b""
+            } else {
+                path
+            },
+        )
+    } else {
+        (None, b"")
+    };
+    let method = Method::from_bytes(method_b);
+    let checked = match (&framing, &method) {
+        (Err(e), _) => Err(*e),
+        (_, Err(_)) => Err(bad("The request method is not valid.")),
+        (_, Ok(m)) if *m == Method::CONNECT => Err((StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported.")),
+        _ if origin.is_empty() || (origin == b"*" && method_b != b"OPTIONS") => {
+            Err(bad("The request target is not valid."))
+        }
+        _ if hosts > 1 => Err(bad("A request must have one Host header.")),
+        _ if line.minor == 1 && hosts == 0 && authority.is_none() => Err(bad("A Host header is needed.")),
+        _ if expect.is_some_and(|e| !e.trim_ascii().eq_ignore_ascii_case(b"100-continue")) => {
+            Err((StatusCode::EXPECTATION_FAILED, "Only 100-continue is understood."))
+        }
+        _ => Ok(()),
+    };
+    let path_end = origin.iter().position(|b| *b == b'?').unwrap_or(origin.len());
+    let (path, host_s) = match (std::str::from_utf8(&origin[..path_end]), authority.or(host).map(std::str::from_utf8)) {
+        (Ok(p), Some(Ok(h))) => (p, Some(host_key(h))),
+        (Ok(p), None) => (p, None),
+        _ => ("", None),
+    };
+    let framing = match (checked, framing) {
+        (Ok(()), Ok(f)) if !path.is_empty() => f,
+        (Err((status, detail)), _) => {
+            answer(c, out, status, detail, None, head_only, true, idle).await;
+            return Next::Linger;
+        }
+        _ => {
+            answer(c, out, StatusCode::BAD_REQUEST, "The request target is not valid.", None, head_only, true, idle)
+                .await;
+            return Next::Linger;
+        }
+    };
+    let Ok(method) = method else { return Next::Close };
+
+    let g = shared.current();
+    let Some(route) = g.route(host_s.as_deref(), path) else {
+        proxy::count_no_route(shared);
+        return refuse(
+            c,
+            out,
+            framing,
+            StatusCode::NOT_FOUND,
+            "No route for this host and path.",
+            None,
+            head_only,
+            keep,
+            idle,
+            head_len,
+        )
+        .await;
+    };
+    let pool = route.pool.clone();
+    let xff = || {
+        hdrs.iter().filter(|h| slice(raw, h.name).eq_ignore_ascii_case(b"x-forwarded-for")).map(|h| slice(raw, h.value))
+    };
+    let client = proxy::effective_client(ctx, xff());
+    let declared = match framing {
+        Framing::Length(n) => Some(n),
+        _ => None,
+    };
+    if let Err(r) = proxy::check_firewall(shared, route, &method, path, head_len as u64, declared, client) {
+        route.requests.inc(&shared.metrics, r.status.as_u16());
+        return refuse(c, out, framing, r.status, r.detail, r.header, head_only, keep, idle, head_len).await;
+    }
+    let key = proxy::hash_key(&pool, client, |name| {
+        hdrs.iter().find(|h| slice(raw, h.name).eq_ignore_ascii_case(name.as_bytes())).map(|h| slice(raw, h.value))
+    });
+
+    // The backend's request head, except framing and forwarding headers (written below, once
+    // the body's framing is settled).
+    let joined = |name: &[u8]| -> Option<String> {
+        let v: Vec<&str> = hdrs
+            .iter()
+            .filter(|h| slice(raw, h.name).eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(slice(raw, h.value)).ok())
+            .collect();
+        (!v.is_empty()).then(|| v.join(", "))
+    };
+    let fwd = if ctx.trusted {
+        Forwarding::new(
+            ctx.client.ip(),
+            host_s.as_deref(),
+            joined(b"x-forwarded-for").as_deref(),
+            joined(b"forwarded").as_deref(),
+        )
+    } else {
+        Forwarding::new(ctx.client.ip(), host_s.as_deref(), None, None)
+    };
+    up_head.clear();
+    proxy::write_request_line(up_head, method_b, origin);
+    for h in hdrs {
+        let (n, v) = (slice(raw, h.name), slice(raw, h.value));
+        let drop = !sem.forwards(n)
+            || n.eq_ignore_ascii_case(b"content-length")
+            || n.eq_ignore_ascii_case(b"expect")
+            || n.eq_ignore_ascii_case(b"x-forwarded-for")
+            || n.eq_ignore_ascii_case(b"forwarded")
+            || (n.eq_ignore_ascii_case(b"x-forwarded-proto") && !ctx.trusted);
+        if !drop {
+            proxy::write_header(up_head, n, v);
+        }
+    }
+    if hosts == 0
+        && let Some(a) = authority
+    {
+        proxy::write_header(up_head, b"host", a);
+    }
+    proxy::write_header(up_head, b"x-forwarded-for", fwd.xff.as_bytes());
+    if !(ctx.trusted && has_xfp) {
+        up_head.extend_from_slice(b"x-forwarded-proto: https\r\n");
+    }
+    proxy::write_header(up_head, b"forwarded", fwd.forwarded.as_bytes());
+    let expect_continue = expect.is_some() && line.minor == 1;
+    let _ = c.rbuf.split_to(head_len);
+
+    // A chunked body under a max_body limit is read whole before a backend is chosen, so an
+    // oversized one gets a clean 413 (as the h2 path does).
+    let max_body = route.firewall.as_ref().and_then(|f| f.max_body);
+    let mut body_framing = framing;
+    if let (Framing::Chunked, Some(max)) = (framing, max_body) {
+        if expect_continue && c.write(b"HTTP/1.1 100 Continue\r\n\r\n", idle).await.is_err() {
+            return Next::Close;
+        }
+        match read_whole(c, max, idle).await {
+            Ok(body) => {
+                body_framing = Framing::Length(body.len() as u64);
+                proxy::write_framing(up_head, body_framing);
+                up_head.extend_from_slice(b"\r\n");
+                up_head.extend_from_slice(&body);
+            }
+            Err(status) => {
+                proxy::count_block(shared, route, "max_body");
+                route.requests.inc(&shared.metrics, status.as_u16());
+                let detail = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "The request body is too large."
+                } else {
+                    "The request body could not be read."
+                };
+                answer(c, out, status, detail, None, head_only, true, idle).await;
+                return Next::Linger;
+            }
+        }
+    } else {
+        proxy::write_framing(up_head, framing);
+        up_head.extend_from_slice(b"\r\n");
+    }
+    let inline = body_framing != framing;
+    let dec = BodyDecoder::new(if inline { Framing::Empty } else { framing });
+    let mut body = ClientBody {
+        c,
+        dec,
+        chunked: !inline && framing == Framing::Chunked,
+        expect_continue: expect_continue && !inline,
+        started: false,
+        idle,
+    };
+    let idempotent = proxy::is_idempotent(&method);
+    let header = ctx.proxy_header(&pool);
+    let outcome =
+        proxy::exchange(shared, &pool, header, up_head, &mut body, key.as_deref(), idempotent, head_only).await;
+    let body_done = body.dec.is_done();
+    let keep = keep && body_done;
+    match outcome {
+        Outcome::Error { status, detail } => {
+            route.requests.inc(&shared.metrics, status.as_u16());
+            answer(c, out, status, detail, None, head_only, !keep, idle).await;
+            if keep {
+                Next::KeepAlive
+            } else if body_done {
+                Next::Close
+            } else {
+                Next::Linger
+            }
+        }
+        Outcome::Response(x) => relay(shared, route, c, out, x, line.minor, keep, idle).await,
+    }
+}
+
+/// Answers a request refused before any backend saw it. Its body, if any, is unread: a small
+/// declared one already here is skipped and the connection kept; otherwise it closes.
+#[allow(clippy::too_many_arguments)]
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    out: &mut Vec<u8>,
+    framing: Framing,
+    status: StatusCode,
+    detail: &str,
+    extra: Option<(HeaderName, HeaderValue)>,
+    head_only: bool,
+    keep: bool,
+    idle: Duration,
+    head_len: usize,
+) -> Next {
+    let skip = match framing {
+        Framing::Empty => Some(0),
+        Framing::Length(n) if (head_len as u64 + n) <= c.rbuf.len() as u64 => Some(n as usize),
+        _ => None,
+    };
+    let keep = keep && skip.is_some();
+    if let Some(n) = skip {
+        let _ = c.rbuf.split_to(head_len + n);
+    }
+    if !answer(c, out, status, detail, extra, head_only, !keep, idle).await {
+        return Next::Close;
+    }
+    if keep { Next::KeepAlive } else { Next::Linger }
+}
+
+/// Reads a whole chunked request body of at most `max` bytes.
+async fn read_whole<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    max: u64,
+    idle: Duration,
+) -> Result<Vec<u8>, StatusCode> {
+    let mut dec = BodyDecoder::new(Framing::Chunked);
+    let mut body = Vec::new();
+    loop {
+        match dec.step(&mut c.rbuf, c.eof).map_err(|_| StatusCode::BAD_REQUEST)? {
+            Step::Data(b) => {
+                if (body.len() + b.len()) as u64 > max {
+                    return Err(StatusCode::PAYLOAD_TOO_LARGE);
+                }
+                body.extend_from_slice(&b);
+            }
+            Step::Done => return Ok(body),
+            Step::NeedMore => match tokio::time::timeout(idle, c.fill()).await {
+                Ok(Ok(_)) => {}
+                _ => return Err(StatusCode::BAD_REQUEST),
+            },
+        }
+    }
+}
+
+fn strip_scheme(t: &[u8]) -> Option<&[u8]> {
+    for s in [&b"http://"[..], b"https://"] {
+        if t.len() > s.len() && t[..s.len()].eq_ignore_ascii_case(s) {
+            return Some(&t[s.len()..]);
+        }
+    }
+    None
+}
+
+/// Writes the backend's answer to the client: the head rewritten (hop-by-hop headers out, our
+/// framing and connection headers in), then the body as it arrives, gathered into few writes.
+#[allow(clippy::too_many_arguments)]
+async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    route: &RouteRt,
+    c: &mut Client<S>,
+    out: &mut Vec<u8>,
+    x: proxy::Exchange,
+    minor: u8,
+    keep: bool,
+    idle: Duration,
+) -> Next {
+    use std::io::Write as _;
+    let proxy::Exchange { head, mut up, guard, backend, key } = x;
+    let response_timeout = route.pool.cfg.response_timeout.0;
+    route.requests.inc(&shared.metrics, head.status);
+    // An HTTP/1.0 client gets a body of unknown length by the connection closing.
+    let chunked_out = matches!(head.framing, Framing::Chunked | Framing::Close) && minor == 1;
+    let keep = keep && (minor == 1 || !matches!(head.framing, Framing::Chunked | Framing::Close));
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let _ = write!(out, "{} ", head.status);
+    match head.reason() {
+        r if !r.is_empty() => out.extend_from_slice(r),
+        _ => out.extend_from_slice(
+            StatusCode::from_u16(head.status).ok().and_then(|s| s.canonical_reason()).unwrap_or("").as_bytes(),
+        ),
+    }
+    out.extend_from_slice(b"\r\n");
+    for (n, v) in head.end_to_end() {
+        proxy::write_header(out, n, v);
+    }
+    match head.framing {
+        Framing::Length(n) => proxy::write_framing(out, Framing::Length(n)),
+        Framing::Empty => {
+            if let Some(n) = head.content_length() {
+                proxy::write_framing(out, Framing::Length(n));
+            }
+        }
+        Framing::Chunked | Framing::Close if chunked_out => proxy::write_framing(out, Framing::Chunked),
+        Framing::Chunked | Framing::Close => {}
+    }
+    if !keep {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if minor == 0 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+
+    let mut dec = BodyDecoder::new(head.framing);
+    loop {
+        match up.try_body(&mut dec) {
+            Ok(Step::Data(b)) => {
+                if chunked_out {
+                    upstream::encode_chunk(out, &b);
+                } else {
+                    out.extend_from_slice(&b);
+                }
+                if out.len() >= WRITE_BATCH {
+                    if c.write(out, idle).await.is_err() {
+                        return Next::Close;
+                    }
+                    out.clear();
+                }
+            }
+            Ok(Step::Done) => {
+                if chunked_out {
+                    out.extend_from_slice(upstream::LAST_CHUNK);
+                }
+                break;
+            }
+            Ok(Step::NeedMore) => {
+                if !out.is_empty() {
+                    if c.write(out, idle).await.is_err() {
+                        return Next::Close;
+                    }
+                    out.clear();
+                }
+                match tokio::time::timeout(response_timeout, up.fill()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        log::warn!("pool {}: backend {} failed mid-response: {e}", route.pool.name, backend.addr);
+                        return Next::Close;
+                    }
+                    Err(_) => {
+                        log::warn!("pool {}: backend {} stalled mid-response", route.pool.name, backend.addr);
+                        return Next::Close;
+                    }
+                }
+            }
+            Err(e) => {
+                log::warn!("pool {}: backend {}: {e}", route.pool.name, backend.addr);
+                // What was gathered is sent; the client sees the message end early.
+                let _ = c.write(out, idle).await;
+                return Next::Close;
+            }
+        }
+    }
+    // Back to the idle list before the client write: the next request may want it.
+    if up.reusable_after(&head, &dec) {
+        backend.checkin(up, key);
+    }
+    drop(guard);
+    if c.write(out, idle).await.is_err() {
+        return Next::Close;
+    }
+    if keep { Next::KeepAlive } else { Next::Close }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_heads() {
+        let mut hdrs = Vec::new();
+        let buf = b"GET /a?b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc";
+        let (n, line) = parse_head(buf, &mut hdrs).ok().flatten().unwrap();
+        assert_eq!(&buf[n..], b"abc");
+        assert_eq!(slice(buf, line.method), b"GET");
+        assert_eq!(slice(buf, line.target), b"/a?b");
+        assert_eq!(line.minor, 1);
+        assert_eq!(hdrs.len(), 2);
+        assert!(matches!(parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n", &mut hdrs), Ok(None)));
+        assert!(matches!(parse_head(b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", &mut hdrs), Err(NoHead::Bad)));
+        assert!(matches!(parse_head(b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n", &mut hdrs), Err(NoHead::Bad)));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x{i}: y\r\n")).collect();
+        assert!(matches!(
+            parse_head(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes(), &mut hdrs),
+            Err(NoHead::TooLarge)
+        ));
+    }
+
+    #[test]
+    fn host_keys() {
+        assert!(matches!(host_key("example.com"), Cow::Borrowed("example.com")));
+        assert_eq!(host_key("Example.COM:8443"), "example.com");
+        assert_eq!(host_key("example.com."), "example.com");
+        assert_eq!(host_key("[::1]:443"), "[::1]");
+    }
+
+    #[test]
+    fn schemes() {
+        assert_eq!(strip_scheme(b"https://a.example/x"), Some(&b"a.example/x"[..]));
+        assert_eq!(strip_scheme(b"HTTP://a"), Some(&b"a"[..]));
+        assert_eq!(strip_scheme(b"ftp://a"), None);
+    }
+}
