@@ -199,6 +199,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, ctx: 
         let deadline = tokio::time::Instant::now() + header_timeout;
         let parsed = loop {
             match parse_head(&c.rbuf, &mut hdrs) {
+                Ok(Some((n, _))) if n > MAX_REQUEST_HEAD => break Err(NoHead::TooLarge),
                 Ok(Some(p)) => break Ok(p),
                 Ok(None) if c.rbuf.len() > MAX_REQUEST_HEAD => break Err(NoHead::TooLarge),
                 Ok(None) => {}
@@ -213,6 +214,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, ctx: 
             Ok(p) => p,
             Err(NoHead::Quiet) => return,
             Err(NoHead::TooLarge) => {
+                proxy::count_unrouted(&shared, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
                 answer(
                     &mut c,
                     &mut out,
@@ -227,6 +229,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, ctx: 
                 return c.linger_close().await;
             }
             Err(NoHead::Bad) => {
+                proxy::count_unrouted(&shared, StatusCode::BAD_REQUEST);
                 answer(
                     &mut c,
                     &mut out,
@@ -400,10 +403,12 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
     let framing = match (checked, framing) {
         (Ok(()), Ok(f)) if !path.is_empty() => f,
         (Err((status, detail)), _) => {
+            proxy::count_unrouted(shared, status);
             answer(c, out, status, detail, None, head_only, true, idle).await;
             return Next::Linger;
         }
         _ => {
+            proxy::count_unrouted(shared, StatusCode::BAD_REQUEST);
             answer(c, out, StatusCode::BAD_REQUEST, "The request target is not valid.", None, head_only, true, idle)
                 .await;
             return Next::Linger;
@@ -413,7 +418,7 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
 
     let g = shared.current();
     let Some(route) = g.route(host_s.as_deref(), path) else {
-        proxy::count_no_route(shared);
+        proxy::count_unrouted(shared, StatusCode::NOT_FOUND);
         return refuse(
             c,
             out,
@@ -470,6 +475,7 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
     for h in hdrs {
         let (n, v) = (slice(raw, h.name), slice(raw, h.value));
         let drop = !sem.forwards(n)
+            || (authority.is_some() && n.eq_ignore_ascii_case(b"host"))
             || n.eq_ignore_ascii_case(b"content-length")
             || n.eq_ignore_ascii_case(b"expect")
             || n.eq_ignore_ascii_case(b"x-forwarded-for")
@@ -479,9 +485,9 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
             proxy::write_header(up_head, n, v);
         }
     }
-    if hosts == 0
-        && let Some(a) = authority
-    {
+    // An absolute-form target routed the request: its authority is the Host the backend sees
+    // (RFC 9112 §3.2.2), whatever Host the client also sent.
+    if let Some(a) = authority {
         proxy::write_header(up_head, b"host", a);
     }
     proxy::write_header(up_head, b"x-forwarded-for", fwd.xff.as_bytes());

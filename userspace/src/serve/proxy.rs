@@ -266,8 +266,10 @@ pub fn count_block(shared: &Shared, route: &RouteRt, reason: &'static str) {
     shared.metrics.firewall_blocks.get_or_create(&BlockLabels { route: route.label.clone(), reason }).inc();
 }
 
-pub fn count_no_route(shared: &Shared) {
-    shared.count(&RequestLabels { route: "-".into(), pool: "-".into(), status: 404 });
+/// Counts an answer given before any route was chosen (no route, or a request that could not
+/// be parsed) under `route="-"`.
+pub fn count_unrouted(shared: &Shared, status: StatusCode) {
+    shared.count(&RequestLabels { route: "-".into(), pool: "-".into(), status: status.as_u16() });
 }
 
 /// Serves one request of an h2 client connection.
@@ -277,7 +279,7 @@ pub async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incomin
     let path = req.uri().path();
     let Some(route) = g.route(host.as_deref(), path) else {
         drain(req.into_body());
-        count_no_route(&shared);
+        count_unrouted(&shared, StatusCode::NOT_FOUND);
         return error_page(StatusCode::NOT_FOUND, "No route for this host and path.");
     };
     let pool = route.pool.clone();
@@ -302,9 +304,9 @@ pub async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incomin
     let (mut parts, body) = req.into_parts();
     let key = hash_key(&pool, client, |name| parts.headers.get(name).map(HeaderValue::as_bytes));
     strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(a) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
+    // The target's authority (h2 `:authority`, HTTP/1 absolute-form) routed the request, so it
+    // is the Host the backend sees (RFC 9112 §3.2.2), whatever Host the client also sent.
+    if let Some(a) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
         parts.headers.insert(header::HOST, a);
     }
     rewrite_forwarding(&mut parts.headers, ctx.client.ip(), ctx.trusted, host.as_deref());
@@ -646,9 +648,7 @@ async fn attempt<B: RequestBody>(
             Ok(Ok(h)) => return Attempt::Response(h, up),
             // A kept-alive connection the backend closed just as it was reused: nothing was
             // processed, so a request that can be replayed goes out again on a new connection.
-            Ok(Err(UpstreamError::Closed { empty: true }))
-                if up.served == 0 && !fresh && body.replayable() && idempotent =>
-            {
+            Ok(Err(UpstreamError::Closed { empty: true })) if !fresh && body.replayable() && idempotent => {
                 fresh = true;
             }
             Ok(Err(e)) => return Attempt::Failed(StatusCode::BAD_GATEWAY, format!("backend {}: {e}", bc.addr)),

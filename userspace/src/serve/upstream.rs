@@ -269,13 +269,11 @@ pub struct Upstream {
     io: Io,
     rbuf: BytesMut,
     eof: bool,
-    /// Responses read on this connection: a failure before the first one is not a stale keep-alive.
-    pub served: u32,
 }
 
 impl Upstream {
     pub fn new(io: Io) -> Self {
-        Upstream { io, rbuf: BytesMut::with_capacity(READ_RESERVE), eof: false, served: 0 }
+        Upstream { io, rbuf: BytesMut::with_capacity(READ_RESERVE), eof: false }
     }
 
     /// Whether an idle connection can carry another request: the backend has sent nothing since
@@ -318,14 +316,19 @@ impl Upstream {
                         continue;
                     }
                     head.raw = raw;
-                    self.served += 1;
                     return Ok(head);
                 }
                 if self.rbuf.len() > MAX_RESPONSE_HEAD {
                     return Err(UpstreamError::HeadTooLarge);
                 }
             }
-            let n = std::future::poll_fn(|cx| poll_fill(&mut self.io, cx, &mut self.rbuf)).await?;
+            let n = match std::future::poll_fn(|cx| poll_fill(&mut self.io, cx, &mut self.rbuf)).await {
+                Ok(n) => n,
+                // A backend closing a kept-alive connection with our request unread resets it:
+                // the same as a close for deciding whether the request may go out again.
+                Err(e) if !got_any && e.kind() == io::ErrorKind::ConnectionReset => 0,
+                Err(e) => return Err(e.into()),
+            };
             if n == 0 {
                 self.eof = true;
                 return Err(UpstreamError::Closed { empty: !got_any });
