@@ -11,7 +11,8 @@ use std::{
 
 use super::{
     BODY, BenchCert, BenchError, PATH, WorkDir,
-    procs::{Cpus, Proc, free_loopback_addr},
+    cgroup::{Cgroup, CpuLimit, Throttling},
+    procs::{Cpus, Proc, descendants, free_loopback_addr},
     write_file,
 };
 
@@ -52,12 +53,33 @@ pub struct Server {
     pub setup: String,
     pub config: PathBuf,
     pub proc: Proc,
+    /// The contender's CPU budget. Declared after `proc` so that drop stops the server before
+    /// the cgroup is emptied and removed.
+    pub cgroup: Option<Cgroup>,
 }
 
 impl Server {
     /// CPU time (ticks) of the server and its worker processes so far.
     pub fn ticks(&self) -> u64 {
         super::procs::tree_ticks(self.proc.pid())
+    }
+
+    /// Fails unless every process of the server is in its cgroup (when it has one).
+    pub fn check_cgroup(&self) -> Result<(), BenchError> {
+        let Some(cg) = &self.cgroup else { return Ok(()) };
+        let mut pids = vec![self.proc.pid()];
+        pids.extend(descendants(self.proc.pid()));
+        Ok(cg.check_holds(&self.proc.name, &pids)?)
+    }
+
+    /// Throttling counters of its cgroup, to take differences of.
+    pub fn cpu_stat(&self) -> Option<super::cgroup::CpuStat> {
+        self.cgroup.as_ref().map(Cgroup::stat)
+    }
+
+    /// Throttling since `before` (from [`Server::cpu_stat`]) over `wall`.
+    pub fn throttling_since(&self, before: Option<super::cgroup::CpuStat>, wall: Duration) -> Option<Throttling> {
+        Some(Throttling::between(&before?, &self.cpu_stat()?, wall))
     }
 
     /// Threads of the server's processes (for the report): (processes, threads).
@@ -115,11 +137,18 @@ fn nginx_http_paths(dir: &Path) -> String {
     )
 }
 
-fn start_nginx(name: &str, dir: &Path, conf: &str, cpus: &Cpus, addr: SocketAddr) -> Result<Proc, BenchError> {
+fn start_nginx(
+    name: &str,
+    dir: &Path,
+    conf: &str,
+    cpus: &Cpus,
+    addr: SocketAddr,
+    cgroup: Option<&Cgroup>,
+) -> Result<Proc, BenchError> {
     let conf_path = write_file(&dir.join("nginx.conf"), conf)?;
     let mut cmd = cpus.command("nginx");
     cmd.arg("-p").arg(dir).arg("-e").arg(dir.join("error.log")).arg("-c").arg(&conf_path);
-    let mut p = Proc::spawn(name, cmd, &dir.join("stdout.log"))?;
+    let mut p = Proc::spawn_in(name, cmd, &dir.join("stdout.log"), cgroup)?;
     p.wait_port(addr, START_WITHIN).map_err(|e| with_log(e, &dir.join("error.log")))?;
     Ok(p)
 }
@@ -149,7 +178,7 @@ pub fn start_backend(work: &WorkDir, cpus: &Cpus) -> Result<Server, BenchError> 
         paths = nginx_http_paths(&dir),
         www = www.display(),
     );
-    let proc = start_nginx("backend nginx", &dir, &conf, cpus, addr)?;
+    let proc = start_nginx("backend nginx", &dir, &conf, cpus, addr, None)?;
     Ok(Server {
         kind: None,
         addr,
@@ -160,36 +189,42 @@ pub fn start_backend(work: &WorkDir, cpus: &Cpus) -> Result<Server, BenchError> 
         setup: "1 worker process, static file, sendfile off, keep-alive (keepalive_requests 1000000)".into(),
         config: dir.join("nginx.conf"),
         proc,
+        cgroup: None,
     })
 }
 
-/// Starts one contender terminating TLS with `cert` and proxying to `backend`.
-pub fn start(
-    kind: Kind,
-    work: &WorkDir,
-    cert: &BenchCert,
-    backend: SocketAddr,
-    threads: usize,
-    cpus: &Cpus,
-    rampart_bin: &Path,
-) -> Result<Server, BenchError> {
-    let addr = free_loopback_addr()?;
-    match kind {
-        Kind::Rampart => start_rampart(work, cert, backend, addr, threads, cpus, rampart_bin),
-        Kind::Haproxy => start_haproxy(work, cert, backend, addr, threads, cpus),
-        Kind::Nginx => start_nginx_proxy(work, cert, backend, addr, threads, cpus),
-    }
+/// What every contender is started with.
+#[derive(Clone, Copy)]
+pub struct Setup<'a> {
+    pub work: &'a WorkDir,
+    pub cert: &'a BenchCert,
+    /// The backend every contender proxies to.
+    pub backend: SocketAddr,
+    pub threads: usize,
+    pub cpus: &'a Cpus,
+    pub rampart_bin: &'a Path,
+    /// The CPU budget; each contender gets a cgroup of its own with it.
+    pub limit: Option<&'a CpuLimit>,
 }
 
-fn start_rampart(
-    work: &WorkDir,
-    cert: &BenchCert,
-    backend: SocketAddr,
-    addr: SocketAddr,
-    threads: usize,
-    cpus: &Cpus,
-    bin: &Path,
-) -> Result<Server, BenchError> {
+/// Starts one contender terminating TLS with the bench certificate and proxying to the
+/// backend, in a cgroup of its own when there is a CPU budget.
+pub fn start(kind: Kind, setup: &Setup) -> Result<Server, BenchError> {
+    let addr = free_loopback_addr()?;
+    let cgroup = setup.limit.map(|l| l.create(kind.name())).transpose()?;
+    let cg = cgroup.as_ref();
+    let mut server = match kind {
+        Kind::Rampart => start_rampart(setup, addr, cg),
+        Kind::Haproxy => start_haproxy(setup, addr, cg),
+        Kind::Nginx => start_nginx_proxy(setup, addr, cg),
+    }?;
+    server.cgroup = cgroup;
+    server.check_cgroup()?;
+    Ok(server)
+}
+
+fn start_rampart(setup: &Setup, addr: SocketAddr, cgroup: Option<&Cgroup>) -> Result<Server, BenchError> {
+    let Setup { work, cert, backend, threads, cpus, rampart_bin: bin, .. } = *setup;
     let dir = work.sub("rampart")?;
     let conf = format!(
         "[admin]\ncontrol_socket = \"{sock}\"\ndrain_timeout = \"1s\"\n\n\
@@ -207,7 +242,7 @@ fn start_rampart(
     // The tokio runtime's worker count; tokio reads this variable when the program sets none.
     cmd.env("TOKIO_WORKER_THREADS", threads.to_string());
     cmd.env("RUST_LOG", "info");
-    let mut proc = Proc::spawn("rampart", cmd, &dir.join("rampart.log"))?;
+    let mut proc = Proc::spawn_in("rampart", cmd, &dir.join("rampart.log"), cgroup)?;
     proc.wait_port(addr, START_WITHIN)?;
     let version = Command::new(bin)
         .arg("--version")
@@ -225,17 +260,12 @@ fn start_rampart(
         ),
         config,
         proc,
+        cgroup: None,
     })
 }
 
-fn start_haproxy(
-    work: &WorkDir,
-    cert: &BenchCert,
-    backend: SocketAddr,
-    addr: SocketAddr,
-    threads: usize,
-    cpus: &Cpus,
-) -> Result<Server, BenchError> {
+fn start_haproxy(setup: &Setup, addr: SocketAddr, cgroup: Option<&Cgroup>) -> Result<Server, BenchError> {
+    let Setup { work, cert, backend, threads, cpus, .. } = *setup;
     let dir = work.sub("haproxy")?;
     let mut conf = String::new();
     let _ = write!(
@@ -253,7 +283,7 @@ fn start_haproxy(
     let mut cmd = cpus.command("haproxy");
     // -db: stay in the foreground, no master process; one process with `nbthread` threads.
     cmd.arg("-db").arg("-f").arg(&config);
-    let mut proc = Proc::spawn("haproxy", cmd, &dir.join("haproxy.log"))?;
+    let mut proc = Proc::spawn_in("haproxy", cmd, &dir.join("haproxy.log"), cgroup)?;
     proc.wait_port(addr, START_WITHIN)?;
     Ok(Server {
         kind: Some(Kind::Haproxy),
@@ -266,17 +296,12 @@ fn start_haproxy(
         ),
         config,
         proc,
+        cgroup: None,
     })
 }
 
-fn start_nginx_proxy(
-    work: &WorkDir,
-    cert: &BenchCert,
-    backend: SocketAddr,
-    addr: SocketAddr,
-    threads: usize,
-    cpus: &Cpus,
-) -> Result<Server, BenchError> {
+fn start_nginx_proxy(setup: &Setup, addr: SocketAddr, cgroup: Option<&Cgroup>) -> Result<Server, BenchError> {
+    let Setup { work, cert, backend, threads, cpus, .. } = *setup;
     let dir = work.sub("nginx")?;
     let conf = format!(
         "daemon off;\nworker_processes {threads};\npid {d}/nginx.pid;\nevents {{ worker_connections 8192; }}\n\
@@ -296,7 +321,7 @@ fn start_nginx_proxy(
         c = cert.cert_pem.display(),
         k = cert.key_pem.display(),
     );
-    let proc = start_nginx("nginx proxy", &dir, &conf, cpus, addr)?;
+    let proc = start_nginx("nginx proxy", &dir, &conf, cpus, addr, cgroup)?;
     Ok(Server {
         kind: Some(Kind::Nginx),
         addr,
@@ -308,6 +333,7 @@ fn start_nginx_proxy(
         ),
         config: dir.join("nginx.conf"),
         proc,
+        cgroup: None,
     })
 }
 

@@ -1,10 +1,11 @@
 //! `tls-bench`: rampart vs HAProxy vs nginx terminating TLS in front of one nginx backend, on
 //! one machine, in one run (the binary is `src/bin/tls-bench.rs`; `cargo xtask bench tls`).
 //!
-//! [`procs`] runs and reaps child processes and reads CPU time; [`contenders`] writes each
-//! server's config and starts it; [`clients`] drives load (wrk for keep-alive requests, a
+//! [`procs`] runs and reaps child processes and reads CPU time; [`cgroup`] gives each contender
+//! its CPU budget; [`contenders`] writes each server's config and starts it; [`clients`] drives load (wrk for keep-alive requests, a
 //! rustls client for full handshakes) and parses the results; [`report`] prints markdown.
 
+pub mod cgroup;
 pub mod clients;
 pub mod contenders;
 pub mod procs;
@@ -33,6 +34,8 @@ pub enum BenchError {
     Rustls(#[from] rustls::Error),
     #[error("cannot parse {tool} output ({what}):\n{output}")]
     Parse { tool: &'static str, what: &'static str, output: String },
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
     #[error("{0}")]
     Msg(String),
 }

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::BenchError;
+use super::{BenchError, cgroup::Cgroup};
 
 /// A loopback address whose port was free a moment ago.
 pub fn free_loopback_addr() -> Result<SocketAddr, BenchError> {
@@ -73,7 +73,12 @@ pub struct Proc {
 impl Proc {
     /// Starts `cmd` with stdout and stderr to `log`. Must be called from the main thread:
     /// the parent-death signal follows the thread that forked.
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc, BenchError> {
+    pub fn spawn(name: &str, cmd: Command, log: &Path) -> Result<Proc, BenchError> {
+        Proc::spawn_in(name, cmd, log, None)
+    }
+
+    /// The same, the process joining `cgroup` before it execs.
+    pub fn spawn_in(name: &str, mut cmd: Command, log: &Path, cgroup: Option<&Cgroup>) -> Result<Proc, BenchError> {
         let out = std::fs::File::create(log).map_err(|e| BenchError::io(format!("create {}", log.display()), e))?;
         let err = out.try_clone().map_err(|e| BenchError::io("dup log", e))?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
@@ -86,7 +91,13 @@ impl Proc {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| BenchError::io(format!("start {name} ({cmd:?})"), e))?;
+        if let Some(cg) = cgroup {
+            cg.enter_on_exec(&mut cmd)?;
+        }
+        let child = cmd.spawn().map_err(|e| {
+            let within = cgroup.map(|c| format!(" in cgroup {}", c.path.display())).unwrap_or_default();
+            BenchError::io(format!("start {name}{within} ({cmd:?})"), e)
+        })?;
         Ok(Proc { name: name.to_string(), child: Some(child), log: log.to_path_buf() })
     }
 
@@ -197,7 +208,8 @@ fn all_processes() -> HashMap<u32, (u32, u64)> {
     m
 }
 
-fn descendants(root: u32) -> Vec<u32> {
+/// Live processes started by `root`, at any depth.
+pub fn descendants(root: u32) -> Vec<u32> {
     let all = all_processes();
     let mut out = Vec::new();
     let mut frontier = vec![root];

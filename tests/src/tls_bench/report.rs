@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::{
+    cgroup::Throttling,
     clients::{HsResult, WrkResult},
     contenders::Kind,
 };
@@ -19,11 +20,14 @@ pub struct Round {
     pub keepalive_busy: Vec<f64>,
     /// CPU other programs on the machine used meanwhile, in % of one core.
     pub keepalive_foreign: f64,
+    /// How often the contender's CPU budget stopped it (when it has one).
+    pub keepalive_throttle: Option<Throttling>,
     pub handshakes: HsResult,
     pub handshake_cpu: f64,
     pub handshake_backend_cpu: f64,
     pub handshake_busy: Vec<f64>,
     pub handshake_foreign: f64,
+    pub handshake_throttle: Option<Throttling>,
 }
 
 pub struct Contender {
@@ -61,6 +65,10 @@ pub struct Summary {
     pub hs_p50_us: f64,
     pub hs_p99_us: f64,
 }
+
+/// A keep-alive measurement with the client CPU busier than this (%) was limited by the client:
+/// the contenders' ratios understate their difference.
+pub const CLIENT_BOUND: f64 = 90.0;
 
 /// A measurement counts only if other programs used at most this much CPU meanwhile (% of one
 /// core): on a shared machine, other work would be measured too.
@@ -136,12 +144,25 @@ fn ratio(a: f64, b: f64) -> String {
     if b > 0.0 { format!("{:.2}×", a / b) } else { "–".into() }
 }
 
+/// The CPU budget every contender gets.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    /// Percent of one core.
+    pub percent: u32,
+    /// Longest a contender that used up its quota stands stopped: period minus quota.
+    pub stall_ms: f64,
+}
+
 /// Everything the report states besides the numbers.
 pub struct Context {
     pub title: String,
     pub machine: String,
     pub versions: String,
     pub layout: String,
+    /// The CPUs the clients and the backend run on (empty when not pinned).
+    pub client_cpus: Vec<usize>,
+    /// Each contender's CPU budget, when it has one.
+    pub budget: Option<Budget>,
     pub tls: String,
     pub backend: String,
     pub method: String,
@@ -196,6 +217,14 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
         }
         let _ =
             writeln!(o, "\nRatios above 1 are better for req/s and handshakes/s; below 1 are better for p50 and p99.");
+        if let Some(b) = ctx.budget {
+            let _ = writeln!(
+                o,
+                "Under the CPU budget a contender that has used up its quota is stopped until the next \
+                 period (up to {:.0} ms), so p50 and p99 include such waits.",
+                b.stall_ms
+            );
+        }
         if let Some(h) = find(Kind::Haproxy) {
             let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
             let _ = writeln!(
@@ -213,10 +242,15 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
         }
     }
 
+    if let Some(line) = client_bound(ctx, contenders) {
+        let _ = writeln!(o, "\n{line}");
+    }
+
     let _ = writeln!(
         o,
         "\nWhere the CPU went (medians over the rounds that other programs left alone; \"per core-second\" = \
-         rate ÷ the contender's own CPU use):\n"
+         rate ÷ the contender's own CPU use{}):\n",
+        ctx.budget.map(|b| format!("; every contender's budget is {}% of one core", b.percent)).unwrap_or_default()
     );
     let _ = writeln!(
         o,
@@ -274,6 +308,8 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
             latency(s.hs_p99_us),
         );
     }
+
+    throttling_table(&mut o, contenders);
 
     let _ = writeln!(o, "\nSetup per contender:\n");
     for c in contenders {
@@ -336,6 +372,85 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
     o
 }
 
+/// Mean busy % of the client CPUs during a keep-alive measurement.
+fn client_busy(ctx: &Context, r: &Round) -> Option<f64> {
+    let v: Vec<f64> = ctx.client_cpus.iter().filter_map(|&c| r.keepalive_busy.get(c).copied()).collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// Flags keep-alive measurements in which the client CPU, not the contender, set the rate (of
+/// those the medians use: a disturbed one was busy with other programs' work too).
+fn client_bound(ctx: &Context, contenders: &[Contender]) -> Option<String> {
+    let cpus = format!("CPU {}", ctx.client_cpus.iter().map(usize::to_string).collect::<Vec<_>>().join(","));
+    let mut any = false;
+    let mut hits = Vec::new();
+    for c in contenders {
+        let all_disturbed = c.undisturbed(false).is_empty();
+        for (i, r) in c.rounds.iter().enumerate() {
+            if !all_disturbed && r.keepalive_foreign > FOREIGN_LIMIT {
+                continue;
+            }
+            let Some(busy) = client_busy(ctx, r) else { continue };
+            any = true;
+            if busy > CLIENT_BOUND {
+                hits.push(format!("{} round {} ({busy:.0}%)", c.label, i + 1));
+            }
+        }
+    }
+    if hits.is_empty() {
+        return any.then(|| {
+            format!(
+                "The client CPU ({cpus}) stayed under {CLIENT_BOUND:.0}% busy in every keep-alive measurement the \
+                 medians use."
+            )
+        });
+    }
+    Some(format!(
+        "**client-bound: ratios understate the difference** — the client CPU ({cpus}) was over {CLIENT_BOUND:.0}% \
+         busy in {} keep-alive measurement(s) the medians use: {}.",
+        hits.len(),
+        hits.join(", ")
+    ))
+}
+
+/// How often each contender's CPU budget stopped it (from its cgroup's cpu.stat).
+fn throttling_table(o: &mut String, contenders: &[Contender]) {
+    if !contenders.iter().flat_map(|c| &c.rounds).any(|r| r.keepalive_throttle.is_some()) {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\nThe CPU budget at work (the contender's cgroup cpu.stat, medians over the rounds used): enforcement \
+         periods in which the contender ran, those in which it used up its quota and was stopped until the next, \
+         and how long it was stopped per second:\n"
+    );
+    let _ = writeln!(o, "| contender | run | periods | throttled periods | stopped per second |");
+    let _ = writeln!(o, "|---|---|---:|---:|---:|");
+    for c in contenders {
+        for (handshakes, run) in [(false, "keep-alive"), (true, "handshakes")] {
+            let t: Vec<Throttling> = c
+                .used(handshakes)
+                .into_iter()
+                .filter_map(|r| if handshakes { r.handshake_throttle } else { r.keepalive_throttle })
+                .collect();
+            if t.is_empty() {
+                continue;
+            }
+            let periods = median(t.iter().map(|t| t.periods as f64).collect());
+            let throttled = median(t.iter().map(|t| t.throttled as f64).collect());
+            let share = if periods > 0.0 { format!(" ({:.0}%)", 100.0 * throttled / periods) } else { String::new() };
+            let _ = writeln!(
+                o,
+                "| {} | {run} | {} | {}{share} | {:.0} ms |",
+                c.label,
+                thousands(periods),
+                thousands(throttled),
+                median(t.iter().map(|t| t.throttled_ms_per_s).collect())
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,5 +464,41 @@ mod tests {
         assert_eq!(latency(812.0), "812 µs");
         assert_eq!(latency(2740.0), "2.74 ms");
         assert_eq!(ratio(3.0, 2.0), "1.50×");
+    }
+
+    #[test]
+    fn flags_client_bound_runs() {
+        let ctx = Context {
+            title: String::new(),
+            machine: String::new(),
+            versions: String::new(),
+            layout: String::new(),
+            client_cpus: vec![0],
+            budget: None,
+            tls: String::new(),
+            backend: String::new(),
+            method: String::new(),
+            commands: Vec::new(),
+            verification: Vec::new(),
+            warnings: Vec::new(),
+            configs: Vec::new(),
+        };
+        let round = |client: f64| Round { keepalive_busy: vec![client, 50.0], ..Round::default() };
+        let c = |rounds| Contender {
+            kind: Kind::Nginx,
+            label: "nginx".into(),
+            setup: String::new(),
+            negotiated_openssl: String::new(),
+            rounds,
+        };
+        let calm = client_bound(&ctx, &[c(vec![round(60.0), round(90.0)])]).unwrap();
+        assert!(calm.starts_with("The client CPU (CPU 0) stayed under 90%"), "{calm}");
+        let bound = client_bound(&ctx, &[c(vec![round(60.0), round(97.0)])]).unwrap();
+        assert!(bound.contains("ratios understate the difference") && bound.contains("nginx round 2 (97%)"), "{bound}");
+        // A measurement left out of the medians (other programs were busy) is not flagged.
+        let disturbed = Round { keepalive_foreign: 50.0, ..round(97.0) };
+        let calm = client_bound(&ctx, &[c(vec![round(60.0), disturbed])]).unwrap();
+        assert!(calm.starts_with("The client CPU"), "{calm}");
+        assert_eq!(client_bound(&Context { client_cpus: Vec::new(), ..ctx }, &[c(vec![round(99.0)])]), None);
     }
 }
