@@ -38,9 +38,11 @@ fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i % 251) as u8).collect()
 }
 
-/// A complete chunked body at the start of `data`: (its length on the wire, the decoded bytes,
-/// the trailer section). `Ok(None)`: not all of it is here yet.
-fn decode_chunked(data: &[u8]) -> Result<Option<(usize, Vec<u8>, Vec<u8>)>, String> {
+/// A decoded chunked body: (its length on the wire, the decoded bytes, the trailer section).
+type Chunked = (usize, Vec<u8>, Vec<u8>);
+
+/// A complete chunked body at the start of `data`. `Ok(None)`: not all of it is here yet.
+fn decode_chunked(data: &[u8]) -> Result<Option<Chunked>, String> {
     let mut at = 0;
     let mut body = Vec::new();
     loop {
