@@ -65,6 +65,20 @@ enum Cmd {
         #[arg(long, default_value = rampart::config::DEFAULT_CONTROL_SOCKET)]
         control_socket: PathBuf,
     },
+    /// Set a backend's state in the running daemon: `ready`, `drain` (no new requests; those in
+    /// flight finish) or `maint` (out; health checks paused). Lasts until the next reload,
+    /// which applies the file's `state` again.
+    Backend {
+        /// The pool's name.
+        pool: String,
+        /// The backend as written in the pool's `backends` (e.g. `10.0.1.21:80`, `https://10.0.1.23:443`).
+        backend: String,
+        /// ready | drain | maint
+        state: String,
+        /// The daemon's control socket ([admin] control_socket).
+        #[arg(long, default_value = rampart::config::DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -225,6 +225,41 @@ health = {{ path = "/healthz", interval = "1h", rise = 1, fall = 2 }}
         errors,
         "a down backend is not tried"
     );
+
+    // At run time (`rampart backend`): the drained backend back to ready, b1 to maintenance.
+    let sock = s.dir.path("control.sock");
+    let sock = sock.to_str().unwrap();
+    let cli = |args: &[&str]| rampart(&[&["backend", "--control-socket", sock][..], args].concat());
+    let out = cli(&["web", &drained.addr.to_string(), "ready"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is up"), "{out:?}");
+    assert_eq!(up(admin, drained.addr), 1.0);
+    let out = cli(&["web", &b1.addr.to_string(), "maint"]);
+    assert!(out.status.success(), "{out:?}");
+    let b1_hits = b1.hits();
+    for _ in 0..6 {
+        assert_eq!(get(&s, listen, "/").status, 200);
+    }
+    assert!(drained.hits() > 0, "a backend set ready takes requests");
+    assert_eq!(b1.hits(), b1_hits, "a backend in maintenance takes none");
+    // Mistakes are refused with what exists, and change nothing.
+    let drained_s = drained.addr.to_string();
+    for (args, says) in [
+        (["nope", "127.0.0.1:1", "drain"], "no pool \"nope\" (pools: web, other)"),
+        (["web", "127.0.0.1:1", "drain"], "pool web has no backend \"127.0.0.1:1\""),
+        (["web", drained_s.as_str(), "sleep"], "unknown state \"sleep\""),
+    ] {
+        let out = cli(&args);
+        assert!(!out.status.success(), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(says), "{out:?}");
+    }
+    assert_eq!(up(admin, drained.addr), 1.0);
+    // A reload applies the file's states again.
+    let out = rampart(&["reload", "--control-socket", sock]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(up(admin, drained.addr), 0.0);
+    // (b1 is in both pools: each reports it up.)
+    assert_eq!(up(admin, b1.addr), 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

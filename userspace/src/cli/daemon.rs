@@ -33,6 +33,14 @@ pub fn check_config(file: &Path) -> Result<ExitCode> {
     }
 }
 
+/// Sends one control command to the running daemon and prints its answer.
+pub fn command(control_socket: &Path, command: &str) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    let msg = rt.block_on(rampart::serve::admin::send_command(control_socket, command))?;
+    println!("{msg}");
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn reload(control_socket: &Path) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     let msg = rt.block_on(rampart::serve::admin::send_command(control_socket, "reload"))?;

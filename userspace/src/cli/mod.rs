@@ -43,6 +43,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Serve { config } => daemon::serve(&config),
         Cmd::CheckConfig { file } => daemon::check_config(&file),
         Cmd::Reload { control_socket } => daemon::reload(&control_socket),
+        Cmd::Backend { pool, backend, state, control_socket } => {
+            daemon::command(&control_socket, &format!("backend {pool} {backend} {state}"))
+        }
     }
 }
 

@@ -76,7 +76,8 @@ pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-/// Serves control commands, one line each: `reload` answers `ok ...` or `error ...`.
+/// Serves control commands, one line each: `reload`, `status`, `backend POOL BACKEND STATE`;
+/// answers `ok ...` or `error ...`.
 pub async fn run_control(shared: Arc<Shared>, listener: UnixListener, stop: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
@@ -104,7 +105,23 @@ pub async fn run_control(shared: Arc<Shared>, listener: UnixListener, stop: Canc
                     Err(e) => format!("error {}\n", e.replace('\n', "\n  ")),
                 },
                 "status" => format!("ok\n{}", shared.current().status()),
-                other => format!("error unknown command {other:?} (expected reload or status)\n"),
+                cmd if cmd.starts_with("backend ") => {
+                    let args: Vec<&str> = cmd.split_whitespace().skip(1).collect();
+                    let r = match args[..] {
+                        [pool, backend, state] => {
+                            shared.current().set_backend_state(pool, backend, state, &shared.metrics)
+                        }
+                        _ => Err("usage: backend POOL BACKEND ready|drain|maint".to_string()),
+                    };
+                    match r {
+                        Ok(msg) => {
+                            log::warn!("control socket: {msg}");
+                            format!("ok {msg}\n")
+                        }
+                        Err(e) => format!("error {e}\n"),
+                    }
+                }
+                other => format!("error unknown command {other:?} (expected reload, status or backend)\n"),
             };
             let _ = w.write_all(answer.as_bytes()).await;
             let _ = w.shutdown().await;

@@ -250,6 +250,36 @@ impl Generation {
         }
     }
 
+    /// Sets a backend's admin state at run time (`rampart backend`): it lasts until the next
+    /// reload, which applies the file's `state` again (the file stays the source of truth, as
+    /// with HAProxy's runtime API without a state file).
+    pub fn set_backend_state(
+        &self,
+        pool: &str,
+        backend: &str,
+        state: &str,
+        metrics: &Metrics,
+    ) -> Result<String, String> {
+        let admin = match state {
+            "ready" | "up" => Admin::Ready,
+            "drain" => Admin::Drain,
+            "maint" => Admin::Maint,
+            other => return Err(format!("unknown state {other:?} (expected ready, drain or maint)")),
+        };
+        let p = self.pools.iter().find(|p| p.name == pool).ok_or_else(|| {
+            let names: Vec<&str> = self.pools.iter().map(|p| p.name.as_str()).collect();
+            format!("no pool {pool:?} (pools: {})", names.join(", "))
+        })?;
+        let b = p.lb.find(backend).ok_or_else(|| {
+            let ids: Vec<String> = p.lb.backends().iter().map(|b| b.id().to_string()).collect();
+            format!("pool {pool} has no backend {backend:?} (backends: {})", ids.join(", "))
+        })?;
+        let change = b.set_admin(admin);
+        let now = b.state();
+        backend::publish(metrics, pool, change);
+        Ok(format!("pool {pool}: backend {backend} is {now} (until the next reload)"))
+    }
+
     /// A short text status (the admin listener's `/`).
     pub fn status(&self) -> String {
         let mut s = String::new();
