@@ -1,9 +1,11 @@
 //! `tls-bench`: rampart vs HAProxy 2.6 vs nginx 1.22 terminating TLS (same ECDSA P-256
 //! certificate, TLS 1.3 AES-128-GCM X25519) in front of the same nginx backend, on this machine,
-//! in one run. Prints a markdown report (keep-alive requests/s, full handshakes/s, p50/p99, and
-//! rampart's ratios) on stdout; progress goes to stderr. `--quick` is a smoke run of a few seconds.
-//! On a machine where the clients get a single CPU, each contender runs under a CPU budget (a
-//! cgroup quota, `--cpu-quota`) so that it, and not the client CPU, is the bottleneck.
+//! in one run. Prints a markdown report (keep-alive requests/s, full handshakes/s, p50/p99 at a
+//! fixed request rate, and rampart's ratios) on stdout; progress goes to stderr. `--quick` is a
+//! smoke run of a few seconds. On a machine where the clients get a single CPU, each contender
+//! runs under a CPU budget (a cgroup quota, `--cpu-quota`) so that it, and not the client CPU, is
+//! the bottleneck of the throughput runs; the latency run lifts it, since its stalls would be
+//! all the percentiles measure.
 //!
 //! Run it as `cargo xtask bench tls` or
 //! `cargo run --release -p rampart-tests --bin tls-bench -- [--quick]`.
@@ -17,13 +19,13 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use rampart_tests::tls_bench::{
-    BenchCert, PATH, WorkDir,
+    BenchCert, BenchError, PATH, WorkDir,
     cgroup::CpuLimit,
-    clients::{self, OPENSSL_CLIENT_CONF},
+    clients::{self, FixedRate, OPENSSL_CLIENT_CONF},
     contenders::{self, Kind, Server, Setup},
     procs::{CpuSample, Cpus, Interference, ticks_per_second},
     report::FOREIGN_LIMIT,
-    report::{self, Contender, Round},
+    report::{self, Contender, Round, Run, Usage},
     require_tool,
 };
 
@@ -36,10 +38,12 @@ struct Args {
     /// Smoke run: one round of 1 s runs, no warm-up (a few seconds in all).
     #[arg(long)]
     quick: bool,
-    /// Seconds per measurement (keep-alive, and handshakes) per contender per round [default: 8; quick: 1].
+    /// Seconds per measurement (keep-alive, fixed-rate latency, handshakes) per contender per round
+    /// [default: 8; quick: 1].
     #[arg(long)]
     duration: Option<u64>,
-    /// Seconds of keep-alive load before each keep-alive measurement [default: 1; quick: 0].
+    /// Seconds of load, not measured, before each keep-alive and each fixed-rate measurement
+    /// [default: 1; quick: 0].
     #[arg(long)]
     warmup: Option<u64>,
     /// Rounds; the contenders' order rotates each round, figures are medians [default: 3; quick: 1].
@@ -48,6 +52,13 @@ struct Args {
     /// Client connections at a time (wrk -c, and the handshake client's concurrency).
     #[arg(long, default_value_t = 50)]
     connections: usize,
+    /// Keep-alive connections of the fixed-rate latency client (p50/p99 in the main table).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    latency_connections: usize,
+    /// Requests/s, over all its connections, the fixed-rate latency client sends; each contender
+    /// must keep up without its CPU budget (within 2%), or it is flagged as saturated.
+    #[arg(long, value_name = "REQ_PER_S", default_value_t = 15_000)]
+    latency_rate: u32,
     /// Threads (rampart's tokio workers, HAProxy's nbthread, nginx's worker_processes).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -57,9 +68,10 @@ struct Args {
     /// Do not pin the contenders and the clients to separate CPUs.
     #[arg(long)]
     no_pin: bool,
-    /// Percent of one core each contender (all its processes) may use, enforced by a cgroup CPU
-    /// quota; 0: no limit [default: 50 when the contenders and the clients are pinned apart and
-    /// the clients have one CPU, so the contender and not the client CPU is the bottleneck; else 0].
+    /// Percent of one core each contender (all its processes) may use in the keep-alive and
+    /// handshake runs, enforced by a cgroup CPU quota (lifted for the fixed-rate latency run);
+    /// 0: no limit [default: 50 when the contenders and the clients are pinned apart and the
+    /// clients have one CPU, so the contender and not the client CPU is the bottleneck; else 0].
     #[arg(long, value_name = "PCT")]
     cpu_quota: Option<u32>,
     /// The period the CPU quota applies to, in µs (the quota is PCT% of it).
@@ -126,14 +138,18 @@ fn main() -> anyhow::Result<()> {
     let limit = if quota == 0 { None } else { Some(CpuLimit::new(quota, args.cpu_period_us)?) };
     match &limit {
         Some(l) => layout.push_str(&format!(
-            "; each contender limited to {quota}% of one core by a cgroup CPU quota ({}){}",
+            "; in the keep-alive and handshake runs each contender is limited to {quota}% of one core by a cgroup \
+             CPU quota ({}){}; the quota is lifted ({}) for the fixed-rate latency run and set again after it, \
+             because a contender stopped for the rest of every period would make the stalls all its latency \
+             percentiles measure",
             l.describe(),
             if one_client_cpu {
                 ", because otherwise the client CPU, which runs wrk and the backend, saturates before any contender \
                  does and the comparison measures the client"
             } else {
                 ", as asked with --cpu-quota"
-            }
+            },
+            l.describe_lifted(),
         )),
         None if args.cpu_quota == Some(0) => layout.push_str("; no CPU quota for the contenders (--cpu-quota 0)"),
         None => layout.push_str("; no CPU quota for the contenders"),
@@ -143,6 +159,13 @@ fn main() -> anyhow::Result<()> {
     let cert = BenchCert::generate(&work)?;
     let openssl_conf = work.write("client-openssl.cnf", OPENSSL_CLIENT_CONF)?;
     let tls_client = clients::client_config(&cert.der)?;
+    // Its own config, so that the handshake runs' count of verified signatures stays theirs.
+    let latency_tls = clients::client_config(&cert.der)?;
+    let pace =
+        FixedRate { connections: args.latency_connections, rate: f64::from(args.latency_rate), warmup, duration };
+    if pace.connections == 0 || args.latency_rate == 0 {
+        bail!("--latency-connections and --latency-rate must be positive");
+    }
 
     eprintln!("tls-bench: starting the backend and {} contender(s) in {}", kinds.len(), work.path.display());
     let backend = contenders::start_backend(&work, &client_cpus)?;
@@ -189,7 +212,6 @@ fn main() -> anyhow::Result<()> {
 
     let guard = Guard { quiet_wait, attempts: if args.quick { 1 } else { 3 } };
     let started = Instant::now();
-    let tps = ticks_per_second();
     let mut warnings = Vec::new();
     for round in 0..rounds {
         for i in 0..servers.len() {
@@ -198,55 +220,62 @@ fn main() -> anyhow::Result<()> {
             let name = results[idx].label.clone();
             let log = work.path.join(format!("wrk-{}-{round}.log", s.kind.map_or("x", Kind::name)));
             let tag = format!("round {}/{rounds}: {name}", round + 1);
-            let ka = measured(&guard, &mut warnings, &format!("{tag}: keep-alive {duration:?}"), || {
+            let (ka, ka_usage) = measured(&guard, &mut warnings, &format!("{tag}: keep-alive {duration:?}"), || {
                 if !warmup.is_zero() {
                     clients::run_wrk(&client_cpus, &openssl_conf, s.addr, args.connections, warmup, &log)?;
                 }
-                let (t0, b0, c0, w0) = (s.ticks(), backend.ticks(), CpuSample::now(), Instant::now());
-                let q0 = s.cpu_stat();
-                let r = clients::run_wrk(&client_cpus, &openssl_conf, s.addr, args.connections, duration, &log)?;
-                let pct = |ticks: u64| 100.0 * ticks as f64 / tps / w0.elapsed().as_secs_f64();
-                let cpu = (pct(s.ticks().saturating_sub(t0)), pct(backend.ticks().saturating_sub(b0)));
-                let throttle = s.throttling_since(q0, w0.elapsed());
-                s.proc.check_alive()?;
-                s.check_cgroup()?;
-                Ok((r, (cpu, throttle), c0.busy_since(&CpuSample::now())))
+                with_usage(s, &backend, |s| {
+                    clients::run_wrk(&client_cpus, &openssl_conf, s.addr, args.connections, duration, &log)
+                })
             })?;
-            let hs = measured(&guard, &mut warnings, &format!("{tag}: new handshakes {duration:?}"), || {
-                let (t0, b0, c0, w0) = (s.ticks(), backend.ticks(), CpuSample::now(), Instant::now());
-                let q0 = s.cpu_stat();
-                let r = clients::run_handshakes(tls_client.config.clone(), s.addr, args.connections, duration)?;
-                let pct = |ticks: u64| 100.0 * ticks as f64 / tps / w0.elapsed().as_secs_f64();
-                let cpu = (pct(s.ticks().saturating_sub(t0)), pct(backend.ticks().saturating_sub(b0)));
-                let throttle = s.throttling_since(q0, w0.elapsed());
-                s.proc.check_alive()?;
-                s.check_cgroup()?;
-                Ok((r, (cpu, throttle), c0.busy_since(&CpuSample::now())))
+            let what = format!(
+                "{tag}: fixed rate {} req/s over {} connections {duration:?}{}",
+                args.latency_rate,
+                pace.connections,
+                if limit.is_some() { ", CPU quota lifted" } else { "" }
+            );
+            let (fr, fr_usage) = measured(&guard, &mut warnings, &what, || {
+                s.without_budget(|s| {
+                    with_usage(s, &backend, |s| clients::run_fixed_rate(latency_tls.config.clone(), s.addr, &pace))
+                })
             })?;
-            let ((ka, (ka_cpu, ka_throttle), ka_busy, ka_foreign), (hs, (hs_cpu, hs_throttle), hs_busy, hs_foreign)) =
-                (ka, hs);
+            let (hs, hs_usage) =
+                measured(&guard, &mut warnings, &format!("{tag}: new handshakes {duration:?}"), || {
+                    with_usage(s, &backend, |s| {
+                        clients::run_handshakes(tls_client.config.clone(), s.addr, args.connections, duration)
+                    })
+                })?;
             eprintln!(
-                "tls-bench:   {:.0} req/s (p50 {:.0} µs, p99 {:.0} µs, {} errors), {:.0} handshakes/s ({} errors)",
+                "tls-bench:   {:.0} req/s ({} errors); fixed rate: {:.0} of {} req/s{}, p50 {:.0} µs, p99 {:.0} µs, \
+                 p99.9 {:.0} µs, max {:.0} µs, sent late p99 {:.0} µs ({} errors); {:.0} handshakes/s ({} errors)",
                 ka.rps,
-                ka.p50_us,
-                ka.p99_us,
                 ka.errors(),
+                fr.rps,
+                args.latency_rate,
+                if fr.kept_rate() { "" } else { " (could not keep the rate)" },
+                fr.p50_us,
+                fr.p99_us,
+                fr.p999_us,
+                fr.max_us,
+                fr.lag_p99_us,
+                fr.error_count(),
                 hs.rate(),
                 hs.error_count()
             );
+            if !fr.kept_rate() {
+                warnings.push(format!(
+                    "{tag}: could not keep the fixed rate: {:.0} of {} req/s achieved, {} scheduled request(s) \
+                     never sent; the contender is saturated at this rate",
+                    fr.rps, args.latency_rate, fr.unsent
+                ));
+            }
             results[idx].rounds.push(Round {
                 keepalive: ka,
-                keepalive_cpu: ka_cpu.0,
-                keepalive_backend_cpu: ka_cpu.1,
-                keepalive_busy: ka_busy,
-                keepalive_foreign: ka_foreign,
-                keepalive_throttle: ka_throttle,
+                fixed_rate: fr,
                 handshakes: hs,
-                handshake_cpu: hs_cpu.0,
-                handshake_backend_cpu: hs_cpu.1,
-                handshake_busy: hs_busy,
-                handshake_foreign: hs_foreign,
-                handshake_throttle: hs_throttle,
+                keepalive_usage: ka_usage,
+                fixed_rate_usage: fr_usage,
+                handshake_usage: hs_usage,
             });
         }
     }
@@ -259,9 +288,12 @@ fn main() -> anyhow::Result<()> {
         if s.rps <= 0.0 || s.hps <= 0.0 {
             failed.push(format!("{}: no successful requests or handshakes", c.label));
         }
-        let (ka_err, hs_err) = c.errors();
-        if ka_err > 0 || hs_err > 0 {
-            warnings.push(format!("{}: {ka_err} keep-alive error(s), {hs_err} handshake error(s)", c.label));
+        let [ka_err, fr_err, hs_err] = Run::ALL.map(|run| c.errors(run));
+        if ka_err > 0 || fr_err > 0 || hs_err > 0 {
+            warnings.push(format!(
+                "{}: {ka_err} keep-alive error(s), {fr_err} fixed-rate error(s), {hs_err} handshake error(s)",
+                c.label
+            ));
         }
     }
 
@@ -290,23 +322,60 @@ fn main() -> anyhow::Result<()> {
              X-Forwarded-For, X-Forwarded-Proto and Forwarded",
             backend.version
         ),
+        latency: format!(
+            "p50/p99: at a fixed {} requests/s over {} keep-alive connections, {}, measured from each request's \
+             scheduled send time to the end of its response (a request held up by a slow earlier response counts \
+             the wait; no coordinated omission). Requests/s and handshakes/s: {}.",
+            report::thousands(pace.rate),
+            pace.connections,
+            if limit.is_some() { "without the CPU budget" } else { "no CPU budget" },
+            if limit.is_some() { "closed loop under the CPU budget" } else { "closed loop" }
+        ),
         method: format!(
             "{rounds} round(s); in each, every contender in turn (order rotated each round) gets {}{} s of \
-             keep-alive load, then {} s of new connections; figures are medians over the rounds; a measurement \
-             during which other programs used more than {FOREIGN_LIMIT}% of a core is taken again (at most {} \
-             attempts) and left out; measuring took {:.0} s",
+             keep-alive load (wrk), then {}{} s at a fixed {} requests/s{}, then {} s of new connections; figures \
+             are medians over the rounds; a measurement during which other programs used more than \
+             {FOREIGN_LIMIT}% of a core is taken again (at most {} attempts) and left out; measuring took {:.0} s",
             if warmup.is_zero() { String::new() } else { format!("{} s of warm-up, ", warmup.as_secs()) },
             duration.as_secs(),
+            if warmup.is_zero() { String::new() } else { format!("{} s of warm-up, ", warmup.as_secs()) },
+            duration.as_secs(),
+            report::thousands(pace.rate),
+            if limit.is_some() { " with the CPU quota lifted" } else { "" },
             duration.as_secs(),
             guard.attempts,
             elapsed.as_secs_f64()
         ),
         commands: vec![
             format!(
-                "keep-alive (req/s, p50, p99): `OPENSSL_CONF=client-openssl.cnf {}wrk {}`, with client-openssl.cnf \
+                "keep-alive (req/s): `OPENSSL_CONF=client-openssl.cnf {}wrk {}`, with client-openssl.cnf \
                  setting `MinProtocol = TLSv1.3`, `Ciphersuites = TLS_AES_128_GCM_SHA256`, `Groups = X25519`",
                 client_cpus.prefix(),
                 clients::wrk_args(&url, args.connections, duration).join(" ")
+            ),
+            format!(
+                "fixed rate (p50, p99, p99.9, max): tls-bench's own client{} on one thread (tokio, rustls 0.23 / \
+                 aws-lc-rs, the same TLS settings as the handshake client): {} keep-alive connections opened before \
+                 the schedule starts, each sending `GET {PATH} HTTP/1.1` with `Host: bench` every {} / {} s, \
+                 connection i offset by i/{} of that, so requests are evenly spread; send times are kept by timerfds \
+                 (microseconds; tokio's own timers round to milliseconds); a request due while its connection still \
+                 waits for the previous response goes out as soon as that arrives and is timed from when it was due; \
+                 every response must be status 200 with `Content-Length: 100` and the backend's 100 bytes, nothing \
+                 more, and the connection kept open (anything else, or no response within 5 s, is an error and the \
+                 connection is opened again); {}{} s recorded; the achieved rate is the responses completed within \
+                 those seconds, and must be within {:.0}% of the target",
+                client_cpus.0.as_ref().map(|l| format!(" pinned to CPU {l}")).unwrap_or_default(),
+                pace.connections,
+                pace.connections,
+                report::thousands(pace.rate),
+                pace.connections,
+                if warmup.is_zero() {
+                    String::new()
+                } else {
+                    format!("{} s of warm-up not recorded, then ", warmup.as_secs())
+                },
+                duration.as_secs(),
+                clients::RATE_TOLERANCE * 100.0,
             ),
             format!(
                 "full handshakes: tls-bench's own client{} ({} connections at a time for {} s; each: TCP connect, \
@@ -372,23 +441,24 @@ struct Guard {
 }
 
 /// Runs `f` once the machine is quiet; runs it again (up to `attempts` in all) when other
-/// programs took more than [`FOREIGN_LIMIT`] of CPU meanwhile. Returns f's result and that share;
-/// the report leaves disturbed measurements out of its medians.
-fn measured<T, U, V>(
+/// programs took more than [`FOREIGN_LIMIT`] of CPU meanwhile. Returns f's result with that share
+/// in its usage; the report leaves disturbed measurements out of its medians.
+fn measured<T>(
     guard: &Guard,
     warnings: &mut Vec<String>,
     what: &str,
-    mut f: impl FnMut() -> Result<(T, U, V), rampart_tests::tls_bench::BenchError>,
-) -> anyhow::Result<(T, U, V, f64)> {
+    mut f: impl FnMut() -> Result<(T, Usage), BenchError>,
+) -> anyhow::Result<(T, Usage)> {
     let mut attempt = 1;
     loop {
         let noisy_start = wait_for_quiet(guard.quiet_wait);
         eprintln!("tls-bench: {what}");
         let watch = Interference::start();
-        let (t, u, v) = f()?;
+        let (t, mut usage) = f()?;
         let foreign = watch.foreign_percent();
+        usage.foreign = foreign;
         if foreign <= FOREIGN_LIMIT {
-            return Ok((t, u, v, foreign));
+            return Ok((t, usage));
         }
         if attempt >= guard.attempts {
             warnings.push(format!(
@@ -396,11 +466,35 @@ fn measured<T, U, V>(
                  attempt(s){}; left out of the medians unless no round was clean",
                 noisy_start.map(|w| format!(" ({w})")).unwrap_or_default()
             ));
-            return Ok((t, u, v, foreign));
+            return Ok((t, usage));
         }
         eprintln!("tls-bench:   other programs used {foreign:.0}% of a core meanwhile; measuring again");
         attempt += 1;
     }
+}
+
+/// Runs one measurement against `s` and records what it cost: the contender's and the backend's
+/// CPU, each core's busy share, and the budget's throttling; then checks that the contender is
+/// still running, all of it within its cgroup.
+fn with_usage<T>(
+    s: &mut Server,
+    backend: &Server,
+    run: impl FnOnce(&Server) -> Result<T, BenchError>,
+) -> Result<(T, Usage), BenchError> {
+    let (t0, b0, c0, q0, w0) = (s.ticks(), backend.ticks(), CpuSample::now(), s.cpu_stat(), Instant::now());
+    let r = run(s)?;
+    let wall = w0.elapsed();
+    let pct = |ticks: u64| 100.0 * ticks as f64 / ticks_per_second() / wall.as_secs_f64().max(1e-3);
+    let usage = Usage {
+        cpu: pct(s.ticks().saturating_sub(t0)),
+        backend_cpu: pct(backend.ticks().saturating_sub(b0)),
+        busy: c0.busy_since(&CpuSample::now()),
+        foreign: 0.0,
+        throttle: s.throttling_since(q0, wall),
+    };
+    s.proc.check_alive()?;
+    s.check_cgroup()?;
+    Ok((r, usage))
 }
 
 /// Waits (at most `within`) until no CPU is more than 15% busy over half a second: other work on

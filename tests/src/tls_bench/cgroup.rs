@@ -212,25 +212,27 @@ impl CpuLimit {
         }
     }
 
+    /// For the report: what a lifted budget reads ("cgroup v1 cfs_quota_us -1").
+    pub fn describe_lifted(&self) -> String {
+        match self.version {
+            Version::V1 => "cgroup v1 cfs_quota_us -1".to_string(),
+            Version::V2 => format!("cgroup v2 cpu.max \"max {}\"", self.period_us),
+        }
+    }
+
     /// A new cgroup `rampart-bench-<our pid>-<contender>` with the quota set.
     pub fn create(&self, contender: &str) -> Result<Cgroup, CgroupError> {
         let name = format!("{STALE_PREFIX}{}-{}", std::process::id(), contender.to_ascii_lowercase());
         let path = self.parent.join(name);
         std::fs::create_dir(&path).map_err(io_err("create", &path))?;
-        let mut cg = Cgroup { path, slot: None };
+        let mut cg =
+            Cgroup { path, slot: None, version: self.version, quota_us: self.quota_us, period_us: self.period_us };
         cg.slot = register(&cg.path);
-        let write = |file: &str, value: String| {
-            let p = cg.path.join(file);
-            std::fs::write(&p, value).map_err(io_err("write", &p))
-        };
-        match self.version {
+        if self.version == Version::V1 {
             // The period first: a quota is checked against the current period.
-            Version::V1 => {
-                write("cpu.cfs_period_us", self.period_us.to_string())?;
-                write("cpu.cfs_quota_us", self.quota_us.to_string())?;
-            }
-            Version::V2 => write("cpu.max", format!("{} {}", self.quota_us, self.period_us))?,
+            cg.write("cpu.cfs_period_us", self.period_us.to_string())?;
         }
+        cg.restore()?;
         Ok(cg)
     }
 }
@@ -294,9 +296,34 @@ pub struct Cgroup {
     pub path: PathBuf,
     /// Its entry in the signal handler's list.
     slot: Option<usize>,
+    version: Version,
+    quota_us: u64,
+    period_us: u64,
 }
 
 impl Cgroup {
+    fn write(&self, file: &str, value: String) -> Result<(), CgroupError> {
+        let p = self.path.join(file);
+        std::fs::write(&p, value).map_err(io_err("write", &p))
+    }
+
+    /// Lifts the quota: the contender may use whole CPUs (its pinning still holds) until
+    /// [`Cgroup::restore`]. The period stays, so restoring needs only the quota.
+    pub fn lift(&self) -> Result<(), CgroupError> {
+        match self.version {
+            Version::V1 => self.write("cpu.cfs_quota_us", "-1".into()),
+            Version::V2 => self.write("cpu.max", format!("max {}", self.period_us)),
+        }
+    }
+
+    /// Sets the budget's quota (again).
+    pub fn restore(&self) -> Result<(), CgroupError> {
+        match self.version {
+            Version::V1 => self.write("cpu.cfs_quota_us", self.quota_us.to_string()),
+            Version::V2 => self.write("cpu.max", format!("{} {}", self.quota_us, self.period_us)),
+        }
+    }
+
     /// Processes (thread group ids) in the cgroup.
     pub fn pids(&self) -> Result<Vec<u32>, CgroupError> {
         let p = self.path.join("cgroup.procs");

@@ -1,11 +1,14 @@
-//! The load generators: wrk for keep-alive requests (throughput and latency percentiles), and a
-//! rustls client for new full handshakes (one request per connection, resumption disabled and
-//! checked on every connection), plus a probe that reports what OpenSSL clients negotiate.
+//! The load generators: wrk for keep-alive requests (throughput, closed loop), a rustls client
+//! that sends keep-alive requests at a fixed rate (latency, open loop), a rustls client for new
+//! full handshakes (one request per connection, resumption disabled and checked on every
+//! connection), plus a probe that reports what OpenSSL clients negotiate.
 
 use std::{
     cell::RefCell,
     collections::BTreeMap,
+    io,
     net::SocketAddr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
     rc::Rc,
     sync::{
@@ -24,7 +27,7 @@ use rustls::{
     crypto::CryptoProvider,
     pki_types::{CertificateDer, ServerName, UnixTime},
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, unix::AsyncFd};
 
 use super::{
     BODY, BenchError, PATH,
@@ -288,12 +291,18 @@ impl HsResult {
     }
 }
 
+/// Index of the `p`th percentile (nearest rank) in a sorted, non-empty slice of `len`.
+fn rank(len: usize, p: f64) -> usize {
+    (((p / 100.0) * (len - 1) as f64).round() as usize).min(len - 1)
+}
+
 pub fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    f64::from(sorted[i.min(sorted.len() - 1)])
+    if sorted.is_empty() { 0.0 } else { f64::from(sorted[rank(sorted.len(), p)]) }
+}
+
+/// The same, of nanoseconds, in microseconds.
+fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
+    if sorted_ns.is_empty() { 0.0 } else { sorted_ns[rank(sorted_ns.len(), p)] as f64 / 1000.0 }
 }
 
 #[derive(Default)]
@@ -428,6 +437,411 @@ fn response_complete(buf: &[u8]) -> bool {
     buf.windows(4).position(|w| w == b"\r\n\r\n").is_some_and(|end| buf[end + 4..] == *BODY)
 }
 
+/// What the fixed-rate client does: `rate` requests/s in all over `connections` keep-alive
+/// connections, `warmup` not recorded, then `duration` measured.
+#[derive(Clone, Copy, Debug)]
+pub struct FixedRate {
+    pub connections: usize,
+    pub rate: f64,
+    pub warmup: Duration,
+    pub duration: Duration,
+}
+
+/// The achieved rate may miss the target by this share before the contender counts as saturated.
+pub const RATE_TOLERANCE: f64 = 0.02;
+
+/// A request (or a reconnection and the request) that takes longer counts as an error, as with
+/// wrk's `--timeout 5s`.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long after the end of the schedule a connection still behind it may go on sending.
+const DRAIN_NS: u64 = 2_000_000_000;
+
+/// Result of one fixed-rate run.
+#[derive(Clone, Debug, Default)]
+pub struct RateResult {
+    /// Requests/s asked for, over all connections.
+    pub target_rps: f64,
+    pub connections: usize,
+    /// Responses completed within the measured window, per second of it.
+    pub rps: f64,
+    pub seconds: f64,
+    /// Requests scheduled within the window and answered: the percentiles are theirs.
+    pub recorded: u64,
+    /// Requests scheduled within the window but never sent: their connection was still more
+    /// than 2 s behind its schedule at the end.
+    pub unsent: u64,
+    /// From each request's scheduled send time to the last byte of its response, µs.
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    /// How late requests went out after their scheduled time (the timer's wake-up, or the
+    /// previous response on the connection still outstanding), µs.
+    pub lag_p99_us: f64,
+    pub lag_max_us: f64,
+    /// Failed requests by kind, warm-up included; the connection is opened again after each.
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl RateResult {
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// The achieved rate is within [`RATE_TOLERANCE`] of the target and every scheduled request
+    /// went out; otherwise the contender could not keep up and its latencies mean little.
+    pub fn kept_rate(&self) -> bool {
+        self.target_rps > 0.0
+            && (self.rps - self.target_rps).abs() <= RATE_TOLERANCE * self.target_rps
+            && self.unsent == 0
+    }
+}
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// CLOCK_MONOTONIC in nanoseconds: the timerfds' clock, so schedules and timers agree.
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A timer with microsecond precision: tokio's timers round up to whole milliseconds, which
+/// would add up to 1 ms to latencies counted from the scheduled time. A timerfd wakes the
+/// runtime's epoll when it fires.
+struct Alarm(AsyncFd<OwnedFd>);
+
+impl Alarm {
+    fn new() -> io::Result<Alarm> {
+        // SAFETY: timerfd_create has no pointer arguments; the fd is checked before use.
+        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd that nothing else owns; the OwnedFd keeps it open, unchanged, for as
+        // long as the AsyncFd holds it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: as above.
+        Ok(Alarm(unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }?))
+    }
+
+    /// Returns at `at_ns` (CLOCK_MONOTONIC), at once when that has passed.
+    async fn until(&self, at_ns: u64) -> io::Result<()> {
+        if mono_ns() >= at_ns {
+            return Ok(());
+        }
+        let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let value = libc::timespec {
+            tv_sec: (at_ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (at_ns % 1_000_000_000) as libc::c_long,
+        };
+        let spec = libc::itimerspec { it_interval: zero, it_value: value };
+        let fd = self.0.get_ref().as_raw_fd();
+        // SAFETY: our fd; spec outlives the call; no old value is asked for.
+        if unsafe { libc::timerfd_settime(fd, libc::TFD_TIMER_ABSTIME, &spec, std::ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        loop {
+            let mut guard = self.0.readable().await?;
+            let read = guard.try_io(|inner| {
+                let mut expirations = 0u64;
+                // SAFETY: reads 8 bytes into a u64 we own.
+                let n = unsafe { libc::read(inner.as_raw_fd(), (&raw mut expirations).cast(), 8) };
+                if n == 8 { Ok(()) } else { Err(io::Error::last_os_error()) }
+            });
+            // Err: readiness was stale (would block); wait for the timer.
+            if let Ok(r) = read {
+                return r;
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct RateState {
+    latencies_ns: Vec<u64>,
+    lags_ns: Vec<u64>,
+    in_window: u64,
+    unsent: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+impl RateState {
+    fn error(&mut self, kind: &str) {
+        *self.errors.entry(kind.to_string()).or_default() += 1;
+    }
+}
+
+/// One schedule for all connections (CLOCK_MONOTONIC ns).
+struct Pacing {
+    /// Connection 0's first request.
+    start: u64,
+    /// Requests scheduled from here on are recorded.
+    t0: u64,
+    /// Nothing is scheduled from here on.
+    end: u64,
+    /// Between two requests on one connection: connections / rate.
+    interval_ns: f64,
+    connections: usize,
+}
+
+impl Pacing {
+    /// Connection `i`'s `k`th request: connections start `interval / connections` apart, so the
+    /// requests of all of them are evenly spread.
+    fn at(&self, i: usize, k: u64) -> u64 {
+        self.start + ((i as f64 / self.connections as f64 + k as f64) * self.interval_ns) as u64
+    }
+}
+
+/// Keep-alive requests at a fixed rate (open loop): `plan.rate` requests/s in all, over
+/// `plan.connections` connections opened before the schedule starts; each connection sends
+/// every `connections / rate` seconds, connection i offset by i/connections of that. A request
+/// whose time comes while the previous response on its connection is still outstanding goes
+/// out as soon as that response is in, and its latency still counts from its scheduled time, so
+/// a stall is charged to every request it delays (no coordinated omission, as in wrk2). Runs
+/// on the calling thread (the bench pins itself to the client CPUs).
+pub fn run_fixed_rate(cfg: Arc<ClientConfig>, addr: SocketAddr, plan: &FixedRate) -> Result<RateResult, BenchError> {
+    assert_loopback(addr)?;
+    if plan.connections == 0 || plan.rate.is_nan() || plan.rate <= 0.0 {
+        return Err(BenchError::Msg(format!(
+            "fixed-rate client: needs at least one connection and a positive rate (got {} and {})",
+            plan.connections, plan.rate
+        )));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::io("fixed-rate client: tokio runtime", e))?;
+    let connector = tokio_rustls::TlsConnector::from(cfg);
+    let request: Rc<[u8]> = format!("GET {PATH} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes().into();
+    let state = Rc::new(RefCell::new(RateState::default()));
+    let local = tokio::task::LocalSet::new();
+    let joined: Result<(), BenchError> = local.block_on(&rt, async {
+        // Every connection is open (handshake done) before the schedule starts, so no measured
+        // request pays for a handshake unless its connection failed.
+        let opening: Vec<_> = (0..plan.connections)
+            .map(|_| {
+                let connector = connector.clone();
+                tokio::task::spawn_local(async move {
+                    tokio::time::timeout(REQUEST_TIMEOUT, connect(&connector, addr)).await
+                })
+            })
+            .collect();
+        let mut conns = Vec::with_capacity(opening.len());
+        for h in opening {
+            let open = h.await.map_err(|e| BenchError::Msg(format!("fixed-rate client: connect task: {e}")))?;
+            conns.push(match open {
+                Ok(Ok(tls)) => Some(tls),
+                Ok(Err(kind)) => {
+                    state.borrow_mut().error(kind);
+                    None
+                }
+                Err(_) => {
+                    state.borrow_mut().error("timeout (5 s)");
+                    None
+                }
+            });
+        }
+        let start = mono_ns() + 1_000_000;
+        let t0 = start + plan.warmup.as_nanos() as u64;
+        let pacing = Rc::new(Pacing {
+            start,
+            t0,
+            end: t0 + plan.duration.as_nanos() as u64,
+            interval_ns: plan.connections as f64 * 1e9 / plan.rate,
+            connections: plan.connections,
+        });
+        let tasks: Vec<_> = conns
+            .into_iter()
+            .enumerate()
+            .map(|(i, conn)| {
+                let (pacing, state, connector, request) =
+                    (pacing.clone(), state.clone(), connector.clone(), request.clone());
+                tokio::task::spawn_local(async move {
+                    paced_connection(i, &pacing, &state, &connector, addr, &request, conn).await;
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.map_err(|e| BenchError::Msg(format!("fixed-rate client: connection task: {e}")))?;
+        }
+        Ok(())
+    });
+    drop(local);
+    drop(rt);
+    joined?;
+    let mut s = Rc::try_unwrap(state)
+        .map_err(|_| BenchError::Msg("fixed-rate client: tasks still hold state".into()))?
+        .into_inner();
+    s.latencies_ns.sort_unstable();
+    s.lags_ns.sort_unstable();
+    let seconds = plan.duration.as_secs_f64();
+    Ok(RateResult {
+        target_rps: plan.rate,
+        connections: plan.connections,
+        rps: s.in_window as f64 / seconds,
+        seconds,
+        recorded: s.latencies_ns.len() as u64,
+        unsent: s.unsent,
+        p50_us: percentile_us(&s.latencies_ns, 50.0),
+        p99_us: percentile_us(&s.latencies_ns, 99.0),
+        p999_us: percentile_us(&s.latencies_ns, 99.9),
+        max_us: percentile_us(&s.latencies_ns, 100.0),
+        lag_p99_us: percentile_us(&s.lags_ns, 99.0),
+        lag_max_us: percentile_us(&s.lags_ns, 100.0),
+        errors: s.errors,
+    })
+}
+
+/// One connection's schedule, from the first request to the end of the window (or, when it is
+/// behind, [`DRAIN_NS`] past it). A failed request drops the connection; the next opens a new one.
+async fn paced_connection(
+    i: usize,
+    pacing: &Pacing,
+    state: &RefCell<RateState>,
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    request: &[u8],
+    mut conn: Option<Tls>,
+) {
+    let alarm = match Alarm::new() {
+        Ok(a) => a,
+        Err(_) => {
+            state.borrow_mut().error("timerfd");
+            return;
+        }
+    };
+    let mut buf = Vec::with_capacity(1024);
+    let mut k = 0u64;
+    loop {
+        let due = pacing.at(i, k);
+        if due >= pacing.end {
+            return;
+        }
+        if mono_ns() >= pacing.end + DRAIN_NS {
+            // Still behind its schedule long after the end: what is left was never sent.
+            let mut s = state.borrow_mut();
+            while pacing.at(i, k) < pacing.end {
+                if pacing.at(i, k) >= pacing.t0 {
+                    s.unsent += 1;
+                }
+                k += 1;
+            }
+            return;
+        }
+        if alarm.until(due).await.is_err() {
+            state.borrow_mut().error("timerfd");
+            return;
+        }
+        let sent = mono_ns();
+        let exchange = async {
+            let tls = match &mut conn {
+                Some(tls) => tls,
+                None => conn.insert(connect(connector, addr).await?),
+            };
+            exchange(tls, request, &mut buf).await
+        };
+        let outcome = tokio::time::timeout(REQUEST_TIMEOUT, exchange).await;
+        let done = mono_ns();
+        let mut s = state.borrow_mut();
+        match outcome {
+            Ok(Ok(())) => {
+                if due >= pacing.t0 {
+                    s.latencies_ns.push(done - due);
+                    s.lags_ns.push(sent.saturating_sub(due));
+                }
+                if (pacing.t0..pacing.end).contains(&done) {
+                    s.in_window += 1;
+                }
+            }
+            Ok(Err(kind)) => {
+                conn = None;
+                s.error(kind);
+            }
+            Err(_) => {
+                conn = None;
+                s.error("timeout (5 s)");
+            }
+        }
+        k += 1;
+    }
+}
+
+async fn connect(connector: &tokio_rustls::TlsConnector, addr: SocketAddr) -> Result<Tls, &'static str> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|_| "connect")?;
+    let _ = tcp.set_nodelay(true);
+    connector.connect(ServerName::IpAddress(addr.ip().into()), tcp).await.map_err(|_| "handshake")
+}
+
+/// One request and its response on a kept-alive connection: status 200, `Content-Length: 100`
+/// and exactly [`BODY`], nothing after it, and the connection left open.
+async fn exchange(tls: &mut Tls, request: &[u8], buf: &mut Vec<u8>) -> Result<(), &'static str> {
+    tls.write_all(request).await.map_err(|_| "write")?;
+    // tokio-rustls may hold encrypted bytes back until flushed.
+    tls.flush().await.map_err(|_| "write")?;
+    buf.clear();
+    let mut total = None;
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = tls.read(&mut chunk).await.map_err(|_| "read")?;
+        if n == 0 {
+            return Err("closed before the response ended");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if total.is_none() {
+            match buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                Some(head) => total = Some(head + 4 + check_head(&buf[..head])?),
+                None if buf.len() > 16 * 1024 => return Err("response head over 16 KiB"),
+                None => continue,
+            }
+        }
+        if let Some(total) = total
+            && buf.len() >= total
+        {
+            if buf.len() > total {
+                return Err("bytes after the response");
+            }
+            return if buf[total - BODY.len()..] == *BODY { Ok(()) } else { Err("body differs") };
+        }
+    }
+}
+
+/// Checks a response head (without its final blank line): `HTTP/1.1 200`, one
+/// `Content-Length: 100`, no `Transfer-Encoding`, no `Connection: close`. Returns the body length.
+fn check_head(head: &[u8]) -> Result<usize, &'static str> {
+    let text = std::str::from_utf8(head).map_err(|_| "response head not UTF-8")?;
+    let mut lines = text.split("\r\n");
+    let status = lines.next().unwrap_or_default();
+    if !(status == "HTTP/1.1 200" || status.starts_with("HTTP/1.1 200 ")) {
+        return Err("status not 200");
+    }
+    let mut length = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else { return Err("malformed header line") };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            if length.is_some() {
+                return Err("two Content-Length headers");
+            }
+            length = Some(value.parse::<usize>().map_err(|_| "bad Content-Length")?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err("Transfer-Encoding instead of Content-Length");
+        } else if name.eq_ignore_ascii_case("connection")
+            && value.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))
+        {
+            // The next request would need a new connection: not keep-alive any more.
+            return Err("Connection: close");
+        }
+    }
+    match length {
+        Some(n) if n == BODY.len() => Ok(n),
+        Some(_) => Err("Content-Length not 100"),
+        None => Err("no Content-Length"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,6 +888,36 @@ Transfer/sec:      8.01MB
         ok.extend_from_slice(BODY);
         assert!(response_complete(&ok));
         assert!(!response_complete(&ok[..ok.len() - 1]));
+    }
+
+    #[test]
+    fn response_heads_are_checked() {
+        assert_eq!(check_head(b"HTTP/1.1 200 OK\r\nServer: x\r\ncontent-length: 100"), Ok(100));
+        assert_eq!(check_head(b"HTTP/1.1 404 Not Found\r\nContent-Length: 100"), Err("status not 200"));
+        assert_eq!(check_head(b"HTTP/1.1 2000\r\nContent-Length: 100"), Err("status not 200"));
+        assert_eq!(check_head(b"HTTP/1.1 200 OK\r\nContent-Length: 99"), Err("Content-Length not 100"));
+        assert_eq!(
+            check_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked"),
+            Err("Transfer-Encoding instead of Content-Length")
+        );
+        assert_eq!(
+            check_head(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close"),
+            Err("Connection: close")
+        );
+        assert_eq!(check_head(b"HTTP/1.1 200 OK"), Err("no Content-Length"));
+    }
+
+    #[test]
+    fn schedule_spreads_connections_evenly() {
+        // 4 connections, 1000 requests/s: each every 4 ms, starting 1 ms apart.
+        let p = Pacing { start: 0, t0: 0, end: u64::MAX, interval_ns: 4e6, connections: 4 };
+        let mut all: Vec<u64> = (0..4).flat_map(|i| (0..3).map(move |k| (i, k))).map(|(i, k)| p.at(i, k)).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..12).map(|n| n * 1_000_000).collect::<Vec<u64>>());
+        let r = RateResult { target_rps: 1000.0, rps: 981.0, ..RateResult::default() };
+        assert!(r.kept_rate());
+        assert!(!RateResult { rps: 979.0, ..r.clone() }.kept_rate());
+        assert!(!RateResult { unsent: 1, ..r }.kept_rate());
     }
 
     #[test]

@@ -82,6 +82,19 @@ impl Server {
         Some(Throttling::between(&before?, &self.cpu_stat()?, wall))
     }
 
+    /// Runs `f` with the contender's CPU quota lifted (when it has one; its pinning stays) and
+    /// sets the quota again afterwards, also when `f` fails.
+    pub fn without_budget<T>(&mut self, f: impl FnOnce(&mut Server) -> Result<T, BenchError>) -> Result<T, BenchError> {
+        if let Some(cg) = &self.cgroup {
+            cg.lift()?;
+        }
+        let result = f(self);
+        if let Some(cg) = &self.cgroup {
+            cg.restore()?;
+        }
+        result
+    }
+
     /// Threads of the server's processes (for the report): (processes, threads).
     pub fn threads(&self) -> (usize, usize) {
         let mut pids = vec![self.proc.pid()];

@@ -4,30 +4,93 @@ use std::fmt::Write as _;
 
 use super::{
     cgroup::Throttling,
-    clients::{HsResult, WrkResult},
+    clients::{HsResult, RATE_TOLERANCE, RateResult, WrkResult},
     contenders::Kind,
 };
+
+/// The measurements of a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Run {
+    /// wrk, closed loop, under the CPU budget: throughput.
+    KeepAlive,
+    /// The fixed-rate client, open loop, without the CPU budget: latency.
+    FixedRate,
+    /// New connections, under the CPU budget: handshakes/s.
+    Handshakes,
+}
+
+impl Run {
+    pub const ALL: [Run; 3] = [Run::KeepAlive, Run::FixedRate, Run::Handshakes];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Run::KeepAlive => "keep-alive",
+            Run::FixedRate => "fixed rate",
+            Run::Handshakes => "handshakes",
+        }
+    }
+}
+
+/// What one measurement cost, and what else ran meanwhile.
+#[derive(Clone, Debug, Default)]
+pub struct Usage {
+    /// CPU used by the contender's processes, in % of one core.
+    pub cpu: f64,
+    /// CPU used by the backend nginx, in % of one core.
+    pub backend_cpu: f64,
+    /// Busy % of each CPU.
+    pub busy: Vec<f64>,
+    /// CPU other programs on the machine used meanwhile, in % of one core.
+    pub foreign: f64,
+    /// How often the contender's CPU budget stopped it (when it has one).
+    pub throttle: Option<Throttling>,
+}
 
 /// One round of one contender.
 #[derive(Clone, Debug, Default)]
 pub struct Round {
     pub keepalive: WrkResult,
-    /// CPU used by the contender's processes during the run, in % of one core.
-    pub keepalive_cpu: f64,
-    /// CPU used by the backend nginx, in % of one core.
-    pub keepalive_backend_cpu: f64,
-    /// Busy % of each CPU during the run.
-    pub keepalive_busy: Vec<f64>,
-    /// CPU other programs on the machine used meanwhile, in % of one core.
-    pub keepalive_foreign: f64,
-    /// How often the contender's CPU budget stopped it (when it has one).
-    pub keepalive_throttle: Option<Throttling>,
+    pub fixed_rate: RateResult,
     pub handshakes: HsResult,
-    pub handshake_cpu: f64,
-    pub handshake_backend_cpu: f64,
-    pub handshake_busy: Vec<f64>,
-    pub handshake_foreign: f64,
-    pub handshake_throttle: Option<Throttling>,
+    pub keepalive_usage: Usage,
+    pub fixed_rate_usage: Usage,
+    pub handshake_usage: Usage,
+}
+
+impl Round {
+    pub fn usage(&self, run: Run) -> &Usage {
+        match run {
+            Run::KeepAlive => &self.keepalive_usage,
+            Run::FixedRate => &self.fixed_rate_usage,
+            Run::Handshakes => &self.handshake_usage,
+        }
+    }
+
+    /// Requests/s or handshakes/s of a run.
+    pub fn rate(&self, run: Run) -> f64 {
+        match run {
+            Run::KeepAlive => self.keepalive.rps,
+            Run::FixedRate => self.fixed_rate.rps,
+            Run::Handshakes => self.handshakes.rate(),
+        }
+    }
+
+    /// (p50, p99) of a run, µs.
+    pub fn latency(&self, run: Run) -> (f64, f64) {
+        match run {
+            Run::KeepAlive => (self.keepalive.p50_us, self.keepalive.p99_us),
+            Run::FixedRate => (self.fixed_rate.p50_us, self.fixed_rate.p99_us),
+            Run::Handshakes => (self.handshakes.p50_us, self.handshakes.p99_us),
+        }
+    }
+
+    pub fn errors(&self, run: Run) -> u64 {
+        match run {
+            Run::KeepAlive => self.keepalive.errors(),
+            Run::FixedRate => self.fixed_rate.error_count(),
+            Run::Handshakes => self.handshakes.error_count(),
+        }
+    }
 }
 
 pub struct Contender {
@@ -54,14 +117,19 @@ fn min_max(v: &[f64]) -> (f64, f64) {
 /// Median figures of one contender.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Summary {
+    /// wrk's keep-alive requests/s under the budget.
     pub rps: f64,
     pub hps: f64,
+    /// At the fixed rate, without the budget, from each request's scheduled time.
     pub p50_us: f64,
     pub p99_us: f64,
-    pub ka_cpu: f64,
-    pub hs_cpu: f64,
-    pub ka_backend_cpu: f64,
-    pub hs_backend_cpu: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    /// The rate the fixed-rate client achieved.
+    pub fixed_rps: f64,
+    /// wrk's own (closed loop, under the budget): for reference.
+    pub wrk_p50_us: f64,
+    pub wrk_p99_us: f64,
     pub hs_p50_us: f64,
     pub hs_p99_us: f64,
 }
@@ -75,46 +143,56 @@ pub const CLIENT_BOUND: f64 = 90.0;
 pub const FOREIGN_LIMIT: f64 = 10.0;
 
 impl Contender {
-    fn undisturbed(&self, handshakes: bool) -> Vec<&Round> {
-        let foreign = |r: &Round| if handshakes { r.handshake_foreign } else { r.keepalive_foreign };
-        self.rounds.iter().filter(|r| foreign(r) <= FOREIGN_LIMIT).collect()
+    fn undisturbed(&self, run: Run) -> Vec<&Round> {
+        self.rounds.iter().filter(|r| r.usage(run).foreign <= FOREIGN_LIMIT).collect()
     }
 
     /// The rounds a figure comes from: the undisturbed ones, or all when every one was disturbed.
-    fn used(&self, handshakes: bool) -> Vec<&Round> {
-        let v = self.undisturbed(handshakes);
+    fn used(&self, run: Run) -> Vec<&Round> {
+        let v = self.undisturbed(run);
         if v.is_empty() { self.rounds.iter().collect() } else { v }
     }
 
-    fn col(&self, handshakes: bool, f: impl Fn(&Round) -> f64) -> Vec<f64> {
-        self.used(handshakes).into_iter().map(f).collect()
+    fn col(&self, run: Run, f: impl Fn(&Round) -> f64) -> Vec<f64> {
+        self.used(run).into_iter().map(f).collect()
     }
 
     pub fn summary(&self) -> Summary {
+        let fr = |f: fn(&RateResult) -> f64| median(self.col(Run::FixedRate, |r| f(&r.fixed_rate)));
         Summary {
-            rps: median(self.col(false, |r| r.keepalive.rps)),
-            hps: median(self.col(true, |r| r.handshakes.rate())),
-            p50_us: median(self.col(false, |r| r.keepalive.p50_us)),
-            p99_us: median(self.col(false, |r| r.keepalive.p99_us)),
-            ka_cpu: median(self.col(false, |r| r.keepalive_cpu)),
-            hs_cpu: median(self.col(true, |r| r.handshake_cpu)),
-            ka_backend_cpu: median(self.col(false, |r| r.keepalive_backend_cpu)),
-            hs_backend_cpu: median(self.col(true, |r| r.handshake_backend_cpu)),
-            hs_p50_us: median(self.col(true, |r| r.handshakes.p50_us)),
-            hs_p99_us: median(self.col(true, |r| r.handshakes.p99_us)),
+            rps: median(self.col(Run::KeepAlive, |r| r.keepalive.rps)),
+            hps: median(self.col(Run::Handshakes, |r| r.handshakes.rate())),
+            p50_us: fr(|r| r.p50_us),
+            p99_us: fr(|r| r.p99_us),
+            p999_us: fr(|r| r.p999_us),
+            max_us: fr(|r| r.max_us),
+            fixed_rps: fr(|r| r.rps),
+            wrk_p50_us: median(self.col(Run::KeepAlive, |r| r.keepalive.p50_us)),
+            wrk_p99_us: median(self.col(Run::KeepAlive, |r| r.keepalive.p99_us)),
+            hs_p50_us: median(self.col(Run::Handshakes, |r| r.handshakes.p50_us)),
+            hs_p99_us: median(self.col(Run::Handshakes, |r| r.handshakes.p99_us)),
         }
     }
 
-    /// (undisturbed rounds, all rounds) of the keep-alive or handshake runs.
-    pub fn clean_rounds(&self, handshakes: bool) -> (usize, usize) {
-        (self.undisturbed(handshakes).len(), self.rounds.len())
+    /// (undisturbed rounds, all rounds) of a run.
+    pub fn clean_rounds(&self, run: Run) -> (usize, usize) {
+        (self.undisturbed(run).len(), self.rounds.len())
     }
 
-    pub fn errors(&self) -> (u64, u64) {
-        (
-            self.rounds.iter().map(|r| r.keepalive.errors()).sum(),
-            self.rounds.iter().map(|r| r.handshakes.error_count()).sum(),
-        )
+    /// Errors over all rounds of a run.
+    pub fn errors(&self, run: Run) -> u64 {
+        self.rounds.iter().map(|r| r.errors(run)).sum()
+    }
+
+    /// Rounds (1-based) whose fixed-rate run, among those the medians use, did not keep the rate.
+    pub fn missed_rate(&self) -> Vec<usize> {
+        let used = self.used(Run::FixedRate);
+        self.rounds
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.fixed_rate.kept_rate() && used.iter().any(|u| std::ptr::eq(*u, *r)))
+            .map(|(i, _)| i + 1)
+            .collect()
     }
 
     /// Every counted connection was checked to be a full handshake.
@@ -163,6 +241,8 @@ pub struct Context {
     pub client_cpus: Vec<usize>,
     /// Each contender's CPU budget, when it has one.
     pub budget: Option<Budget>,
+    /// How the main table's p50/p99 were measured (one sentence).
+    pub latency: String,
     pub tls: String,
     pub backend: String,
     pub method: String,
@@ -186,13 +266,27 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
         let _ = writeln!(o, "- {k}: {v}");
     }
     let _ = writeln!(o);
+    let _ = writeln!(o, "{}\n", ctx.latency);
     let _ = writeln!(o, "| contender | keep-alive req/s | full handshakes/s | p50 | p99 |");
     let _ = writeln!(o, "|---|---:|---:|---:|---:|");
     let sums: Vec<(Kind, Summary)> = contenders.iter().map(|c| (c.kind, c.summary())).collect();
+    let mut missed = Vec::new();
     for (c, (_, s)) in contenders.iter().zip(&sums) {
+        let rounds = c.missed_rate();
+        let mark = if rounds.is_empty() { "" } else { " ⚠" };
+        if !rounds.is_empty() {
+            let target = c.rounds.first().map_or(0.0, |r| r.fixed_rate.target_rps);
+            missed.push(format!(
+                "{} (round(s) {}; median achieved {} of {} req/s)",
+                c.label,
+                rounds.iter().map(usize::to_string).collect::<Vec<_>>().join(", "),
+                thousands(s.fixed_rps),
+                thousands(target)
+            ));
+        }
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {}{mark} | {}{mark} |",
             c.label,
             thousands(s.rps),
             thousands(s.hps),
@@ -217,29 +311,30 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
         }
         let _ =
             writeln!(o, "\nRatios above 1 are better for req/s and handshakes/s; below 1 are better for p50 and p99.");
-        if let Some(b) = ctx.budget {
-            let _ = writeln!(
-                o,
-                "Under the CPU budget a contender that has used up its quota is stopped until the next \
-                 period (up to {:.0} ms), so p50 and p99 include such waits.",
-                b.stall_ms
-            );
-        }
-        if let Some(h) = find(Kind::Haproxy) {
-            let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
-            let _ = writeln!(
-                o,
-                "Targets (issue 3) against HAProxy: req/s ≥ 1.2×: {} ({}); full handshakes/s ≥ 1.5×: {} ({}); \
-                 p99 no worse: {} ({} vs {}).",
-                verdict(r.rps >= 1.2 * h.rps),
-                ratio(r.rps, h.rps),
-                verdict(r.hps >= 1.5 * h.hps),
-                ratio(r.hps, h.hps),
-                verdict(r.p99_us <= h.p99_us),
-                latency(r.p99_us),
-                latency(h.p99_us),
-            );
-        }
+    }
+    if !missed.is_empty() {
+        let _ = writeln!(
+            o,
+            "⚠ **could not keep the rate**: {}. That contender is saturated at this rate (achieved rate more than \
+             {:.0}% off the target, or requests left unsent): its p50/p99 measure its queue, not its latency.",
+            missed.join("; "),
+            RATE_TOLERANCE * 100.0
+        );
+    }
+    if let (Some(r), Some(h)) = (find(Kind::Rampart), find(Kind::Haproxy)) {
+        let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
+        let _ = writeln!(
+            o,
+            "Targets (issue 3) against HAProxy: req/s ≥ 1.2×: {} ({}); full handshakes/s ≥ 1.5×: {} ({}); \
+             p99 no worse: {} ({} vs {}, at the fixed rate).",
+            verdict(r.rps >= 1.2 * h.rps),
+            ratio(r.rps, h.rps),
+            verdict(r.hps >= 1.5 * h.hps),
+            ratio(r.hps, h.hps),
+            verdict(r.p99_us <= h.p99_us),
+            latency(r.p99_us),
+            latency(h.p99_us),
+        );
     }
 
     if let Some(line) = client_bound(ctx, contenders) {
@@ -250,64 +345,73 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
         o,
         "\nWhere the CPU went (medians over the rounds that other programs left alone; \"per core-second\" = \
          rate ÷ the contender's own CPU use{}):\n",
-        ctx.budget.map(|b| format!("; every contender's budget is {}% of one core", b.percent)).unwrap_or_default()
+        ctx.budget
+            .map(|b| format!(
+                "; every contender's budget is {}% of one core in the keep-alive and handshake runs, none in the \
+                 fixed-rate runs",
+                b.percent
+            ))
+            .unwrap_or_default()
     );
     let _ = writeln!(
         o,
-        "| contender | run | rate (min–max) | rounds used | contender CPU | backend CPU | CPU busy (each core) | per core-second | errors | new-connection p50 / p99 |"
+        "| contender | run | rate (min–max) | rounds used | contender CPU | backend CPU | CPU busy (each core) | per core-second | errors | p50 / p99 |"
     );
     let _ = writeln!(o, "|---|---|---|---|---:|---:|---|---:|---:|---|");
-    for (c, (_, s)) in contenders.iter().zip(&sums) {
-        let (ka_err, hs_err) = c.errors();
-        let rps: Vec<f64> = c.col(false, |r| r.keepalive.rps);
-        let hps: Vec<f64> = c.col(true, |r| r.handshakes.rate());
-        let busy = |handshakes: bool, f: &dyn Fn(&Round) -> &Vec<f64>| -> String {
-            let rounds = c.used(handshakes);
-            let n = rounds.first().map_or(0, |r| f(r).len());
-            (0..n)
-                .map(|i| {
-                    format!("{:.0}%", median(rounds.iter().map(|r| f(r).get(i).copied().unwrap_or(0.0)).collect()))
-                })
-                .collect::<Vec<_>>()
-                .join(" / ")
-        };
-        let used = |handshakes: bool| {
-            let (clean, all) = c.clean_rounds(handshakes);
-            if clean == 0 { format!("all {all}, **all disturbed**") } else { format!("{clean} of {all}") }
-        };
-        let (lo, hi) = min_max(&rps);
-        let _ = writeln!(
-            o,
-            "| {} | keep-alive | {} ({}–{}) | {} | {:.0}% | {:.0}% | {} | {} req | {} | – |",
-            c.label,
-            thousands(s.rps),
-            thousands(lo),
-            thousands(hi),
-            used(false),
-            s.ka_cpu,
-            s.ka_backend_cpu,
-            busy(false, &|r| &r.keepalive_busy),
-            if s.ka_cpu > 0.0 { thousands(s.rps / (s.ka_cpu / 100.0)) } else { "–".into() },
-            ka_err,
-        );
-        let (lo, hi) = min_max(&hps);
-        let _ = writeln!(
-            o,
-            "| {} | handshakes | {} ({}–{}) | {} | {:.0}% | {:.0}% | {} | {} hs | {} | {} / {} |",
-            c.label,
-            thousands(s.hps),
-            thousands(lo),
-            thousands(hi),
-            used(true),
-            s.hs_cpu,
-            s.hs_backend_cpu,
-            busy(true, &|r| &r.handshake_busy),
-            if s.hs_cpu > 0.0 { thousands(s.hps / (s.hs_cpu / 100.0)) } else { "–".into() },
-            hs_err,
-            latency(s.hs_p50_us),
-            latency(s.hs_p99_us),
-        );
+    for c in contenders {
+        for run in Run::ALL {
+            let rounds = c.used(run);
+            let med = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(|r| f(r)).collect());
+            let rates: Vec<f64> = rounds.iter().map(|r| r.rate(run)).collect();
+            let (rate, cpu) = (median(rates.clone()), med(&|r| r.usage(run).cpu));
+            let busy = {
+                let n = rounds.first().map_or(0, |r| r.usage(run).busy.len());
+                (0..n)
+                    .map(|i| format!("{:.0}%", med(&|r| r.usage(run).busy.get(i).copied().unwrap_or(0.0))))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            };
+            let used = {
+                let (clean, all) = c.clean_rounds(run);
+                if clean == 0 { format!("all {all}, **all disturbed**") } else { format!("{clean} of {all}") }
+            };
+            let (lo, hi) = min_max(&rates);
+            let unit = if run == Run::Handshakes { "hs" } else { "req" };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} ({}–{}) | {} | {:.0}% | {:.0}% | {} | {} | {} | {} / {} |",
+                c.label,
+                run.name(),
+                thousands(rate),
+                thousands(lo),
+                thousands(hi),
+                used,
+                cpu,
+                med(&|r| r.usage(run).backend_cpu),
+                busy,
+                if cpu > 0.0 { format!("{} {unit}", thousands(rate / (cpu / 100.0))) } else { "–".into() },
+                c.errors(run),
+                latency(med(&|r| r.latency(run).0)),
+                latency(med(&|r| r.latency(run).1)),
+            );
+        }
     }
+    let _ = writeln!(
+        o,
+        "\np50 / p99 per run: keep-alive: wrk's own, for reference only (closed loop: {} connections always \
+         waiting{}); fixed rate: as in the main table; handshakes: TCP connect to the last response byte.",
+        contenders
+            .first()
+            .and_then(|c| c.rounds.first())
+            .map_or_else(|| "all".to_string(), |r| r.fixed_rate.connections.to_string()),
+        ctx.budget
+            .map(|b| format!(
+                ", under the budget, which stops a contender that used up its quota for up to {:.0} ms, so every \
+                 stall hits requests in flight and these mostly measure the budget",
+                b.stall_ms
+            ))
+            .unwrap_or_default()
+    );
 
     throttling_table(&mut o, contenders);
 
@@ -333,7 +437,7 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
     let _ = writeln!(o, "\n<details><summary>Every round</summary>\n");
     let _ = writeln!(
         o,
-        "| round | contender | req/s | p50 | p99 | wrk errors | handshakes/s | handshake errors | other programs' CPU (keep-alive / handshakes) |"
+        "| round | contender | req/s | wrk p50 | wrk p99 | wrk errors | handshakes/s | handshake errors | other programs' CPU (keep-alive / handshakes) |"
     );
     let _ = writeln!(o, "|---:|---|---:|---:|---:|---:|---:|---|---|");
     let rounds = contenders.iter().map(|c| c.rounds.len()).max().unwrap_or(0);
@@ -360,8 +464,52 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
                 r.keepalive.errors(),
                 thousands(r.handshakes.rate()),
                 errs,
-                r.keepalive_foreign,
-                r.handshake_foreign
+                r.keepalive_usage.foreign,
+                r.handshake_usage.foreign
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "\nFixed rate, every round (latency from each request's scheduled send time; \"sent late\": how long after \
+         its scheduled time a request went out, p99 / max):\n"
+    );
+    let _ = writeln!(
+        o,
+        "| round | contender | target req/s | achieved req/s | p50 | p99 | p99.9 | max | sent late | errors | other programs' CPU |"
+    );
+    let _ = writeln!(o, "|---:|---|---:|---:|---:|---:|---:|---:|---|---|---:|");
+    for i in 0..rounds {
+        for c in contenders {
+            let Some(r) = c.rounds.get(i) else { continue };
+            let f = &r.fixed_rate;
+            let errs = if f.errors.is_empty() {
+                "0".to_string()
+            } else {
+                f.errors.iter().map(|(k, n)| format!("{k}: {n}")).collect::<Vec<_>>().join(", ")
+            };
+            let achieved = if f.kept_rate() {
+                thousands(f.rps)
+            } else {
+                let unsent =
+                    if f.unsent > 0 { format!(", {} unsent", thousands(f.unsent as f64)) } else { String::new() };
+                format!("{} ⚠ could not keep the rate{unsent}", thousands(f.rps))
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {:.0}% |",
+                i + 1,
+                c.label,
+                thousands(f.target_rps),
+                achieved,
+                latency(f.p50_us),
+                latency(f.p99_us),
+                latency(f.p999_us),
+                latency(f.max_us),
+                latency(f.lag_p99_us),
+                latency(f.lag_max_us),
+                errs,
+                r.fixed_rate_usage.foreign
             );
         }
     }
@@ -374,7 +522,7 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
 
 /// Mean busy % of the client CPUs during a keep-alive measurement.
 fn client_busy(ctx: &Context, r: &Round) -> Option<f64> {
-    let v: Vec<f64> = ctx.client_cpus.iter().filter_map(|&c| r.keepalive_busy.get(c).copied()).collect();
+    let v: Vec<f64> = ctx.client_cpus.iter().filter_map(|&c| r.keepalive_usage.busy.get(c).copied()).collect();
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
@@ -385,9 +533,9 @@ fn client_bound(ctx: &Context, contenders: &[Contender]) -> Option<String> {
     let mut any = false;
     let mut hits = Vec::new();
     for c in contenders {
-        let all_disturbed = c.undisturbed(false).is_empty();
+        let all_disturbed = c.undisturbed(Run::KeepAlive).is_empty();
         for (i, r) in c.rounds.iter().enumerate() {
-            if !all_disturbed && r.keepalive_foreign > FOREIGN_LIMIT {
+            if !all_disturbed && r.keepalive_usage.foreign > FOREIGN_LIMIT {
                 continue;
             }
             let Some(busy) = client_busy(ctx, r) else { continue };
@@ -415,24 +563,21 @@ fn client_bound(ctx: &Context, contenders: &[Contender]) -> Option<String> {
 
 /// How often each contender's CPU budget stopped it (from its cgroup's cpu.stat).
 fn throttling_table(o: &mut String, contenders: &[Contender]) {
-    if !contenders.iter().flat_map(|c| &c.rounds).any(|r| r.keepalive_throttle.is_some()) {
+    if !contenders.iter().flat_map(|c| &c.rounds).any(|r| r.keepalive_usage.throttle.is_some()) {
         return;
     }
     let _ = writeln!(
         o,
         "\nThe CPU budget at work (the contender's cgroup cpu.stat, medians over the rounds used): enforcement \
          periods in which the contender ran, those in which it used up its quota and was stopped until the next, \
-         and how long it was stopped per second:\n"
+         and how long it was stopped per second. The fixed-rate runs have the quota lifted, so they must show \
+         none:\n"
     );
     let _ = writeln!(o, "| contender | run | periods | throttled periods | stopped per second |");
     let _ = writeln!(o, "|---|---|---:|---:|---:|");
     for c in contenders {
-        for (handshakes, run) in [(false, "keep-alive"), (true, "handshakes")] {
-            let t: Vec<Throttling> = c
-                .used(handshakes)
-                .into_iter()
-                .filter_map(|r| if handshakes { r.handshake_throttle } else { r.keepalive_throttle })
-                .collect();
+        for run in Run::ALL {
+            let t: Vec<Throttling> = c.used(run).into_iter().filter_map(|r| r.usage(run).throttle).collect();
             if t.is_empty() {
                 continue;
             }
@@ -441,8 +586,9 @@ fn throttling_table(o: &mut String, contenders: &[Contender]) {
             let share = if periods > 0.0 { format!(" ({:.0}%)", 100.0 * throttled / periods) } else { String::new() };
             let _ = writeln!(
                 o,
-                "| {} | {run} | {} | {}{share} | {:.0} ms |",
+                "| {} | {} | {} | {}{share} | {:.0} ms |",
                 c.label,
+                run.name(),
                 thousands(periods),
                 thousands(throttled),
                 median(t.iter().map(|t| t.throttled_ms_per_s).collect())
@@ -475,6 +621,7 @@ mod tests {
             layout: String::new(),
             client_cpus: vec![0],
             budget: None,
+            latency: String::new(),
             tls: String::new(),
             backend: String::new(),
             method: String::new(),
@@ -483,7 +630,10 @@ mod tests {
             warnings: Vec::new(),
             configs: Vec::new(),
         };
-        let round = |client: f64| Round { keepalive_busy: vec![client, 50.0], ..Round::default() };
+        let round = |client: f64| Round {
+            keepalive_usage: Usage { busy: vec![client, 50.0], ..Usage::default() },
+            ..Round::default()
+        };
         let c = |rounds| Contender {
             kind: Kind::Nginx,
             label: "nginx".into(),
@@ -496,7 +646,8 @@ mod tests {
         let bound = client_bound(&ctx, &[c(vec![round(60.0), round(97.0)])]).unwrap();
         assert!(bound.contains("ratios understate the difference") && bound.contains("nginx round 2 (97%)"), "{bound}");
         // A measurement left out of the medians (other programs were busy) is not flagged.
-        let disturbed = Round { keepalive_foreign: 50.0, ..round(97.0) };
+        let mut disturbed = round(97.0);
+        disturbed.keepalive_usage.foreign = 50.0;
         let calm = client_bound(&ctx, &[c(vec![round(60.0), disturbed])]).unwrap();
         assert!(calm.starts_with("The client CPU"), "{calm}");
         assert_eq!(client_bound(&Context { client_cpus: Vec::new(), ..ctx }, &[c(vec![round(99.0)])]), None);
