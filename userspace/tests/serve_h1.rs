@@ -315,18 +315,7 @@ certs = [
     /// A TLS connection without ALPN, so the daemon serves it with h1.rs.
     async fn conn(&self) -> Conn {
         let tcp = TcpStream::connect(self.listen).await.unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        use rustls_pki_types::{CertificateDer, pem::PemObject};
-        for c in CertificateDer::pem_slice_iter(self.ca.pem.as_bytes()) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = rustls_pki_types::ServerName::try_from("site.test").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
+        let tls = tls_client(tcp, "site.test", &self.ca.pem).await;
         Conn { tls, buf: Vec::new() }
     }
 

@@ -4,7 +4,7 @@
 
 mod serve_support;
 
-use std::{net::SocketAddr, path::PathBuf, process::Command, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, process::Command};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -324,18 +324,7 @@ async fn tls_connect(
     if let Some(src) = src {
         tcp.write_all(&rampart::serve::proxy_protocol::encode_v2(src, listen)).await.unwrap();
     }
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls_pki_types::{CertificateDer, pem::PemObject};
-    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls_pki_types::ServerName::try_from(host.to_string()).unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap()
+    tls_client(tcp, host, ca_pem).await
 }
 
 /// Sends a PROXY v2 header, then TLS and one HTTP/1.1 request; returns the response body.

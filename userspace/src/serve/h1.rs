@@ -213,34 +213,15 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, ctx: 
         let (head_len, line) = match parsed {
             Ok(p) => p,
             Err(NoHead::Quiet) => return,
-            Err(NoHead::TooLarge) => {
-                proxy::count_unrouted(&shared, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-                answer(
-                    &mut c,
-                    &mut out,
-                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    "The request headers are too large.",
-                    None,
-                    false,
-                    true,
-                    idle,
-                )
-                .await;
-                return c.linger_close().await;
-            }
-            Err(NoHead::Bad) => {
-                proxy::count_unrouted(&shared, StatusCode::BAD_REQUEST);
-                answer(
-                    &mut c,
-                    &mut out,
-                    StatusCode::BAD_REQUEST,
-                    "The request could not be parsed.",
-                    None,
-                    false,
-                    true,
-                    idle,
-                )
-                .await;
+            Err(e) => {
+                let (status, detail) = match e {
+                    NoHead::TooLarge => {
+                        (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "The request headers are too large.")
+                    }
+                    _ => (StatusCode::BAD_REQUEST, "The request could not be parsed."),
+                };
+                proxy::count_unrouted(&shared, status);
+                answer(&mut c, &mut out, status, detail, None, false, true, idle).await;
                 return c.linger_close().await;
             }
         };

@@ -673,7 +673,6 @@ pub async fn exchange<B: RequestBody>(
     let mut last: Option<(StatusCode, &'static str)> = None;
     for n in 0..=pool.cfg.retries {
         let Some(guard) = pool.lb.pick_excluding(key, &tried) else { break };
-        tried.push(guard.index());
         if n > 0 {
             shared.metrics.backend_retries.get_or_create(&PoolLabels { pool: pool.name.clone() }).inc();
         }
@@ -700,6 +699,8 @@ pub async fn exchange<B: RequestBody>(
                 }
                 let status = if timed_out { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
                 last = Some((status, "No backend could be reached."));
+                // Only a retry needs the list (no allocation on the usual path).
+                tried.push(guard.index());
                 if !body.replayable() {
                     break;
                 }
