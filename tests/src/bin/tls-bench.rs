@@ -23,7 +23,7 @@ use rampart_tests::tls_bench::{
     cgroup::CpuLimit,
     clients::{self, FixedRate, OPENSSL_CLIENT_CONF},
     contenders::{self, Kind, Server, Setup},
-    procs::{CpuSample, Cpus, Interference, ticks_per_second},
+    procs::{CPU_DMA_LATENCY, CpuSample, Cpus, Interference, PollingIdle, ticks_per_second},
     report::FOREIGN_LIMIT,
     report::{self, Contender, Round, Run, Usage},
     require_tool,
@@ -39,14 +39,14 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Seconds per measurement (keep-alive, fixed-rate latency, handshakes) per contender per round
-    /// [default: 8; quick: 1].
+    /// [default: 3; quick: 1].
     #[arg(long)]
     duration: Option<u64>,
     /// Seconds of load, not measured, before each keep-alive and each fixed-rate measurement
     /// [default: 1; quick: 0].
     #[arg(long)]
     warmup: Option<u64>,
-    /// Rounds; the contenders' order rotates each round, figures are medians [default: 3; quick: 1].
+    /// Rounds; the contenders' order rotates each round, figures are medians [default: 9; quick: 1].
     #[arg(long)]
     rounds: Option<usize>,
     /// Client connections at a time (wrk -c, and the handshake client's concurrency).
@@ -89,6 +89,11 @@ struct Args {
     /// Keep the scratch directory (configs, logs) and print where it is.
     #[arg(long)]
     keep: bool,
+    /// Let idle CPUs halt, as they do outside the bench. By default the bench holds
+    /// /dev/cpu_dma_latency at 0 so that idle CPUs poll: a halted vCPU's wake-up adds its delay to
+    /// every request that finds it idle, and more often to the contender that uses less CPU.
+    #[arg(long)]
+    halting_idle: bool,
 }
 
 /// The CFS period the CPU quota applies to: 10 ms. Measured against 2 ms (50%, 5 s runs): at
@@ -104,7 +109,10 @@ fn main() -> anyhow::Result<()> {
     let (duration, warmup, rounds) = if args.quick {
         (args.duration.unwrap_or(1), args.warmup.unwrap_or(0), args.rounds.unwrap_or(1))
     } else {
-        (args.duration.unwrap_or(8), args.warmup.unwrap_or(1), args.rounds.unwrap_or(3))
+        // Many short rounds rather than a few long ones: this VM's speed drifts over tens of
+        // seconds (one contender's req/s moved 21,781-30,218 between 8 s rounds), so contenders
+        // measured close together see the same machine, and a median over 9 rounds is steadier.
+        (args.duration.unwrap_or(3), args.warmup.unwrap_or(1), args.rounds.unwrap_or(9))
     };
     let (duration, warmup) = (Duration::from_secs(duration.max(1)), Duration::from_secs(warmup));
     let quiet_wait = Duration::from_secs(args.quiet_wait.unwrap_or(if args.quick { 0 } else { 120 }));
@@ -156,6 +164,17 @@ fn main() -> anyhow::Result<()> {
         None if args.cpu_quota == Some(0) => layout.push_str("; no CPU quota for the contenders (--cpu-quota 0)"),
         None => layout.push_str("; no CPU quota for the contenders"),
     }
+
+    let _polling = if args.halting_idle {
+        layout.push_str("; idle CPUs may halt (--halting-idle)");
+        None
+    } else {
+        layout.push_str(&format!(
+            "; idle CPUs poll instead of halting ({CPU_DMA_LATENCY} held at 0 µs for the run, as cyclictest does), \
+             so that no contender's requests wait for a halted vCPU to wake"
+        ));
+        Some(PollingIdle::hold()?)
+    };
 
     let work = WorkDir::new(args.keep)?;
     let cert = BenchCert::generate(&work)?;

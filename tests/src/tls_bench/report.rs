@@ -195,6 +195,19 @@ impl Contender {
             .collect()
     }
 
+    /// Round by round against `other`: the ratio `f(self) / f(other)` for every round that
+    /// both measured undisturbed (the two ran within a minute or so of each other, so a
+    /// machine that slows down for a while slows both).
+    pub fn paired(&self, other: &Contender, run: Run, f: impl Fn(&Round) -> f64) -> Vec<f64> {
+        self.rounds
+            .iter()
+            .zip(&other.rounds)
+            .filter(|(a, b)| a.usage(run).foreign <= FOREIGN_LIMIT && b.usage(run).foreign <= FOREIGN_LIMIT)
+            .map(|(a, b)| f(a) / f(b))
+            .filter(|r| r.is_finite())
+            .collect()
+    }
+
     /// Every counted connection was checked to be a full handshake.
     pub fn handshakes_checked(&self) -> (u64, u64) {
         (self.rounds.iter().map(|r| r.handshakes.ok).sum(), self.rounds.iter().map(|r| r.handshakes.not_full).sum())
@@ -335,6 +348,12 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
             latency(r.p99_us),
             latency(h.p99_us),
         );
+    }
+
+    if let (Some(r), Some(h)) =
+        (contenders.iter().find(|c| c.kind == Kind::Rampart), contenders.iter().find(|c| c.kind == Kind::Haproxy))
+    {
+        let _ = writeln!(o, "\n{}", paired_line(r, h));
     }
 
     if let Some(line) = client_bound(ctx, contenders) {
@@ -521,6 +540,26 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
 }
 
 /// Mean busy % of the client CPUs during a keep-alive measurement.
+/// The targets round by round: how often each held, and the spread of the per-round ratios.
+fn paired_line(r: &Contender, h: &Contender) -> String {
+    let part = |what: &str, ratios: Vec<f64>, ok: fn(f64) -> bool| {
+        if ratios.is_empty() {
+            return format!("{what}: no round where both were undisturbed");
+        }
+        let held = ratios.iter().filter(|&&x| ok(x)).count();
+        let (lo, hi) = min_max(&ratios);
+        let n = ratios.len();
+        format!("{what}: {held} of {n} (ratios {lo:.2}–{hi:.2}×, median {:.2}×)", median(ratios))
+    };
+    format!(
+        "Round by round against HAProxy (each round's two measurements, at most a couple of minutes apart; \
+         undisturbed rounds only), the rounds in which the target held: {}; {}; {}.",
+        part("req/s ≥ 1.2×", r.paired(h, Run::KeepAlive, |x| x.keepalive.rps), |x| x >= 1.2),
+        part("full handshakes/s ≥ 1.5×", r.paired(h, Run::Handshakes, |x| x.handshakes.rate()), |x| x >= 1.5),
+        part("p99 no worse", r.paired(h, Run::FixedRate, |x| x.fixed_rate.p99_us), |x| x <= 1.0),
+    )
+}
+
 fn client_busy(ctx: &Context, r: &Round) -> Option<f64> {
     let v: Vec<f64> = ctx.client_cpus.iter().filter_map(|&c| r.keepalive_usage.busy.get(c).copied()).collect();
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
@@ -651,5 +690,30 @@ mod tests {
         let calm = client_bound(&ctx, &[c(vec![round(60.0), disturbed])]).unwrap();
         assert!(calm.starts_with("The client CPU"), "{calm}");
         assert_eq!(client_bound(&Context { client_cpus: Vec::new(), ..ctx }, &[c(vec![round(99.0)])]), None);
+    }
+
+    #[test]
+    fn pairs_rounds_and_skips_disturbed_ones() {
+        let round = |rps: f64, p99: f64, foreign: f64| Round {
+            keepalive: WrkResult { rps, ..WrkResult::default() },
+            fixed_rate: RateResult { p99_us: p99, ..RateResult::default() },
+            keepalive_usage: Usage { foreign, ..Usage::default() },
+            ..Round::default()
+        };
+        let c = |kind, rounds| Contender {
+            kind,
+            label: String::new(),
+            setup: String::new(),
+            negotiated_openssl: String::new(),
+            rounds,
+        };
+        let r = c(Kind::Rampart, vec![round(130.0, 900.0, 0.0), round(110.0, 1100.0, 0.0), round(500.0, 1.0, 50.0)]);
+        let h = c(Kind::Haproxy, vec![round(100.0, 1000.0, 0.0), round(100.0, 1000.0, 0.0), round(100.0, 1000.0, 0.0)]);
+        // Round 3's keep-alive run was disturbed: left out of req/s, kept for p99.
+        assert_eq!(r.paired(&h, Run::KeepAlive, |x| x.keepalive.rps), vec![1.3, 1.1]);
+        let line = paired_line(&r, &h);
+        assert!(line.contains("req/s ≥ 1.2×: 1 of 2 (ratios 1.10–1.30×, median 1.20×)"), "{line}");
+        assert!(line.contains("p99 no worse: 2 of 3"), "{line}");
+        assert!(line.contains("full handshakes/s ≥ 1.5×: no round where both were undisturbed"), "{line}");
     }
 }
