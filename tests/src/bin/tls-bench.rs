@@ -354,8 +354,9 @@ fn main() -> anyhow::Result<()> {
         ),
         method: format!(
             "{rounds} round(s); in each, every contender in turn (order rotated each round) gets {}{} s of \
-             keep-alive load (wrk), then {}{} s at a fixed {} requests/s{}, then {} s of new connections; figures \
-             are medians over the rounds; a measurement during which other programs used more than \
+             keep-alive load (wrk), then {}{} s at a fixed {} requests/s{}, then {} s of new connections; rates \
+             are medians over the rounds, p50/p99 percentiles of all the rounds' fixed-rate requests pooled; \
+             a measurement during which other programs used more than \
              {FOREIGN_LIMIT}% of a core is taken again (at most {} attempts) and left out; measuring took {:.0} s",
             if warmup.is_zero() { String::new() } else { format!("{} s of warm-up, ", warmup.as_secs()) },
             duration.as_secs(),

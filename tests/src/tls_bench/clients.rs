@@ -301,7 +301,7 @@ pub fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 /// The same, of nanoseconds, in microseconds.
-fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
+pub fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
     if sorted_ns.is_empty() { 0.0 } else { sorted_ns[rank(sorted_ns.len(), p)] as f64 / 1000.0 }
 }
 
@@ -482,6 +482,8 @@ pub struct RateResult {
     pub lag_max_us: f64,
     /// Failed requests by kind, warm-up included; the connection is opened again after each.
     pub errors: BTreeMap<String, u64>,
+    /// Every recorded latency, ns, sorted: the report pools the rounds' requests.
+    pub latencies_ns: Vec<u64>,
 }
 
 impl RateResult {
@@ -692,6 +694,7 @@ pub fn run_fixed_rate(cfg: Arc<ClientConfig>, addr: SocketAddr, plan: &FixedRate
         lag_p99_us: percentile_us(&s.lags_ns, 99.0),
         lag_max_us: percentile_us(&s.lags_ns, 100.0),
         errors: s.errors,
+        latencies_ns: s.latencies_ns,
     })
 }
 

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use super::{
     cgroup::Throttling,
-    clients::{HsResult, RATE_TOLERANCE, RateResult, WrkResult},
+    clients::{HsResult, RATE_TOLERANCE, RateResult, WrkResult, percentile_us},
     contenders::Kind,
 };
 
@@ -120,7 +120,8 @@ pub struct Summary {
     /// wrk's keep-alive requests/s under the budget.
     pub rps: f64,
     pub hps: f64,
-    /// At the fixed rate, without the budget, from each request's scheduled time.
+    /// At the fixed rate, without the budget, from each request's scheduled time: percentiles of
+    /// all the rounds' requests pooled.
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
@@ -159,13 +160,28 @@ impl Contender {
 
     pub fn summary(&self) -> Summary {
         let fr = |f: fn(&RateResult) -> f64| median(self.col(Run::FixedRate, |r| f(&r.fixed_rate)));
+        // Percentiles of every request of the rounds used, not medians of per-round percentiles: a
+        // 3 s round's p99 is either the machine's quiet floor (~150 µs) or one of its stalls
+        // (2-7 ms), depending on whether a stall fell into it, so per-round p99s are bimodal and
+        // their median flips with a single round. Pooled, each contender's p99 covers all the
+        // stalls it met, over the same interleaved minutes as the others.
+        let mut pooled: Vec<u64> =
+            self.used(Run::FixedRate).iter().flat_map(|r| r.fixed_rate.latencies_ns.iter().copied()).collect();
+        pooled.sort_unstable();
+        let (p50_us, p99_us, p999_us, max_us) = if pooled.is_empty() {
+            // Results without their samples (the unit tests): medians of the rounds.
+            (fr(|r| r.p50_us), fr(|r| r.p99_us), fr(|r| r.p999_us), fr(|r| r.max_us))
+        } else {
+            let pct = |p| percentile_us(&pooled, p);
+            (pct(50.0), pct(99.0), pct(99.9), pct(100.0))
+        };
         Summary {
             rps: median(self.col(Run::KeepAlive, |r| r.keepalive.rps)),
             hps: median(self.col(Run::Handshakes, |r| r.handshakes.rate())),
-            p50_us: fr(|r| r.p50_us),
-            p99_us: fr(|r| r.p99_us),
-            p999_us: fr(|r| r.p999_us),
-            max_us: fr(|r| r.max_us),
+            p50_us,
+            p99_us,
+            p999_us,
+            max_us,
             fixed_rps: fr(|r| r.rps),
             wrk_p50_us: median(self.col(Run::KeepAlive, |r| r.keepalive.p50_us)),
             wrk_p99_us: median(self.col(Run::KeepAlive, |r| r.keepalive.p99_us)),
@@ -378,6 +394,7 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
     );
     let _ = writeln!(o, "|---|---|---|---|---:|---:|---|---:|---:|---|");
     for c in contenders {
+        let summary = c.summary();
         for run in Run::ALL {
             let rounds = c.used(run);
             let med = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(|r| f(r)).collect());
@@ -410,8 +427,8 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
                 busy,
                 if cpu > 0.0 { format!("{} {unit}", thousands(rate / (cpu / 100.0))) } else { "–".into() },
                 c.errors(run),
-                latency(med(&|r| r.latency(run).0)),
-                latency(med(&|r| r.latency(run).1)),
+                latency(if run == Run::FixedRate { summary.p50_us } else { med(&|r| r.latency(run).0) }),
+                latency(if run == Run::FixedRate { summary.p99_us } else { med(&|r| r.latency(run).1) }),
             );
         }
     }
