@@ -312,6 +312,12 @@ impl TestNet {
     }
 
     /// What `ip -d link show` says about the server iface (has `xdp` / `prog/xdp` when attached).
+    /// Deletes the server's veth (and with it the client's end), as an operator might while
+    /// rampart is attached.
+    pub fn delete_server_link(&self) -> Result<()> {
+        ip(&["-n", &self.server, "link", "del", SERVER_IF]).map(drop)
+    }
+
     pub fn server_link(&self) -> Result<String> {
         let out = ip(&["-n", &self.server, "-d", "link", "show", SERVER_IF])?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())

@@ -395,6 +395,33 @@ fn traffic_through_firewall(mode: &str) {
     assert_eq!(st["interfaces"].as_array().map(Vec::len), Some(0), "status after detach: {st}");
 }
 
+/// An interface deleted under rampart: `status` names it as gone (exit 1, so scripts notice)
+/// instead of reporting a firewall that no longer filters, and `detach` still removes every pin.
+#[test]
+fn status_names_a_deleted_interface_and_detach_cleans_it() {
+    let mut net = net();
+    net.attach("skb").expect("attach");
+    net.delete_server_link().expect("delete the server veth");
+    let out = net.rampart(&net.server, &["status", "--json"]).expect("run status");
+    assert_eq!(out.status.code(), Some(1), "status with a deleted interface must exit 1: {out:?}");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+    let ifaces = st["interfaces"].as_array().expect("interfaces");
+    assert_eq!(ifaces.len(), 1, "{st}");
+    assert_eq!(ifaces[0]["iface"], SERVER_IF, "{st}");
+    let gone = ifaces[0]["gone"].as_str().unwrap_or_else(|| panic!("no `gone` entry: {st}"));
+    assert!(gone.contains("no longer exists") && gone.contains("detach --iface"), "{gone}");
+    let text = net.rampart(&net.server, &["status"]).expect("run status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&format!("{SERVER_IF}: gone:")), "{text}");
+
+    net.detach().unwrap_or_else(|e| panic!("detach of a deleted interface: {e}"));
+    for dir in TestNet::scope_dirs(&net.server) {
+        assert!(!dir.exists(), "detach left {} behind: {:?}", dir.display(), list_tree(&dir));
+    }
+    let st = net.rampart_json(&net.server, &["status", "--json"]).expect("status --json");
+    assert_eq!(st["interfaces"].as_array().map(Vec::len), Some(0), "status after detach: {st}");
+}
+
 fn list_tree(dir: &Path) -> Vec<String> {
     let out = Command::new("find").arg(dir).output();
     out.map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect()).unwrap_or_default()

@@ -163,12 +163,32 @@ enum IfaceJson {
         /// fragment_later / fragment_first.
         counters: Named,
     },
+    /// Pins of an interface that was deleted, or deleted and created again under the same name:
+    /// the kernel detached the program with the old interface; the pins stay until `detach`.
+    Gone { iface: String, ifindex: u32, gone: String },
     /// Pins or state of an interface that cannot be read (e.g. half removed).
     Broken { iface: String, error: String },
 }
 
 fn iface_status(scope: &Scope, iface: &str) -> Result<IfaceJson> {
     let fw = Firewall::open(scope, iface)?;
+    let ifindex = fw.state().ifindex;
+    let gone = match xdp::ifindex(iface, scope) {
+        Ok(now) if now == ifindex => None,
+        Ok(now) => Some(format!("{iface} was deleted and created again (ifindex {ifindex}, now {now})")),
+        Err(_) => Some(format!("{iface} (ifindex {ifindex}) no longer exists")),
+    };
+    if let Some(what) = gone {
+        let gone = format!(
+            "{what}; the firewall went with the old interface and nothing filters now. \
+             `rampart{} detach --iface {iface}` removes what is left of it",
+            match scope {
+                Scope::Host => String::new(),
+                Scope::Netns(n) => format!(" -n {n}"),
+            }
+        );
+        return Ok(IfaceJson::Gone { iface: iface.to_string(), ifindex, gone });
+    }
     let program_id = xdp::program_id(scope, iface)?;
     let stats = fw.stats()?;
     let counters = Named(stat::NAMES.iter().enumerate().map(|(i, n)| (*n, stats[i])).collect());
@@ -196,7 +216,7 @@ pub fn status(scope: &Scope, json: bool) -> Result<ExitCode> {
         Scope::Host => None,
         Scope::Netns(n) => Some(n.clone()),
     };
-    let broken = ifaces.iter().any(|i| matches!(i, IfaceJson::Broken { .. }));
+    let broken = ifaces.iter().any(|i| !matches!(i, IfaceJson::Ok { .. }));
     let out = StatusJson { netns, interfaces: ifaces };
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -216,10 +236,11 @@ pub fn status(scope: &Scope, json: bool) -> Result<ExitCode> {
                         println!("  {name:<20} {:>12} packets {:>14} bytes", c.packets, c.bytes);
                     }
                 }
+                IfaceJson::Gone { iface, gone, .. } => println!("{iface}: gone: {gone}"),
                 IfaceJson::Broken { iface, error } => println!("{iface}: broken: {error}"),
             }
         }
     }
-    // A broken attachment is worth a non-zero exit: scripts should notice.
+    // A broken or orphaned attachment is worth a non-zero exit: scripts should notice.
     Ok(if broken { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
