@@ -256,9 +256,11 @@ fn main() -> anyhow::Result<()> {
                 if limit.is_some() { ", CPU quota lifted" } else { "" }
             );
             let (fr, fr_usage) = measured(&guard, &mut warnings, &what, || {
-                s.without_budget(|s| {
+                let (fr, mut usage) = s.without_budget(|s| {
                     with_usage(s, &backend, |s| clients::run_fixed_rate(latency_tls.config.clone(), s.addr, &pace))
-                })
+                })?;
+                usage.client_late_us = fr.wake_late_p99_us;
+                Ok((fr, usage))
             })?;
             let (hs, hs_usage) =
                 measured(&guard, &mut warnings, &format!("{tag}: new handshakes {duration:?}"), || {
@@ -268,7 +270,8 @@ fn main() -> anyhow::Result<()> {
                 })?;
             eprintln!(
                 "tls-bench:   {:.0} req/s ({} errors); fixed rate: {:.0} of {} req/s{}, p50 {:.0} µs, p99 {:.0} µs, \
-                 p99.9 {:.0} µs, max {:.0} µs, sent late p99 {:.0} µs ({} errors); {:.0} handshakes/s ({} errors)",
+                 p99.9 {:.0} µs, max {:.0} µs, sent late p99 {:.0} µs (client woke late p99 {:.0} µs) ({} errors); {:.0} \
+                 handshakes/s ({} errors)",
                 ka.rps,
                 ka.errors(),
                 fr.rps,
@@ -279,6 +282,7 @@ fn main() -> anyhow::Result<()> {
                 fr.p999_us,
                 fr.max_us,
                 fr.lag_p99_us,
+                fr.wake_late_p99_us,
                 fr.error_count(),
                 hs.rate(),
                 hs.error_count()
@@ -357,7 +361,8 @@ fn main() -> anyhow::Result<()> {
              keep-alive load (wrk), then {}{} s at a fixed {} requests/s{}, then {} s of new connections; rates \
              are medians over the rounds, p50/p99 percentiles of all the rounds' fixed-rate requests pooled; \
              a measurement during which other programs used more than \
-             {FOREIGN_LIMIT}% of a core is taken again (at most {} attempts) and left out; measuring took {:.0} s",
+             {FOREIGN_LIMIT}% of a core, or at the fixed rate whose client itself woke more than {:.0} µs late \
+             at p99 (its CPU stalled), is taken again (at most {} attempts) and left out; measuring took {:.0} s",
             if warmup.is_zero() { String::new() } else { format!("{} s of warm-up, ", warmup.as_secs()) },
             duration.as_secs(),
             if warmup.is_zero() { String::new() } else { format!("{} s of warm-up, ", warmup.as_secs()) },
@@ -365,6 +370,7 @@ fn main() -> anyhow::Result<()> {
             report::thousands(pace.rate),
             if limit.is_some() { " with the CPU quota lifted" } else { "" },
             duration.as_secs(),
+            report::CLIENT_LATE_LIMIT_US,
             guard.attempts,
             elapsed.as_secs_f64()
         ),
@@ -477,20 +483,19 @@ fn measured<T>(
         eprintln!("tls-bench: {what}");
         let watch = Interference::start();
         let (t, mut usage) = f()?;
-        let foreign = watch.foreign_percent();
-        usage.foreign = foreign;
-        if foreign <= FOREIGN_LIMIT {
+        usage.foreign = watch.foreign_percent();
+        let Some(why) = usage.disturbance() else {
             return Ok((t, usage));
-        }
+        };
         if attempt >= guard.attempts {
             warnings.push(format!(
-                "{what}: other programs used {foreign:.0}% of a core during the measurement, after {attempt} \
-                 attempt(s){}; left out of the medians unless no round was clean",
+                "{what}: {why} during the measurement, after {attempt} attempt(s){}; left out of the medians \
+                 unless no round was clean",
                 noisy_start.map(|w| format!(" ({w})")).unwrap_or_default()
             ));
             return Ok((t, usage));
         }
-        eprintln!("tls-bench:   other programs used {foreign:.0}% of a core meanwhile; measuring again");
+        eprintln!("tls-bench:   {why} meanwhile; measuring again");
         attempt += 1;
     }
 }
@@ -512,6 +517,7 @@ fn with_usage<T>(
         backend_cpu: pct(backend.ticks().saturating_sub(b0)),
         busy: c0.busy_since(&CpuSample::now()),
         foreign: 0.0,
+        client_late_us: 0.0,
         throttle: s.throttling_since(q0, wall),
     };
     s.proc.check_alive()?;

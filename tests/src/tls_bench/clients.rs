@@ -480,6 +480,9 @@ pub struct RateResult {
     /// previous response on the connection still outstanding), µs.
     pub lag_p99_us: f64,
     pub lag_max_us: f64,
+    /// How late the client woke for requests it had to wait for (no response outstanding), p99,
+    /// µs: its own stalls, or its CPU's, which the contender cannot cause.
+    pub wake_late_p99_us: f64,
     /// Failed requests by kind, warm-up included; the connection is opened again after each.
     pub errors: BTreeMap<String, u64>,
     /// Every recorded latency, ns, sorted: the report pools the rounds' requests.
@@ -565,6 +568,7 @@ impl Alarm {
 struct RateState {
     latencies_ns: Vec<u64>,
     lags_ns: Vec<u64>,
+    wakes_ns: Vec<u64>,
     in_window: u64,
     unsent: u64,
     errors: BTreeMap<String, u64>,
@@ -679,6 +683,7 @@ pub fn run_fixed_rate(cfg: Arc<ClientConfig>, addr: SocketAddr, plan: &FixedRate
         .into_inner();
     s.latencies_ns.sort_unstable();
     s.lags_ns.sort_unstable();
+    s.wakes_ns.sort_unstable();
     let seconds = plan.duration.as_secs_f64();
     Ok(RateResult {
         target_rps: plan.rate,
@@ -693,6 +698,7 @@ pub fn run_fixed_rate(cfg: Arc<ClientConfig>, addr: SocketAddr, plan: &FixedRate
         max_us: percentile_us(&s.latencies_ns, 100.0),
         lag_p99_us: percentile_us(&s.lags_ns, 99.0),
         lag_max_us: percentile_us(&s.lags_ns, 100.0),
+        wake_late_p99_us: percentile_us(&s.wakes_ns, 99.0),
         errors: s.errors,
         latencies_ns: s.latencies_ns,
     })
@@ -734,11 +740,17 @@ async fn paced_connection(
             }
             return;
         }
+        // Due in the future: the client sleeps, and how late it wakes is its own (or its CPU's)
+        // lateness, whatever the contender does; due already: the previous response was late.
+        let sleeps = mono_ns() < due;
         if alarm.until(due).await.is_err() {
             state.borrow_mut().error("timerfd");
             return;
         }
         let sent = mono_ns();
+        if sleeps && due >= pacing.t0 && due < pacing.end {
+            state.borrow_mut().wakes_ns.push(sent.saturating_sub(due));
+        }
         let exchange = async {
             let tls = match &mut conn {
                 Some(tls) => tls,
