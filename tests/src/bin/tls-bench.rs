@@ -234,74 +234,87 @@ fn main() -> anyhow::Result<()> {
     let guard = Guard { quiet_wait, attempts: if args.quick { 1 } else { 3 } };
     let started = Instant::now();
     let mut warnings = Vec::new();
+    // Like with like: each round measures every contender's keep-alive run, then every fixed-rate
+    // run, then every handshake run, so the two measurements a ratio compares are seconds apart,
+    // not a whole contender's turn (this VM's speed drifts within a minute).
     for round in 0..rounds {
-        for i in 0..servers.len() {
-            let idx = (i + round) % servers.len();
-            let s = &mut servers[idx];
-            let name = results[idx].label.clone();
-            let log = work.path.join(format!("wrk-{}-{round}.log", s.kind.map_or("x", Kind::name)));
-            let tag = format!("round {}/{rounds}: {name}", round + 1);
-            let (ka, ka_usage) = measured(&guard, &mut warnings, &format!("{tag}: keep-alive {duration:?}"), || {
-                if !warmup.is_zero() {
-                    clients::run_wrk(&client_cpus, &openssl_conf, s.addr, args.connections, warmup, &log)?;
+        let order: Vec<usize> = (0..servers.len()).map(|i| (i + round) % servers.len()).collect();
+        for r in results.iter_mut() {
+            r.rounds.push(Round::default());
+        }
+        for run in Run::ALL {
+            for &idx in &order {
+                let s = &mut servers[idx];
+                let tag = format!("round {}/{rounds}: {}", round + 1, results[idx].label);
+                let this = results[idx].rounds.last_mut().context("round just pushed")?;
+                match run {
+                    Run::KeepAlive => {
+                        let log = work.path.join(format!("wrk-{}-{round}.log", s.kind.map_or("x", Kind::name)));
+                        (this.keepalive, this.keepalive_usage) =
+                            measured(&guard, &mut warnings, &format!("{tag}: keep-alive {duration:?}"), || {
+                                if !warmup.is_zero() {
+                                    clients::run_wrk(&client_cpus, &openssl_conf, s.addr, args.connections, warmup, &log)?;
+                                }
+                                with_usage(s, &backend, |s| {
+                                    clients::run_wrk(&client_cpus, &openssl_conf, s.addr, args.connections, duration, &log)
+                                })
+                            })?;
+                        eprintln!("tls-bench:   {:.0} req/s ({} errors)", this.keepalive.rps, this.keepalive.errors());
+                    }
+                    Run::FixedRate => {
+                        let what = format!(
+                            "{tag}: fixed rate {} req/s over {} connections {duration:?}{}",
+                            args.latency_rate,
+                            pace.connections,
+                            if limit.is_some() { ", CPU quota lifted" } else { "" }
+                        );
+                        (this.fixed_rate, this.fixed_rate_usage) = measured(&guard, &mut warnings, &what, || {
+                            let (fr, mut usage) = s.without_budget(|s| {
+                                with_usage(s, &backend, |s| {
+                                    clients::run_fixed_rate(latency_tls.config.clone(), s.addr, &pace)
+                                })
+                            })?;
+                            usage.client_late_us = fr.wake_late_p99_us;
+                            Ok((fr, usage))
+                        })?;
+                        let fr = &this.fixed_rate;
+                        eprintln!(
+                            "tls-bench:   {:.0} of {} req/s{}, p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs, \
+                             sent late p99 {:.0} µs (client woke late p99 {:.0} µs) ({} errors)",
+                            fr.rps,
+                            args.latency_rate,
+                            if fr.kept_rate() { "" } else { " (could not keep the rate)" },
+                            fr.p50_us,
+                            fr.p99_us,
+                            fr.p999_us,
+                            fr.max_us,
+                            fr.lag_p99_us,
+                            fr.wake_late_p99_us,
+                            fr.error_count(),
+                        );
+                        if !fr.kept_rate() {
+                            warnings.push(format!(
+                                "{tag}: could not keep the fixed rate: {:.0} of {} req/s achieved, {} scheduled \
+                                 request(s) never sent; the contender is saturated at this rate",
+                                fr.rps, args.latency_rate, fr.unsent
+                            ));
+                        }
+                    }
+                    Run::Handshakes => {
+                        (this.handshakes, this.handshake_usage) =
+                            measured(&guard, &mut warnings, &format!("{tag}: new handshakes {duration:?}"), || {
+                                with_usage(s, &backend, |s| {
+                                    clients::run_handshakes(tls_client.config.clone(), s.addr, args.connections, duration)
+                                })
+                            })?;
+                        eprintln!(
+                            "tls-bench:   {:.0} handshakes/s ({} errors)",
+                            this.handshakes.rate(),
+                            this.handshakes.error_count()
+                        );
+                    }
                 }
-                with_usage(s, &backend, |s| {
-                    clients::run_wrk(&client_cpus, &openssl_conf, s.addr, args.connections, duration, &log)
-                })
-            })?;
-            let what = format!(
-                "{tag}: fixed rate {} req/s over {} connections {duration:?}{}",
-                args.latency_rate,
-                pace.connections,
-                if limit.is_some() { ", CPU quota lifted" } else { "" }
-            );
-            let (fr, fr_usage) = measured(&guard, &mut warnings, &what, || {
-                let (fr, mut usage) = s.without_budget(|s| {
-                    with_usage(s, &backend, |s| clients::run_fixed_rate(latency_tls.config.clone(), s.addr, &pace))
-                })?;
-                usage.client_late_us = fr.wake_late_p99_us;
-                Ok((fr, usage))
-            })?;
-            let (hs, hs_usage) =
-                measured(&guard, &mut warnings, &format!("{tag}: new handshakes {duration:?}"), || {
-                    with_usage(s, &backend, |s| {
-                        clients::run_handshakes(tls_client.config.clone(), s.addr, args.connections, duration)
-                    })
-                })?;
-            eprintln!(
-                "tls-bench:   {:.0} req/s ({} errors); fixed rate: {:.0} of {} req/s{}, p50 {:.0} µs, p99 {:.0} µs, \
-                 p99.9 {:.0} µs, max {:.0} µs, sent late p99 {:.0} µs (client woke late p99 {:.0} µs) ({} errors); {:.0} \
-                 handshakes/s ({} errors)",
-                ka.rps,
-                ka.errors(),
-                fr.rps,
-                args.latency_rate,
-                if fr.kept_rate() { "" } else { " (could not keep the rate)" },
-                fr.p50_us,
-                fr.p99_us,
-                fr.p999_us,
-                fr.max_us,
-                fr.lag_p99_us,
-                fr.wake_late_p99_us,
-                fr.error_count(),
-                hs.rate(),
-                hs.error_count()
-            );
-            if !fr.kept_rate() {
-                warnings.push(format!(
-                    "{tag}: could not keep the fixed rate: {:.0} of {} req/s achieved, {} scheduled request(s) \
-                     never sent; the contender is saturated at this rate",
-                    fr.rps, args.latency_rate, fr.unsent
-                ));
             }
-            results[idx].rounds.push(Round {
-                keepalive: ka,
-                fixed_rate: fr,
-                handshakes: hs,
-                keepalive_usage: ka_usage,
-                fixed_rate_usage: fr_usage,
-                handshake_usage: hs_usage,
-            });
         }
     }
     let elapsed = started.elapsed();
@@ -357,8 +370,9 @@ fn main() -> anyhow::Result<()> {
             if limit.is_some() { "closed loop under the CPU budget" } else { "closed loop" }
         ),
         method: format!(
-            "{rounds} round(s); in each, every contender in turn (order rotated each round) gets {}{} s of \
-             keep-alive load (wrk), then {}{} s at a fixed {} requests/s{}, then {} s of new connections; rates \
+            "{rounds} round(s); in each, the contenders in turn (order rotated each round) get {}{} s of \
+             keep-alive load (wrk) one after another, then {}{} s at a fixed {} requests/s{} each, then {} s of \
+             new connections each, so that the measurements a ratio compares are seconds apart; rates \
              are medians over the rounds, p50/p99 percentiles of all the rounds' fixed-rate requests pooled; \
              a measurement during which other programs used more than \
              {FOREIGN_LIMIT}% of a core, or at the fixed rate whose client itself woke more than {:.0} µs late \

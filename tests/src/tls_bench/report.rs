@@ -243,8 +243,8 @@ impl Contender {
     }
 
     /// Round by round against `other`: the ratio `f(self) / f(other)` for every round that
-    /// both measured undisturbed (the two ran within a minute or so of each other, so a
-    /// machine that slows down for a while slows both).
+    /// both measured undisturbed (the two ran one after the other, so a machine that slows
+    /// down for a while slows both).
     pub fn paired(&self, other: &Contender, run: Run, f: impl Fn(&Round) -> f64) -> Vec<f64> {
         self.rounds
             .iter()
@@ -605,7 +605,7 @@ fn paired_line(r: &Contender, h: &Contender) -> String {
         format!("{what}: {held} of {n} (ratios {lo:.2}–{hi:.2}×, median {:.2}×)", median(ratios))
     };
     format!(
-        "Round by round against HAProxy (each round's two measurements, at most a couple of minutes apart; \
+        "Round by round against HAProxy (each round's two measurements of a kind, taken one after the other; \
          undisturbed rounds only), the rounds in which the target held: {}; {}; {}.",
         part("req/s ≥ 1.2×", r.paired(h, Run::KeepAlive, |x| x.keepalive.rps), |x| x >= 1.2),
         part("full handshakes/s ≥ 1.5×", r.paired(h, Run::Handshakes, |x| x.handshakes.rate()), |x| x >= 1.5),
