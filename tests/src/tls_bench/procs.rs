@@ -238,12 +238,10 @@ pub fn ticks_per_second() -> f64 {
     if t > 0 { t as f64 } else { 100.0 }
 }
 
-/// Per-CPU (busy, total) jiffies from /proc/stat, and the jiffies all tasks spent running
-/// (user, nice, system: what processes are charged; interrupts and steal are not).
+/// Per-CPU (busy, total) jiffies from /proc/stat.
 #[derive(Clone, Debug, Default)]
 pub struct CpuSample {
     pub per_cpu: Vec<(u64, u64)>,
-    pub task_jiffies: u64,
 }
 
 impl CpuSample {
@@ -260,7 +258,6 @@ impl CpuSample {
             // user nice system idle iowait irq softirq steal
             let total: u64 = (0..8).map(f).sum();
             s.per_cpu.push((total - f(3) - f(4), total));
-            s.task_jiffies += f(0) + f(1) + f(2);
         }
         s
     }
@@ -276,21 +273,6 @@ impl CpuSample {
             })
             .collect()
     }
-}
-
-/// CPU ticks used so far by this process, its reaped children (wrk, openssl) and its live
-/// descendants (the servers and their workers).
-pub fn own_tree_ticks() -> u64 {
-    let reaped = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = s.get(s.rfind(')')? + 2..)?.to_string();
-            let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
-            // cutime and cstime are fields 16 and 17.
-            Some(f.get(13).copied().unwrap_or(0) + f.get(14).copied().unwrap_or(0))
-        })
-        .unwrap_or(0);
-    tree_ticks(std::process::id()) + reaped
 }
 
 /// Time on CPU of every task (thread) of every process, ns, from `/proc/PID/task/TID/schedstat`:

@@ -704,6 +704,11 @@ mod tests {
         assert_eq!(ratio(3.0, 2.0), "1.50×");
     }
 
+    /// A contender with these rounds and nothing else.
+    fn contender(kind: Kind, rounds: Vec<Round>) -> Contender {
+        Contender { kind, label: kind.name().into(), setup: String::new(), negotiated_openssl: String::new(), rounds }
+    }
+
     #[test]
     fn flags_client_bound_runs() {
         let ctx = Context {
@@ -726,13 +731,7 @@ mod tests {
             keepalive_usage: Usage { busy: vec![client, 50.0], ..Usage::default() },
             ..Round::default()
         };
-        let c = |rounds| Contender {
-            kind: Kind::Nginx,
-            label: "nginx".into(),
-            setup: String::new(),
-            negotiated_openssl: String::new(),
-            rounds,
-        };
+        let c = |rounds| contender(Kind::Nginx, rounds);
         let calm = client_bound(&ctx, &[c(vec![round(60.0), round(90.0)])]).unwrap();
         assert!(calm.starts_with("The client CPU (CPU 0) stayed under 90%"), "{calm}");
         let bound = client_bound(&ctx, &[c(vec![round(60.0), round(97.0)])]).unwrap();
@@ -753,15 +752,8 @@ mod tests {
             keepalive_usage: Usage { foreign, ..Usage::default() },
             ..Round::default()
         };
-        let c = |kind, rounds| Contender {
-            kind,
-            label: String::new(),
-            setup: String::new(),
-            negotiated_openssl: String::new(),
-            rounds,
-        };
-        let r = c(Kind::Rampart, vec![round(130.0, 900.0, 0.0), round(110.0, 1100.0, 0.0), round(500.0, 1.0, 50.0)]);
-        let h = c(Kind::Haproxy, vec![round(100.0, 1000.0, 0.0), round(100.0, 1000.0, 0.0), round(100.0, 1000.0, 0.0)]);
+        let r = contender(Kind::Rampart, vec![round(130.0, 900.0, 0.0), round(110.0, 1100.0, 0.0), round(500.0, 1.0, 50.0)]);
+        let h = contender(Kind::Haproxy, vec![round(100.0, 1000.0, 0.0), round(100.0, 1000.0, 0.0), round(100.0, 1000.0, 0.0)]);
         // Round 3's keep-alive run was disturbed: left out of req/s, kept for p99.
         assert_eq!(r.paired(&h, Run::KeepAlive, |x| x.keepalive.rps), vec![1.3, 1.1]);
         let line = paired_line(&r, &h);
@@ -784,15 +776,8 @@ mod tests {
             fixed_rate_usage: Usage { client_late_us: late, ..Usage::default() },
             ..Round::default()
         };
-        let c = |kind, rounds| Contender {
-            kind,
-            label: String::new(),
-            setup: String::new(),
-            negotiated_openssl: String::new(),
-            rounds,
-        };
-        let r = c(Kind::Rampart, vec![round(300.0, 50.0), round(3800.0, 1700.0), round(400.0, 60.0)]);
-        let h = c(Kind::Haproxy, vec![round(350.0, 50.0), round(500.0, 70.0), round(300.0, 60.0)]);
+        let r = contender(Kind::Rampart, vec![round(300.0, 50.0), round(3800.0, 1700.0), round(400.0, 60.0)]);
+        let h = contender(Kind::Haproxy, vec![round(350.0, 50.0), round(500.0, 70.0), round(300.0, 60.0)]);
         assert_eq!(r.summary().p99_us, 350.0, "median of rounds 1 and 3");
         assert_eq!(r.paired(&h, Run::FixedRate, |x| x.fixed_rate.p99_us).len(), 2);
     }
