@@ -480,24 +480,6 @@ tls_verify = false
     assert_eq!(field(&r.body, "backend"), "tls-other");
 }
 
-/// Reads until the server closes the connection (bounded: 10 s); returns what was read, or
-/// None if the connection was still open at the bound.
-async fn read_to_close<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<String> {
-    use tokio::io::AsyncReadExt;
-    let mut all = Vec::new();
-    let mut buf = [0u8; 4096];
-    let done = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        loop {
-            match r.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => all.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    done.ok().map(|()| String::from_utf8_lossy(&all).to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_and_idle_timeouts_close_connections() {
     let site = Site::new("timeouts");

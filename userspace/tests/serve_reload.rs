@@ -6,6 +6,7 @@ mod serve_support;
 use std::{net::SocketAddr, os::unix::fs::PermissionsExt, path::PathBuf, process::Command, time::Duration};
 
 use serve_support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Setup {
     dir: TestDir,
@@ -185,6 +186,14 @@ async fn graceful_shutdown_finishes_requests_in_flight() {
         })
         .collect();
     assert!(eventually(50, || b1.hits() >= 2).await);
+    // A keep-alive connection, idle between requests: shutdown closes it (close_notify, FIN)
+    // rather than leaving it to the idle timeout, or the drain would wait for it.
+    let mut idle = tls_client(tokio::net::TcpStream::connect(listen).await.unwrap(), "site.test", &s.ca.pem).await;
+    idle.write_all(b"GET /idle HTTP/1.1\r\nHost: site.test\r\n\r\n").await.unwrap();
+    let mut first = [0u8; 15];
+    idle.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200 OK");
+    assert!(eventually(50, || b1.hits() >= 3).await);
     d.signal(libc::SIGTERM);
     d.wait_log("shutting down");
     // No new connections once shutdown began.
@@ -194,6 +203,8 @@ async fn graceful_shutdown_finishes_requests_in_flight() {
         assert_eq!(r.status, 200, "{r:?}\n{}", d.log_text());
         assert_eq!(field(&r.body, "path"), "/slow");
     }
+    let rest = read_to_close(&mut idle).await.expect("the idle connection is closed at shutdown");
+    assert!(rest.contains("path=/idle") && !rest.contains("HTTP/1.1 "), "the rest of the first answer only: {rest}");
     let status = d.wait_exit();
     assert!(status.success(), "{status:?}\n{}", d.log_text());
     assert!(d.log_text().contains("all connections finished"), "{}", d.log_text());

@@ -180,13 +180,17 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, ctx: 
     let mut hdrs: Vec<HeaderPos> = Vec::with_capacity(32);
     let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
     let mut up_head: Vec<u8> = Vec::with_capacity(1024);
+    // One shutdown waiter for the connection's life, not one per request (each registers with
+    // the token under its lock).
+    let shutdown = shared.shutdown.cancelled();
+    tokio::pin!(shutdown);
     loop {
         // The next request: wait for its first byte (idle timeout; a shutdown closes an idle
         // connection), then for the whole head (header timeout).
         if c.rbuf.is_empty() {
             let first = tokio::select! {
                 biased;
-                _ = shared.shutdown.cancelled() => return c.close().await,
+                _ = &mut shutdown => return c.close().await,
                 r = tokio::time::timeout(idle, c.fill()) => r,
             };
             match first {
@@ -196,7 +200,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, ctx: 
                 _ => return,
             }
         }
-        let deadline = tokio::time::Instant::now() + header_timeout;
+        // Set when the head is not whole yet (it usually is, and then no clock is read).
+        let mut deadline = None;
         let parsed = loop {
             match parse_head(&c.rbuf, &mut hdrs) {
                 Ok(Some((n, _))) if n > MAX_REQUEST_HEAD => break Err(NoHead::TooLarge),
@@ -205,7 +210,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, ctx: 
                 Ok(None) => {}
                 Err(e) => break Err(e),
             }
-            match tokio::time::timeout_at(deadline, c.fill()).await {
+            let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + header_timeout);
+            match tokio::time::timeout_at(at, c.fill()).await {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => break Err(NoHead::Quiet),
             }

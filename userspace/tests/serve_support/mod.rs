@@ -493,3 +493,21 @@ pub async fn tls_client(
     let name = rustls_pki_types::ServerName::try_from(host.to_string()).unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap()
 }
+
+/// Reads until the server closes the connection (bounded: 10 s); returns what was read, or
+/// None if the connection was still open at the bound.
+pub async fn read_to_close<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    let done = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    done.ok().map(|()| String::from_utf8_lossy(&all).to_string())
+}
