@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     metrics::{BackendLabels, Metrics},
     proxy_protocol,
+    tcp::Tcp,
     upstream::{BodyDecoder, Io, Upstream},
 };
 use crate::config::{self, BackendAddr, Scheme};
@@ -148,7 +149,7 @@ impl BackendConn {
                 None => Io::Plain(tcp),
                 Some((cfg, name)) => Io::Tls(Box::new(
                     tokio_rustls::TlsConnector::from(cfg.clone())
-                        .connect(name.clone(), tcp)
+                        .connect(name.clone(), Tcp(tcp))
                         .await
                         .map_err(|source| ConnectError::Tls { addr, source })?,
                 )),

@@ -30,6 +30,7 @@ use super::{
     metrics::ListenerLabels,
     proxy::{self, ConnCtx, RespBody},
     proxy_protocol::{self, ProxyHeader},
+    tcp::Tcp,
 };
 
 /// Activity of one client connection, for the idle and header-read timeouts.
@@ -219,7 +220,7 @@ async fn serve_tls_conn(
     };
     let labels = ListenerLabels { listener: lrt.name.clone() };
     let acceptor = tokio_rustls::TlsAcceptor::from(lrt.tls.clone());
-    let tls = match tokio::time::timeout(lrt.client_header_timeout, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(lrt.client_header_timeout, acceptor.accept(Tcp(tcp))).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             shared.metrics.tls_handshake_failures.get_or_create(&labels).inc();

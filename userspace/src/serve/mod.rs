@@ -3,10 +3,11 @@
 //! Layout: [`runtime`] builds one generation of state from a config; [`listener`] accepts
 //! clients (TLS, redirect); [`h1`] serves HTTP/1.1 clients and hyper serves h2 ones, both
 //! deciding through [`proxy`] (routes, firewall, backend picks); [`upstream`] speaks HTTP/1.1
-//! to backends over the connections [`backend`] opens and keeps, and runs health checks; [`tls`], [`firewall`], [`proxy_protocol`], [`metrics`] and [`admin`]
-//! (metrics listener and control socket) do one job each. Reloads (SIGHUP, `rampart reload`)
-//! build a new generation and swap it in; a config that fails to load or build is refused and
-//! the running one stays.
+//! to backends over the connections [`backend`] opens and keeps, and runs health checks;
+//! [`tls`], [`tcp`] (the socket under rustls), [`firewall`], [`proxy_protocol`], [`metrics`]
+//! and [`admin`] (metrics listener and control socket) do one job each. Reloads (SIGHUP,
+//! `rampart reload`) build a new generation and swap it in; a config that fails to load or
+//! build is refused and the running one stays.
 
 pub mod admin;
 pub mod backend;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod runtime;
+pub mod tcp;
 pub mod tls;
 pub mod upstream;
 

@@ -19,7 +19,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::backend::{BackendConn, ProxyHeader};
+use super::{
+    backend::{BackendConn, ProxyHeader},
+    tcp::Tcp,
+};
 
 /// Largest response head accepted from a backend.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -49,14 +52,14 @@ pub enum UpstreamError {
 /// A backend connection's byte stream.
 pub enum Io {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::client::TlsStream<Tcp>>),
 }
 
 impl Io {
     fn tcp(&self) -> &TcpStream {
         match self {
             Io::Plain(t) => t,
-            Io::Tls(t) => t.get_ref().0,
+            Io::Tls(t) => &t.get_ref().0.0,
         }
     }
 }
