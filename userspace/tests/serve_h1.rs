@@ -275,47 +275,24 @@ async fn raw_conn(mut tcp: TcpStream, st: Arc<RawState>, id: usize) {
 struct Fixture {
     // Declared first: the daemon goes before its directory.
     daemon: Daemon,
-    ca: Ca,
     listen: SocketAddr,
     admin: SocketAddr,
-    _dir: TestDir,
+    site: Site,
 }
 
 impl Fixture {
     fn start(name: &str, routes: &str) -> Self {
-        let dir = TestDir::new(name);
-        let ca = Ca::new("rampart test CA");
-        ca.write_leaf(&dir, "site", "site.test", &["site.test", "127.0.0.1"]);
-        ca.write_leaf(&dir, "api", "api.test", &["api.test"]);
+        let site = Site::new(name);
         let (listen, admin) = (free_addr(), free_addr());
-        let cfg = dir.write(
-            "rampart.toml",
-            &format!(
-                r#"[admin]
-listen = "{admin}"
-control_socket = "{sock}"
-drain_timeout = "5s"
-
-[[https]]
-listen = "{listen}"
-certs = [
-  {{ cert = "site.pem", key = "site.key" }},
-  {{ cert = "api.pem", key = "api.key", names = ["api.test"] }},
-]
-
-{routes}
-"#,
-                sock = dir.path("control.sock").display(),
-            ),
-        );
-        let daemon = Daemon::start(&cfg, &dir.path("daemon.log"));
-        Fixture { daemon, ca, listen, admin, _dir: dir }
+        let cfg = site.config(listen, admin, "", routes);
+        let daemon = Daemon::start(&cfg, &site.dir.path("daemon.log"));
+        Fixture { daemon, listen, admin, site }
     }
 
     /// A TLS connection without ALPN, so the daemon serves it with h1.rs.
     async fn conn(&self) -> Conn {
         let tcp = TcpStream::connect(self.listen).await.unwrap();
-        let tls = tls_client(tcp, "site.test", &self.ca.pem).await;
+        let tls = tls_client(tcp, "site.test", &self.site.ca.pem).await;
         Conn { tls, buf: Vec::new() }
     }
 

@@ -8,44 +8,17 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serve_support::*;
 
-struct Setup {
-    dir: TestDir,
-    ca_file: PathBuf,
+/// rampart.toml with two routes, `/` to pool "web" and `/other` to pool "other", and `pools`.
+fn config(s: &Site, listen: SocketAddr, admin: SocketAddr, pools: &str) -> PathBuf {
+    s.config(
+        listen,
+        admin,
+        "",
+        &format!("[[route]]\npool = \"web\"\n\n[[route]]\npath = \"/other\"\npool = \"other\"\n\n{pools}"),
+    )
 }
 
-fn setup(name: &str) -> Setup {
-    let dir = TestDir::new(name);
-    let ca = Ca::new("rampart test CA");
-    let ca_file = dir.write("ca.pem", &ca.pem);
-    ca.write_leaf(&dir, "site", "site.test", &["site.test"]);
-    Setup { dir, ca_file }
-}
-
-fn config(s: &Setup, listen: SocketAddr, admin: SocketAddr, pools: &str) -> PathBuf {
-    let text = format!(
-        r#"[admin]
-listen = "{admin}"
-control_socket = "{sock}"
-
-[[https]]
-listen = "{listen}"
-certs = [{{ cert = "site.pem", key = "site.key" }}]
-
-[[route]]
-pool = "web"
-
-[[route]]
-path = "/other"
-pool = "other"
-
-{pools}
-"#,
-        sock = s.dir.path("control.sock").display()
-    );
-    s.dir.write("rampart.toml", &text)
-}
-
-fn get(s: &Setup, listen: SocketAddr, path: &str) -> Curl {
+fn get(s: &Site, listen: SocketAddr, path: &str) -> Curl {
     curl_https(listen, "site.test", path, &s.ca_file, &[])
 }
 
@@ -55,7 +28,7 @@ fn up(admin: SocketAddr, backend: SocketAddr) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_check_takes_dead_backend_out_and_brings_it_back() {
-    let s = setup("health");
+    let s = Site::new("health");
     let b1 = TestBackend::start("b1", free_addr()).await;
     let b2_addr = free_addr();
     let b2 = TestBackend::start("b2", b2_addr).await;
@@ -116,7 +89,7 @@ backends = ["{}"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_on_connect_failure_then_502_503_504() {
-    let s = setup("retry");
+    let s = Site::new("retry");
     let b1 = TestBackend::start("b1", free_addr()).await;
     // Nothing listens on these: connecting is refused.
     let (dead1, dead2) = (free_addr(), free_addr());
@@ -165,7 +138,7 @@ retries = 1
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passive_marking_drain_and_nginx_backend() {
-    let s = setup("passive");
+    let s = Site::new("passive");
     let nginx_addr = free_addr();
     let Some(_nginx) = Nginx::start(nginx_addr, "nginx-web", false) else {
         panic!("nginx is not installed (apt-get install nginx-light)");
@@ -264,7 +237,7 @@ health = {{ path = "/healthz", interval = "1h", rise = 1, fall = 2 }}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hash_on_a_header_keeps_a_user_on_one_backend() {
-    let s = setup("hash");
+    let s = Site::new("hash");
     let backends = [
         TestBackend::start("h1", free_addr()).await,
         TestBackend::start("h2", free_addr()).await,

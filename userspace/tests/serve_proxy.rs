@@ -4,54 +4,13 @@
 
 mod serve_support;
 
-use std::{net::SocketAddr, path::PathBuf, process::Command};
+use std::{net::SocketAddr, process::Command};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serve_support::*;
 use tokio::io::AsyncWriteExt;
-
-/// A CA, a default certificate for `site.test` and one for `api.test`, in a scratch dir.
-struct Site {
-    dir: TestDir,
-    ca: Ca,
-    ca_file: PathBuf,
-}
-
-impl Site {
-    fn new(name: &str) -> Self {
-        let dir = TestDir::new(name);
-        let ca = Ca::new("rampart test CA");
-        let ca_file = dir.write("ca.pem", &ca.pem);
-        ca.write_leaf(&dir, "site", "site.test", &["site.test", "127.0.0.1"]);
-        ca.write_leaf(&dir, "api", "api.test", &["api.test"]);
-        Site { dir, ca, ca_file }
-    }
-
-    /// Writes rampart.toml: one https listener with both certificates, `extra` appended.
-    fn config(&self, listen: SocketAddr, admin: SocketAddr, https_extra: &str, extra: &str) -> PathBuf {
-        let text = format!(
-            r#"[admin]
-listen = "{admin}"
-control_socket = "{sock}"
-drain_timeout = "5s"
-
-[[https]]
-listen = "{listen}"
-certs = [
-  {{ cert = "site.pem", key = "site.key" }},
-  {{ cert = "api.pem", key = "api.key", names = ["api.test"] }},
-]
-{https_extra}
-
-{extra}
-"#,
-            sock = self.dir.path("control.sock").display(),
-        );
-        self.dir.write("rampart.toml", &text)
-    }
-}
 
 fn openssl(addr: SocketAddr, args: &[&str]) -> (bool, String) {
     openssl_with_input(addr, args, "")

@@ -3,39 +3,18 @@
 
 mod serve_support;
 
-use std::{net::SocketAddr, os::unix::fs::PermissionsExt, path::PathBuf, process::Command, time::Duration};
+use std::{net::SocketAddr, os::unix::fs::PermissionsExt, process::Command, time::Duration};
 
 use serve_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Setup {
-    dir: TestDir,
-    ca: Ca,
-    ca_file: PathBuf,
-}
-
-fn setup(name: &str) -> Setup {
-    let dir = TestDir::new(name);
-    let ca = Ca::new("rampart test CA");
-    let ca_file = dir.write("ca.pem", &ca.pem);
-    ca.write_leaf(&dir, "site", "site.test", &["site.test", "127.0.0.1"]);
-    Setup { dir, ca, ca_file }
-}
-
-fn config_text(s: &Setup, listen: SocketAddr, admin: SocketAddr, rest: &str) -> String {
-    format!(
-        r#"[admin]
-listen = "{admin}"
-control_socket = "{sock}"
-drain_timeout = "10s"
-
-[[https]]
-listen = "{listen}"
-certs = [{{ cert = "site.pem", key = "site.key" }}]
-{rest}
-"#,
-        sock = s.dir.path("control.sock").display()
-    )
+/// LINE:COLUMN (from 1) where `needle` first appears in `text`: where an error about that
+/// value must point.
+fn at(text: &str, needle: &str) -> String {
+    let i = text.find(needle).unwrap_or_else(|| panic!("{needle} not in the config"));
+    let line = text[..i].matches('\n').count() + 1;
+    let col = i - text[..i].rfind('\n').map_or(0, |n| n + 1) + 1;
+    format!("{line}:{col}")
 }
 
 fn subject(addr: SocketAddr, ca: &std::path::Path) -> String {
@@ -51,15 +30,15 @@ fn subject(addr: SocketAddr, ca: &std::path::Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_hot_reload_under_load_without_failures() {
-    let s = setup("certreload");
+    let s = Site::new("certreload");
     let b1 = TestBackend::start("b1", free_addr()).await;
     let (listen, admin) = (free_addr(), free_addr());
     let cfg = s.dir.write(
         "rampart.toml",
-        &config_text(
-            &s,
+        &s.config_text(
             listen,
             admin,
+            "",
             &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", b1.addr),
         ),
     );
@@ -101,7 +80,7 @@ async fn certificate_hot_reload_under_load_without_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_reload_applies_good_and_refuses_bad() {
-    let s = setup("cfgreload");
+    let s = Site::new("cfgreload");
     let b1 = TestBackend::start("b1", free_addr()).await;
     let b2 = TestBackend::start("b2", free_addr()).await;
     let (listen, admin) = (free_addr(), free_addr());
@@ -110,7 +89,7 @@ async fn config_reload_applies_good_and_refuses_bad() {
             "[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [{{ addr = \"{backend}\", state = \"{state}\" }}]\n"
         )
     };
-    let cfg = s.dir.write("rampart.toml", &config_text(&s, listen, admin, &pools(b1.addr, "ready")));
+    let cfg = s.dir.write("rampart.toml", &s.config_text(listen, admin, "", &pools(b1.addr, "ready")));
     let d = Daemon::start(&cfg, &s.dir.path("daemon.log"));
     let sock = s.dir.path("control.sock");
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
@@ -127,7 +106,7 @@ async fn config_reload_applies_good_and_refuses_bad() {
     // The new file also adds a listener (the redirect).
     let redirect = free_addr();
     let with_redirect = format!("redirect_http = \"{redirect}\"\n{}", pools(b2.addr, "ready"));
-    s.dir.replace("rampart.toml", &config_text(&s, listen, admin, &with_redirect));
+    s.dir.replace("rampart.toml", &s.config_text(listen, admin, "", &with_redirect));
     let out = rampart(&["reload", "--control-socket", sock_s]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration reloaded"));
@@ -140,12 +119,12 @@ async fn config_reload_applies_good_and_refuses_bad() {
 
     // A bad file is refused with its location; the running config stays.
     let bad =
-        config_text(&s, listen, admin, &pools(b1.addr, "ready")).replace("pool = \"web\"\n\n", "pool = \"nope\"\n\n");
+        s.config_text(listen, admin, "", &pools(b1.addr, "ready")).replace("pool = \"web\"\n\n", "pool = \"nope\"\n\n");
     s.dir.replace("rampart.toml", &bad);
     let out = rampart(&["reload", "--control-socket", sock_s]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}:10:8: unknown pool \"nope\"", cfg.display())), "{err}");
+    assert!(err.contains(&format!("{}:{}: unknown pool \"nope\"", cfg.display(), at(&bad, "\"nope\""))), "{err}");
     assert_eq!(field(&curl_https(listen, "site.test", "/", &s.ca_file, &[]).body, "backend"), "b2");
     // The same through SIGHUP.
     d.signal(libc::SIGHUP);
@@ -153,7 +132,7 @@ async fn config_reload_applies_good_and_refuses_bad() {
     assert_eq!(field(&curl_https(listen, "site.test", "/", &s.ca_file, &[]).body, "backend"), "b2");
 
     // A good file through SIGHUP: the backend in maintenance leaves the pool empty: 503.
-    s.dir.replace("rampart.toml", &config_text(&s, listen, admin, &pools(b2.addr, "maint")));
+    s.dir.replace("rampart.toml", &s.config_text(listen, admin, "", &pools(b2.addr, "maint")));
     d.signal(libc::SIGHUP);
     assert!(eventually(50, || d.count_log("configuration reloaded") >= 2).await, "{}", d.log_text());
     let r = curl_https(listen, "site.test", "/", &s.ca_file, &[]);
@@ -165,15 +144,15 @@ async fn config_reload_applies_good_and_refuses_bad() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_finishes_requests_in_flight() {
-    let s = setup("shutdown");
+    let s = Site::new("shutdown");
     let b1 = TestBackend::start("b1", free_addr()).await;
     let (listen, admin) = (free_addr(), free_addr());
     let cfg = s.dir.write(
         "rampart.toml",
-        &config_text(
-            &s,
+        &s.config_text(
             listen,
             admin,
+            "",
             &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", b1.addr),
         ),
     );
@@ -213,11 +192,9 @@ async fn graceful_shutdown_finishes_requests_in_flight() {
 
 #[test]
 fn check_config_reports_locations_and_what_serve_does_not_apply() {
-    let s = setup("checkcfg");
-    let good = config_text(
-        &s,
-        free_addr(),
-        free_addr(),
+    let s = Site::new("checkcfg");
+    let good = s.config_text(free_addr(),
+        free_addr(), "",
         "[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"127.0.0.1:9\"]\n\n[[interface]]\nname = \"eth0\"\n",
     );
     let path = s.dir.write("good.toml", &good);
@@ -235,13 +212,16 @@ fn check_config_reports_locations_and_what_serve_does_not_apply() {
     let out = rampart(&["check-config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}:15:19: invalid duration \"3 weeks\"", path.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}:{}: invalid duration \"3 weeks\"", path.display(), at(&bad, "\"3 weeks\""))),
+        "{err}"
+    );
 
     let bad = good.replace("pool = \"web\"\n\n", "pool = \"web2\"\n\n");
     let path = s.dir.write("bad2.toml", &bad);
     let out = rampart(&["check-config", path.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}:10:8: unknown pool \"web2\"", path.display())), "{err}");
+    assert!(err.contains(&format!("{}:{}: unknown pool \"web2\"", path.display(), at(&bad, "\"web2\""))), "{err}");
 
     // A missing key file is reported where the config names it.
     let bad = good.replace("key = \"site.key\"", "key = \"missing.key\"");
@@ -249,7 +229,11 @@ fn check_config_reports_locations_and_what_serve_does_not_apply() {
     let out = rampart(&["check-config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}:8:37:", path.display())) && err.contains("missing.key: cannot read"), "{err}");
+    assert!(
+        err.contains(&format!("{}:{}:", path.display(), at(&bad, "\"missing.key\"")))
+            && err.contains("missing.key: cannot read"),
+        "{err}"
+    );
 
     // The documented example at the repository root parses (its files are not on this machine).
     let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../rampart.example.toml")).unwrap();

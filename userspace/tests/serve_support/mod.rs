@@ -24,6 +24,53 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// A scratch directory with a test CA (also written as ca.pem) and two certificates:
+/// `site.test` (the default, also valid for 127.0.0.1) and `api.test`.
+pub struct Site {
+    pub dir: TestDir,
+    pub ca: Ca,
+    pub ca_file: PathBuf,
+}
+
+impl Site {
+    pub fn new(name: &str) -> Self {
+        let dir = TestDir::new(name);
+        let ca = Ca::new("rampart test CA");
+        let ca_file = dir.write("ca.pem", &ca.pem);
+        ca.write_leaf(&dir, "site", "site.test", &["site.test", "127.0.0.1"]);
+        ca.write_leaf(&dir, "api", "api.test", &["api.test"]);
+        Site { dir, ca, ca_file }
+    }
+
+    /// The text of a rampart.toml: the admin listener and control socket, one https listener
+    /// serving both certificates (with `https_extra` added to its table), then `rest`.
+    pub fn config_text(&self, listen: SocketAddr, admin: SocketAddr, https_extra: &str, rest: &str) -> String {
+        format!(
+            r#"[admin]
+listen = "{admin}"
+control_socket = "{sock}"
+drain_timeout = "5s"
+
+[[https]]
+listen = "{listen}"
+certs = [
+  {{ cert = "site.pem", key = "site.key" }},
+  {{ cert = "api.pem", key = "api.key", names = ["api.test"] }},
+]
+{https_extra}
+
+{rest}
+"#,
+            sock = self.dir.path("control.sock").display(),
+        )
+    }
+
+    /// Writes `config_text` as rampart.toml and returns its path.
+    pub fn config(&self, listen: SocketAddr, admin: SocketAddr, https_extra: &str, rest: &str) -> PathBuf {
+        self.dir.write("rampart.toml", &self.config_text(listen, admin, https_extra, rest))
+    }
+}
+
 /// A loopback address with a port that was free a moment ago.
 pub fn free_addr() -> SocketAddr {
     let l = StdListener::bind("127.0.0.1:0").unwrap();
