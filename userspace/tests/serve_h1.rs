@@ -171,14 +171,19 @@ async fn raw_conn(mut tcp: TcpStream, st: Arc<RawState>, id: usize) {
                 return;
             }
         };
-        let (method, path, chunked, length) = {
+        let (method, path, chunked, length, upgrade) = {
             let mut hdrs = [httparse::EMPTY_HEADER; 128];
             let mut req = httparse::Request::new(&mut hdrs);
             let Ok(httparse::Status::Complete(_)) = req.parse(&buf[..head_len]) else { return };
             let value = |n: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(n)).map(|h| text(h.value));
             let chunked = value("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
             let length = value("content-length").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
-            (req.method.unwrap_or_default().to_string(), req.path.unwrap_or_default().to_string(), chunked, length)
+            // A switch asked for as RFC 9110 §7.8 has it: Upgrade, named by Connection.
+            let upgrade = value("upgrade").filter(|_| {
+                value("connection").is_some_and(|c| c.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            });
+            let (m, p) = (req.method.unwrap_or_default().to_string(), req.path.unwrap_or_default().to_string());
+            (m, p, chunked, length, upgrade)
         };
         let (wire, body) = loop {
             let rest = &buf[head_len..];
@@ -240,6 +245,35 @@ async fn raw_conn(mut tcp: TcpStream, st: Arc<RawState>, id: usize) {
             "early-close" => {
                 parts.push(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n".to_vec());
                 parts.push(vec![b'e'; 500]);
+                close = true;
+            }
+            // Switches to the protocol asked for, sends "hi" behind the 101 in the same write,
+            // then answers each read with its bytes upper-cased; at end of stream, "bye".
+            "ws" if upgrade.is_some() => {
+                let p = upgrade.unwrap_or_default();
+                let hello = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: {p}\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nhi"
+                );
+                if tcp.write_all(hello.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut pending = std::mem::take(&mut buf);
+                loop {
+                    if !pending.is_empty() && tcp.write_all(&pending.to_ascii_uppercase()).await.is_err() {
+                        return;
+                    }
+                    pending.clear();
+                    if !read_more(&mut tcp, &mut pending).await {
+                        let _ = tcp.write_all(b"bye").await;
+                        let _ = tcp.shutdown().await;
+                        return;
+                    }
+                }
+            }
+            // A 101 that does not say to what.
+            "ws-bare" if upgrade.is_some() => {
+                parts.push(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n".to_vec());
                 close = true;
             }
             // A keep-alive connection the backend gave up on just as a request came: the
@@ -819,4 +853,86 @@ async fn keep_alive_pipelining_and_backend_reuse() {
     let r = c.exchange(&get("/st/stale")).await;
     assert_eq!(r.status, 200, "{r:?}\n{}", f.log());
     assert!(r.body_text().starts_with("conn=3 n=1 "), "{r:?}");
+}
+
+/// A switch of protocols (WebSocket): the Upgrade goes to the backend on rampart's terms, the
+/// 101 comes back, then bytes flow both ways (including those sent behind the heads) until
+/// each side has closed. A backend that declines answers as usual and the connection stays
+/// HTTP; h2c is never asked of a backend; a 101 that names no protocol is a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_switches_to_a_tunnel() {
+    let web = RawBackend::start().await;
+    let f = Fixture::start(
+        "h1-upgrade",
+        &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", web.addr),
+    );
+    let ws = |path: &str, proto: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: site.test\r\nConnection: keep-alive, Upgrade\r\nUpgrade: {proto}\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .into_bytes()
+    };
+
+    let mut c = f.conn().await;
+    let r = c.exchange(&ws("/chat/ws", "websocket")).await;
+    assert_eq!(r.status, 101, "{r:?}\n{}", f.log());
+    assert_eq!(r.header("upgrade").as_deref(), Some("websocket"), "{r:?}");
+    assert_eq!(r.header("connection").as_deref(), Some("upgrade"), "{r:?}");
+    assert_eq!(r.header("sec-websocket-accept").as_deref(), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{r:?}");
+    assert_eq!(
+        web.last(),
+        format!(
+            "GET /chat/ws HTTP/1.1\r\nHost: site.test\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n{FWD}forwarded: for=127.0.0.1;proto=https;host=site.test\r\n\
+             connection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        )
+    );
+    // The bytes the backend sent behind its 101, then each message echoed.
+    while c.buf.len() < 2 {
+        c.more(b"").await.unwrap();
+    }
+    assert_eq!(c.buf.drain(..2).collect::<Vec<u8>>(), b"hi");
+    for msg in [&b"hello"[..], b"frame two", &pattern(40_000)] {
+        c.send(msg).await;
+        while c.buf.len() < msg.len() {
+            c.more(b"").await.unwrap();
+        }
+        assert_eq!(c.buf.drain(..msg.len()).collect::<Vec<u8>>(), msg.to_ascii_uppercase());
+    }
+    // The client closes its side; the backend sees the end, says goodbye and closes too.
+    c.tls.shutdown().await.unwrap();
+    while c.buf.len() < 3 {
+        c.more(b"").await.unwrap_or_else(|e| panic!("{e:?}\n{}", f.log()));
+    }
+    assert_eq!(c.buf.drain(..3).collect::<Vec<u8>>(), b"bye");
+    assert_eq!(c.end().await, End::Clean);
+    let m = f.metrics();
+    assert_eq!(metric(&m, "rampart_http_requests_total", &["status=\"101\""]), 1.0, "{m}");
+
+    // A backend that does not switch answers as usual, and the connection stays HTTP.
+    let mut c = f.conn().await;
+    let r = c.exchange(&ws("/chat/plain", "websocket")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body_text().ends_with("path=/chat/plain\n"), "{r:?}");
+    assert_eq!(c.exchange(&get("/after")).await.status, 200);
+
+    // h2c is not passed on: the backend sees an ordinary request.
+    let r = c.exchange(&ws("/h2c/ws", "h2c")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(!web.last().to_ascii_lowercase().contains("upgrade"), "{}", web.last());
+
+    // Nor is an Upgrade that Connection does not name, or one on a request with a body.
+    let r = c.exchange(b"GET /lone/ws HTTP/1.1\r\nHost: site.test\r\nUpgrade: websocket\r\n\r\n").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = c
+        .exchange(b"POST /body/ws HTTP/1.1\r\nHost: site.test\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nhi")
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(!web.last().to_ascii_lowercase().contains("upgrade"), "{}", web.last());
+
+    // A 101 without an Upgrade header: the client gets a 502, not a half-switched connection.
+    let mut c = f.conn().await;
+    let r = c.exchange(&ws("/x/ws-bare", "websocket")).await;
+    assert_eq!(r.status, 502, "{r:?}");
 }

@@ -206,6 +206,10 @@ pub struct Https {
     /// A client connection with no request in flight is closed after this long.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Dur,
+    /// A connection switched to another protocol (WebSocket) is closed after this long with no
+    /// byte either way.
+    #[serde(default = "default_tunnel_timeout")]
+    pub tunnel_timeout: Dur,
     /// How long one session-ticket key encrypts new tickets; tickets stay valid for twice that.
     #[serde(default = "default_ticket_rotation")]
     pub session_ticket_rotation: Spanned<Dur>,
@@ -219,6 +223,9 @@ fn default_client_header_timeout() -> Dur {
 }
 fn default_idle_timeout() -> Dur {
     Dur(Duration::from_secs(60))
+}
+fn default_tunnel_timeout() -> Dur {
+    Dur(Duration::from_secs(3600))
 }
 fn default_ticket_rotation() -> Spanned<Dur> {
     Spanned::new(0..0, Dur(Duration::from_secs(6 * 3600)))

@@ -20,7 +20,7 @@ use super::{
     metrics::{BackendLabels, Metrics},
     proxy_protocol,
     tcp::Tcp,
-    upstream::{BodyDecoder, Io, Upstream},
+    upstream::{Asks, BodyDecoder, Io, Upstream},
 };
 use crate::config::{self, BackendAddr, Scheme};
 
@@ -245,7 +245,7 @@ async fn check_once(
     let req =
         format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: rampart-health-check\r\nconnection: close\r\n\r\n");
     up.send(req.as_bytes()).await?;
-    let head = up.read_head(false).await?;
+    let head = up.read_head(Asks::Plain).await?;
     // Read (a bounded part of) the body so the backend sees a clean close.
     let mut dec = BodyDecoder::new(head.framing);
     let mut left = 64 * 1024usize;

@@ -18,8 +18,9 @@ use super::{
     Shared,
     proxy::{self, ConnCtx, Forwarding, Outcome, RequestBody, SendError},
     runtime::RouteRt,
+    tunnel,
     upstream::{
-        self, BodyDecoder, Framing, HeaderPos, MAX_HEADERS, Semantics, Step, Upstream, poll_fill, range, slice,
+        self, Asks, BodyDecoder, Framing, HeaderPos, MAX_HEADERS, Semantics, Step, Upstream, poll_fill, range, slice,
     },
 };
 
@@ -312,6 +313,7 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
     let mut host: Option<&[u8]> = None;
     let mut hosts = 0;
     let mut expect: Option<&[u8]> = None;
+    let mut upgrade_to: Option<&[u8]> = None;
     let mut has_xfp = false;
     for h in hdrs {
         let (n, v) = (slice(raw, h.name), slice(raw, h.value));
@@ -321,6 +323,8 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
             hosts += 1;
         } else if n.eq_ignore_ascii_case(b"expect") {
             expect = Some(v);
+        } else if n.eq_ignore_ascii_case(b"upgrade") {
+            upgrade_to = Some(v);
         } else if n.eq_ignore_ascii_case(b"x-forwarded-proto") {
             has_xfp = true;
         }
@@ -402,6 +406,19 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let Ok(method) = method else { return Next::Close };
+    // A switch to another protocol (WebSocket) goes to the backend when it is well formed:
+    // HTTP/1.1, `Connection: upgrade`, a protocol named, no body. Not h2c: a proxy's backend
+    // connection cannot become HTTP/2 for one client (RFC 9113 dropped that upgrade anyway).
+    // Otherwise the Upgrade header is dropped, as any hop-by-hop header, and the request is an
+    // ordinary one.
+    let upgrade_to = upgrade_to.filter(|v| {
+        line.minor == 1
+            && sem.names(b"upgrade")
+            && framing == Framing::Empty
+            && !head_only
+            && v.split(|b| *b == b',').any(|t| !t.trim_ascii().is_empty())
+            && !v.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+    });
 
     let g = shared.current();
     let Some(route) = g.route(host_s.as_deref(), path) else {
@@ -482,6 +499,11 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
         up_head.extend_from_slice(b"x-forwarded-proto: https\r\n");
     }
     proxy::write_header(up_head, b"forwarded", fwd.forwarded.as_bytes());
+    if let Some(p) = upgrade_to {
+        up_head.extend_from_slice(b"connection: upgrade\r\n");
+        proxy::write_header(up_head, b"upgrade", p);
+    }
+    let upgrading = upgrade_to.is_some();
     let expect_continue = expect.is_some() && line.minor == 1;
     let _ = c.rbuf.split_to(head_len);
 
@@ -528,8 +550,14 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let idempotent = proxy::is_idempotent(&method);
     let header = ctx.proxy_header(&pool);
-    let outcome =
-        proxy::exchange(shared, &pool, header, up_head, &mut body, key.as_deref(), idempotent, head_only).await;
+    let asks = if head_only {
+        Asks::Head
+    } else if upgrading {
+        Asks::Upgrade
+    } else {
+        Asks::Plain
+    };
+    let outcome = proxy::exchange(shared, &pool, header, up_head, &mut body, key.as_deref(), idempotent, asks).await;
     let body_done = body.dec.is_done();
     let keep = keep && body_done;
     match outcome {
@@ -544,8 +572,65 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
                 Next::Linger
             }
         }
+        Outcome::Response(x) if x.head.status == 101 => switch(shared, ctx, route, c, out, x, idle).await,
         Outcome::Response(x) => relay(shared, route, c, out, x, line.minor, keep, idle).await,
     }
+}
+
+/// The backend agreed to switch protocols: the client gets the 101, then the two connections
+/// are joined byte for byte (tunnel.rs) until both sides close, either fails, or nothing moves
+/// for the listener's `tunnel_timeout`. The backend connection is never reused after that, and
+/// the pick is held meanwhile (least-connections counts a tunnel as a connection in flight).
+async fn switch<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    ctx: &ConnCtx,
+    route: &RouteRt,
+    c: &mut Client<S>,
+    out: &mut Vec<u8>,
+    x: proxy::Exchange,
+    idle: Duration,
+) -> Next {
+    let proxy::Exchange { head, up, guard, backend, .. } = x;
+    let upgrade = head.headers.iter().find(|h| slice(&head.raw, h.name).eq_ignore_ascii_case(b"upgrade"));
+    let Some(proto) = upgrade.map(|h| slice(&head.raw, h.value)) else {
+        log::warn!("pool {}: backend {} answered 101 without an Upgrade header", route.pool.name, backend.addr);
+        route.requests.inc(&shared.metrics, StatusCode::BAD_GATEWAY.as_u16());
+        answer(c, out, StatusCode::BAD_GATEWAY, "The backend failed to answer.", None, false, true, idle).await;
+        return Next::Close;
+    };
+    route.requests.inc(&shared.metrics, head.status);
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
+    for (n, v) in head.end_to_end() {
+        proxy::write_header(out, n, v);
+    }
+    out.extend_from_slice(b"connection: upgrade\r\n");
+    proxy::write_header(out, b"upgrade", proto);
+    out.extend_from_slice(b"\r\n");
+    let (mut io, early) = up.into_parts();
+    // Bytes that came in behind either head already belong to the new protocol.
+    if !early.is_empty() {
+        out.extend_from_slice(&early);
+    }
+    if c.write(out, idle).await.is_err() {
+        return Next::Close;
+    }
+    if !c.rbuf.is_empty() {
+        let sent = async {
+            io.write_all(&c.rbuf).await?;
+            io.flush().await
+        };
+        if tokio::time::timeout(idle, sent).await.map_or(true, |r| r.is_err()) {
+            return Next::Close;
+        }
+        c.rbuf.clear();
+    }
+    match tunnel::join(&mut c.io, &mut io, ctx.listener.tunnel_timeout).await {
+        Ok(n) => log::debug!("tunnel to backend {} closed: {} bytes up, {} down", backend.addr, n.up, n.down),
+        Err(e) => log::debug!("tunnel to backend {} ended: {e}", backend.addr),
+    }
+    drop(guard);
+    Next::Close
 }
 
 /// Answers a request refused before any backend saw it. Its body, if any, is unread: a small

@@ -26,7 +26,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Shared, h1,
+    Shared, coarse_ms, h1,
     metrics::ListenerLabels,
     proxy::{self, ConnCtx, RespBody},
     proxy_protocol::{self, ProxyHeader},
@@ -70,16 +70,6 @@ impl Activity {
         self.head_started.store(0, Ordering::Release);
         InFlight(self.clone())
     }
-}
-
-/// Milliseconds on the coarse monotonic clock (a few ms resolution, no hardware clock read).
-/// Activity is stamped on every socket read and write, where the precise clock showed up in
-/// profiles; the timeouts it serves are whole seconds, checked at most every 20 ms.
-fn coarse_ms() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime only writes the timespec we pass; CLOCK_MONOTONIC_COARSE always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1000) + (ts.tv_nsec as u64) / 1_000_000
 }
 
 /// Counts a request as in flight until its response body is dropped.

@@ -20,6 +20,7 @@ pub mod proxy_protocol;
 pub mod runtime;
 pub mod tcp;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 
 use std::{
@@ -300,4 +301,14 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
         Err(_) => log::warn!("{} connection(s) still open after {drain:?}; closing them", shared.connections.len()),
     }
     Ok(())
+}
+
+/// Milliseconds on the coarse monotonic clock (a few ms resolution, no hardware clock read).
+/// Activity is stamped on every socket read and write, where the precise clock showed up in
+/// profiles; the timeouts it serves are whole seconds.
+pub(crate) fn coarse_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime only writes the timespec we pass; CLOCK_MONOTONIC_COARSE always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1000) + (ts.tv_nsec as u64) / 1_000_000
 }

@@ -21,7 +21,7 @@ use super::{
     firewall::{self, Block},
     metrics::{BlockLabels, PoolLabels, RequestLabels},
     runtime::{ListenerRt, PoolRt, RouteRt},
-    upstream::{self, Framing, ResponseHead, Upstream, UpstreamBody, UpstreamError},
+    upstream::{self, Asks, Framing, ResponseHead, Upstream, UpstreamBody, UpstreamError},
 };
 
 pub type RespBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -362,7 +362,7 @@ pub async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incomin
         &mut out,
         key.as_deref(),
         idempotent,
-        parts.method == Method::HEAD,
+        if parts.method == Method::HEAD { Asks::Head } else { Asks::Plain },
     )
     .await
     {
@@ -601,7 +601,7 @@ async fn attempt<B: RequestBody>(
     head: &[u8],
     body: &mut B,
     idempotent: bool,
-    head_request: bool,
+    asks: Asks,
     response_timeout: Duration,
 ) -> Attempt {
     let mut fresh = false;
@@ -638,7 +638,7 @@ async fn attempt<B: RequestBody>(
                 return Attempt::Failed(StatusCode::BAD_GATEWAY, format!("backend {}: {e}", bc.addr));
             }
         }
-        match tokio::time::timeout(response_timeout, up.read_head(head_request)).await {
+        match tokio::time::timeout(response_timeout, up.read_head(asks)).await {
             Err(_) => {
                 return Attempt::Failed(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -667,7 +667,7 @@ pub async fn exchange<B: RequestBody>(
     body: &mut B,
     key: Option<&[u8]>,
     idempotent: bool,
-    head_request: bool,
+    asks: Asks,
 ) -> Outcome {
     let mut tried = Vec::new();
     let mut last: Option<(StatusCode, &'static str)> = None;
@@ -677,7 +677,7 @@ pub async fn exchange<B: RequestBody>(
             shared.metrics.backend_retries.get_or_create(&PoolLabels { pool: pool.name.clone() }).inc();
         }
         let bc = guard.data().clone();
-        match attempt(&bc, header, head, body, idempotent, head_request, pool.cfg.response_timeout.0).await {
+        match attempt(&bc, header, head, body, idempotent, asks, pool.cfg.response_timeout.0).await {
             Attempt::Response(head, up) => {
                 if pool.passive {
                     publish(&shared.metrics, &pool.name, guard.report_live_success());

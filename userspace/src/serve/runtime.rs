@@ -47,6 +47,7 @@ pub struct ListenerRt {
     pub accept_proxy_protocol: bool,
     pub client_header_timeout: Duration,
     pub idle_timeout: Duration,
+    pub tunnel_timeout: Duration,
 }
 
 impl ListenerRt {
@@ -138,6 +139,7 @@ impl Generation {
                     accept_proxy_protocol: *h.accept_proxy_protocol.get_ref(),
                     client_header_timeout: h.client_header_timeout.0,
                     idle_timeout: h.idle_timeout.0,
+                    tunnel_timeout: h.tunnel_timeout.0,
                 }),
             );
         }

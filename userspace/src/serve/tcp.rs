@@ -30,7 +30,11 @@ impl AsyncWrite for Tcp {
         Pin::new(&mut self.get_mut().0).poll_write(cx, b)
     }
 
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let tcp = Pin::new(&mut self.get_mut().0);
         let mut full = bufs.iter().filter(|b| !b.is_empty());
         match (full.next(), full.next()) {

@@ -186,6 +186,11 @@ impl Semantics {
         }
     }
 
+    /// Whether the Connection header lists `token` (as `upgrade` in `Connection: Upgrade`).
+    pub fn names(&self, token: &[u8]) -> bool {
+        self.named.iter().any(|n| n.eq_ignore_ascii_case(token))
+    }
+
     /// Whether a header of this message is forwarded: not hop-by-hop, not named by Connection.
     pub fn forwards(&self, name: &[u8]) -> bool {
         !is_hop_by_hop(name) && !self.named.iter().any(|n| n.eq_ignore_ascii_case(name))
@@ -267,6 +272,17 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<(usize, Respo
     Ok(Some((n, ResponseHead { raw: Bytes::new(), status, reason, headers, sem, framing, reusable })))
 }
 
+/// What a request lets its answer be, beyond an ordinary response.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Asks {
+    #[default]
+    Plain,
+    /// A HEAD request: the answer has no body whatever its headers say.
+    Head,
+    /// The request asked to switch protocols (Upgrade): `101 Switching Protocols` is an answer.
+    Upgrade,
+}
+
 /// One HTTP/1.1 connection to a backend.
 pub struct Upstream {
     io: Io,
@@ -303,17 +319,25 @@ impl Upstream {
         self.io.flush().await
     }
 
-    /// Reads the response head, skipping interim (1xx) answers. `head_request`: the request was
-    /// HEAD, so the answer has no body whatever its headers say.
-    pub async fn read_head(&mut self, head_request: bool) -> Result<ResponseHead, UpstreamError> {
+    /// Reads the response head, skipping interim (1xx) answers other than a 101 to a request
+    /// that asked for it. After a 101 the connection carries the new protocol: see
+    /// [`Upstream::into_parts`].
+    pub async fn read_head(&mut self, asks: Asks) -> Result<ResponseHead, UpstreamError> {
         let mut got_any = false;
         loop {
             if !self.rbuf.is_empty() {
                 got_any = true;
-                if let Some((n, mut head)) = parse_response(&self.rbuf, head_request)? {
+                if let Some((n, mut head)) = parse_response(&self.rbuf, asks == Asks::Head)? {
                     let raw = self.rbuf.split_to(n).freeze();
                     if head.status == 101 {
-                        return Err(UpstreamError::Malformed("101 Switching Protocols to a request without Upgrade"));
+                        if asks != Asks::Upgrade {
+                            return Err(UpstreamError::Malformed(
+                                "101 Switching Protocols to a request without Upgrade",
+                            ));
+                        }
+                        head.raw = raw;
+                        head.reusable = false;
+                        return Ok(head);
                     }
                     if (100..200).contains(&head.status) {
                         continue;
@@ -337,6 +361,12 @@ impl Upstream {
                 return Err(UpstreamError::Closed { empty: !got_any });
             }
         }
+    }
+
+    /// The connection and what was read from it past the last response head (after a 101: the
+    /// first bytes of the new protocol).
+    pub fn into_parts(self) -> (Io, BytesMut) {
+        (self.io, self.rbuf)
     }
 
     /// The next piece of the response body; `None` at its end.
