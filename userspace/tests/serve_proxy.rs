@@ -1,6 +1,7 @@
 //! `rampart serve` end to end: TLS termination with real clients (curl HTTP/1.1 and HTTP/2,
 //! openssl s_client, h2load), forwarding headers, the redirect listener, the application
-//! firewall, PROXY protocol v2 in and out, nginx as a backend, a client resetting its connection.
+//! firewall, PROXY protocol v2 in and out, nginx as a backend, a client resetting its connection,
+//! WebSockets between Python's `websockets` client and server.
 
 mod serve_support;
 
@@ -564,4 +565,64 @@ async fn client_reset_does_not_kill_the_daemon() {
     );
     let r = curl_https(listen, "site.test", "/two", &site.ca_file, &[]);
     assert_eq!(r.status, 200, "{r:?}\n{}", d.log_text());
+}
+
+/// A real WebSocket client and server (Python `websockets`, from Debian) talk through rampart:
+/// wss:// from the client, ws:// to the backend, text and binary messages both ways (one
+/// larger than a TLS record), pings, and the closing handshake, all within the client's own
+/// time limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_between_real_client_and_server() {
+    const SCRIPT: &str = r#"
+import asyncio, ssl, sys, websockets
+back, front, ca = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+
+async def echo(ws):
+    async for m in ws:
+        await ws.send(m.upper() if isinstance(m, str) else m[::-1])
+
+async def main():
+    async with websockets.serve(echo, "127.0.0.1", back):
+        tls = ssl.create_default_context(cafile=ca)
+        # The URI names the site (Host, SNI); host= and port= say where to connect.
+        async with websockets.connect("wss://site.test/chat", ssl=tls, host="127.0.0.1", port=front,
+                                      open_timeout=10, close_timeout=10) as ws:
+            await ws.send("hello")
+            assert await ws.recv() == "HELLO"
+            big = bytes(range(256)) * 400
+            await ws.send(big)
+            assert await ws.recv() == big[::-1]
+            await asyncio.wait_for(await ws.ping(), 10)
+        assert ws.close_code == 1000, ws.close_code
+    print("websocket ok")
+
+asyncio.run(asyncio.wait_for(main(), 30))
+"#;
+    let site = Site::new("websocket");
+    let backend = free_addr();
+    let (listen, admin) = (free_addr(), free_addr());
+    let cfg = site.config(
+        listen,
+        admin,
+        "",
+        &format!("[[route]]\npath = \"/chat\"\npool = \"ws\"\n\n[[pool]]\nname = \"ws\"\nbackends = [\"{backend}\"]\n"),
+    );
+    let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
+    let out = tokio::task::spawn_blocking({
+        let ca = site.ca_file.clone();
+        move || {
+            // Debian's interpreter, which the package installs into (not a python3 earlier on PATH).
+            Command::new("/usr/bin/python3")
+                .args(["-c", SCRIPT, &backend.port().to_string(), &listen.port().to_string()])
+                .arg(ca)
+                .output()
+                .expect("/usr/bin/python3 runs (Debian package python3-websockets; `cargo xtask setup`)")
+        }
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("websocket ok"), "{stdout}{stderr}\n{}", d.log_text());
+    let m = http_get(admin, "/metrics");
+    assert_eq!(metric(&m, "rampart_http_requests_total", &["status=\"101\""]), 1.0, "{m}");
 }

@@ -39,6 +39,8 @@ const APT_PACKAGES: &[&str] = &[
     "nghttp2-client",
     "haproxy",
     "wrk",
+    // A real WebSocket client and server for the daemon's Upgrade test.
+    "python3-websockets",
 ];
 
 /// The bpf-linker release the kernel crate is linked with (its LLVM 22 matches nightly's).
