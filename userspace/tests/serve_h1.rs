@@ -185,6 +185,11 @@ async fn raw_conn(mut tcp: TcpStream, st: Arc<RawState>, id: usize) {
             let (m, p) = (req.method.unwrap_or_default().to_string(), req.path.unwrap_or_default().to_string());
             (m, p, chunked, length, upgrade)
         };
+        // Takes the head, then reads nothing more: an upload to it stalls.
+        if path.ends_with("/stall-upload") {
+            tokio::time::sleep(READ_BOUND).await;
+            return;
+        }
         let (wire, body) = loop {
             let rest = &buf[head_len..];
             let done = if chunked {
@@ -241,6 +246,19 @@ async fn raw_conn(mut tcp: TcpStream, st: Arc<RawState>, id: usize) {
             "echo" => {
                 parts.push(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes());
                 parts.push(body);
+            }
+            // Reads the request and never answers.
+            "silent" => {
+                tokio::time::sleep(READ_BOUND).await;
+                return;
+            }
+            // Half an answer, then nothing.
+            "stall-mid" => {
+                if tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n").await.is_ok() {
+                    let _ = tcp.write_all(&[b's'; 500]).await;
+                }
+                tokio::time::sleep(READ_BOUND).await;
+                return;
             }
             "early-close" => {
                 parts.push(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n".to_vec());
@@ -935,4 +953,61 @@ async fn upgrade_switches_to_a_tunnel() {
     let mut c = f.conn().await;
     let r = c.exchange(&ws("/x/ws-bare", "websocket")).await;
     assert_eq!(r.status, 502, "{r:?}");
+}
+
+/// Backends that stop, bounded by the pool's response_timeout: one that never answers gets a
+/// 504 and the client connection stays; one that stalls halfway through its answer has the
+/// client connection closed (the head is out, so the client sees a short body); one that stops
+/// reading an upload gets a 504 instead of holding the client for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_backends_time_out() {
+    let web = RawBackend::start().await;
+    let f = Fixture::start(
+        "h1-stall",
+        &format!(
+            "[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\nresponse_timeout = \"500ms\"\n",
+            web.addr
+        ),
+    );
+    let mut c = f.conn().await;
+    let r = c.exchange(&get("/silent")).await;
+    assert_eq!(r.status, 504, "{r:?}");
+    let r = c.exchange(&get("/after-silent")).await;
+    assert_eq!(r.status, 200, "the connection is kept after a 504: {r:?}");
+
+    c.send(&get("/stall-mid")).await;
+    match c.response(false).await {
+        Err(Cut::Closed(_)) => {}
+        other => panic!("a response stalled halfway must end the connection, not {other:?}"),
+    }
+
+    // 64 MiB: more than the socket buffers between client, rampart and backend hold, so
+    // rampart's writes to the backend stop.
+    let tcp = TcpStream::connect(f.listen).await.unwrap();
+    let tls = tls_client(tcp, "site.test", &f.site.ca.pem).await;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let total = 64 * MIB;
+    let writer = tokio::spawn(async move {
+        let head = format!("POST /stall-upload HTTP/1.1\r\nHost: site.test\r\nContent-Length: {total}\r\n\r\n");
+        let chunk = vec![b'u'; 64 * 1024];
+        let mut sent = 0;
+        if wr.write_all(head.as_bytes()).await.is_ok() {
+            while sent < total && wr.write_all(&chunk).await.is_ok() {
+                sent += chunk.len();
+            }
+        }
+        sent
+    });
+    let mut answer = Vec::new();
+    let mut tmp = [0u8; 4096];
+    while find(&answer, b"\r\n\r\n").is_none() {
+        match tokio::time::timeout(READ_BOUND, rd.read(&mut tmp)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&tmp[..n]),
+            other => panic!("no answer to a stalled upload: {other:?} after {:?}\n{}", text(&answer), f.log()),
+        }
+    }
+    writer.abort();
+    assert!(answer.starts_with(b"HTTP/1.1 504 "), "{}", text(&answer));
+    assert_eq!(web.count(), 3, "the upload never reached the backend whole");
+    assert!(f.log().contains("read none of the request body"), "{}", f.log());
 }

@@ -18,6 +18,7 @@ use super::{
     Shared,
     proxy::{self, ConnCtx, Forwarding, Outcome, RequestBody, SendError},
     runtime::RouteRt,
+    timer::Timer,
     tunnel,
     upstream::{
         self, Asks, BodyDecoder, Framing, HeaderPos, MAX_HEADERS, Semantics, Step, Upstream, poll_fill, range, slice,
@@ -33,11 +34,13 @@ const WRITE_BATCH: usize = 64 * 1024;
 const LINGER_BYTES: usize = 1 << 20;
 const LINGER_TIME: Duration = Duration::from_secs(2);
 
-/// The client side of the connection: the TLS stream and what has been read from it.
+/// The client side of the connection: the TLS stream, what has been read from it, and the
+/// connection's one timer (also used while waiting on its backend).
 struct Client<S> {
     io: S,
     rbuf: BytesMut,
     eof: bool,
+    timer: Timer,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
@@ -49,12 +52,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Ok(n)
     }
 
+    /// Reads more, waiting at most `limit`.
+    async fn fill_within(&mut self, limit: Duration) -> io::Result<usize> {
+        let Client { io, rbuf, eof, timer } = self;
+        let n = timer.within(limit, std::future::poll_fn(|cx| poll_fill(io, cx, rbuf))).await??;
+        if n == 0 {
+            *eof = true;
+        }
+        Ok(n)
+    }
+
     async fn write(&mut self, data: &[u8], limit: Duration) -> io::Result<()> {
+        let Client { io, timer, .. } = self;
         let w = async {
-            self.io.write_all(data).await?;
-            self.io.flush().await
+            io.write_all(data).await?;
+            io.flush().await
         };
-        tokio::time::timeout(limit, w).await.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+        timer.within(limit, w).await?
     }
 
     /// Closes cleanly: TLS close_notify, then FIN (clients treat a bare FIN as truncation).
@@ -123,6 +137,8 @@ struct ClientBody<'a, S> {
     expect_continue: bool,
     started: bool,
     idle: Duration,
+    /// The pool's response_timeout, which also bounds each write to the backend.
+    backend_timeout: Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> RequestBody for ClientBody<'_, S> {
@@ -151,17 +167,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RequestBody for ClientBody<'_, S> {
                     if self.chunked {
                         out.extend_from_slice(upstream::LAST_CHUNK);
                     }
-                    return up.send(&out).await.map_err(SendError::Backend);
+                    return proxy::body_to_backend(&mut self.c.timer, self.backend_timeout, up, &out).await;
                 }
                 Step::NeedMore => {
                     if !out.is_empty() {
-                        up.send(&out).await.map_err(SendError::Backend)?;
+                        proxy::body_to_backend(&mut self.c.timer, self.backend_timeout, up, &out).await?;
                         out.clear();
                     }
-                    match tokio::time::timeout(self.idle, self.c.fill()).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return Err(SendError::Client(e.to_string())),
-                        Err(_) => return Err(SendError::Client("timed out".into())),
+                    match self.c.fill_within(self.idle).await {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                            return Err(SendError::Client("timed out".into()));
+                        }
+                        Err(e) => return Err(SendError::Client(e.to_string())),
                     }
                 }
             }
@@ -171,33 +189,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RequestBody for ClientBody<'_, S> {
     fn replayable(&self) -> bool {
         !self.started
     }
+
+    fn timer(&mut self) -> &mut Timer {
+        &mut self.c.timer
+    }
 }
 
 /// Serves HTTP/1.1 on one client connection until it closes, times out or the daemon shuts down.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, ctx: Arc<ConnCtx>, io: S) {
     let lrt = ctx.listener.clone();
     let (idle, header_timeout) = (lrt.idle_timeout, lrt.client_header_timeout);
-    let mut c = Client { io, rbuf: BytesMut::with_capacity(8 * 1024), eof: false };
+    let mut c = Client { io, rbuf: BytesMut::with_capacity(8 * 1024), eof: false, timer: Timer::new() };
     let mut hdrs: Vec<HeaderPos> = Vec::with_capacity(32);
     let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
     let mut up_head: Vec<u8> = Vec::with_capacity(1024);
     // One shutdown waiter for the connection's life, not one per request (each registers with
-    // the token under its lock).
+    // the token under its lock). Once polled it stays registered and wakes this task when the
+    // token is cancelled, so later waits read the daemon's flag instead of polling it again
+    // (each poll takes the token's locks).
     let shutdown = shared.shutdown.cancelled();
     tokio::pin!(shutdown);
+    let mut registered = false;
     loop {
         // The next request: wait for its first byte (idle timeout; a shutdown closes an idle
         // connection), then for the whole head (header timeout).
         if c.rbuf.is_empty() {
+            let stop = std::future::poll_fn(|cx| {
+                if shared.stopping() {
+                    return std::task::Poll::Ready(());
+                }
+                if registered {
+                    return std::task::Poll::Pending;
+                }
+                registered = true;
+                shutdown.as_mut().poll(cx)
+            });
             let first = tokio::select! {
                 biased;
-                _ = &mut shutdown => return c.close().await,
-                r = tokio::time::timeout(idle, c.fill()) => r,
+                _ = stop => return c.close().await,
+                r = c.fill_within(idle) => r,
             };
             match first {
-                Ok(Ok(n)) if n > 0 => {}
+                Ok(n) if n > 0 => {}
                 // Idle for too long: say goodbye.
-                Err(_) => return c.close().await,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => return c.close().await,
                 _ => return,
             }
         }
@@ -233,7 +268,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(shared: Arc<Shared>, ctx: 
             }
         };
         match request(&shared, &ctx, &mut c, &hdrs, head_len, line, &mut out, &mut up_head).await {
-            Next::KeepAlive if !shared.shutdown.is_cancelled() => {}
+            Next::KeepAlive if !shared.stopping() => {}
             Next::KeepAlive | Next::Close => return c.close().await,
             Next::Linger => return c.linger_close().await,
         }
@@ -547,6 +582,7 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
         expect_continue: expect_continue && !inline,
         started: false,
         idle,
+        backend_timeout: pool.cfg.response_timeout.0,
     };
     let idempotent = proxy::is_idempotent(&method);
     let header = ctx.proxy_header(&pool);
@@ -620,7 +656,7 @@ async fn switch<S: AsyncRead + AsyncWrite + Unpin>(
             io.write_all(&c.rbuf).await?;
             io.flush().await
         };
-        if tokio::time::timeout(idle, sent).await.map_or(true, |r| r.is_err()) {
+        if c.timer.within(idle, sent).await.map_or(true, |r| r.is_err()) {
             return Next::Close;
         }
         c.rbuf.clear();
@@ -680,9 +716,9 @@ async fn read_whole<S: AsyncRead + AsyncWrite + Unpin>(
                 body.extend_from_slice(&b);
             }
             Step::Done => return Ok(body),
-            Step::NeedMore => match tokio::time::timeout(idle, c.fill()).await {
-                Ok(Ok(_)) => {}
-                _ => return Err(StatusCode::BAD_REQUEST),
+            Step::NeedMore => match c.fill_within(idle).await {
+                Ok(_) => {}
+                Err(_) => return Err(StatusCode::BAD_REQUEST),
             },
         }
     }
@@ -776,7 +812,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     out.clear();
                 }
-                match tokio::time::timeout(response_timeout, up.fill()).await {
+                match c.timer.within(response_timeout, up.fill()).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
                         log::warn!("pool {}: backend {} failed mid-response: {e}", route.pool.name, backend.addr);

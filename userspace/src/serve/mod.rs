@@ -4,7 +4,8 @@
 //! clients (TLS, redirect); [`h1`] serves HTTP/1.1 clients and hyper serves h2 ones, both
 //! deciding through [`proxy`] (routes, firewall, backend picks); [`upstream`] speaks HTTP/1.1
 //! to backends over the connections [`backend`] opens and keeps, and runs health checks;
-//! [`tls`], [`tcp`] (the socket under rustls), [`firewall`], [`proxy_protocol`], [`metrics`]
+//! [`tls`], [`tcp`] (the socket under rustls), [`timer`] (a connection's timeouts),
+//! [`firewall`], [`proxy_protocol`], [`metrics`]
 //! and [`admin`] (metrics listener and control socket) do one job each. Reloads (SIGHUP,
 //! `rampart reload`) build a new generation and swap it in; a config that fails to load or
 //! build is refused and the running one stays.
@@ -19,6 +20,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod runtime;
 pub mod tcp;
+pub mod timer;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;
@@ -27,7 +29,10 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use arc_swap::ArcSwap;
@@ -75,12 +80,19 @@ pub struct Shared {
     pub connections: TaskTracker,
     /// Cancelled on SIGTERM/SIGINT: connections finish their requests and close.
     pub shutdown: CancellationToken,
+    /// Set with `shutdown`: read after every request, where the token's lock showed in profiles.
+    stopping: AtomicBool,
     /// Listening sockets by address; its lock also serialises reloads.
     listeners: tokio::sync::Mutex<HashMap<SocketAddr, Bound>>,
     tls_shared: TlsShared,
 }
 
 impl Shared {
+    /// The daemon is shutting down (`shutdown` is cancelled).
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
     pub fn current(&self) -> Arc<Generation> {
         self.generation.load_full()
     }
@@ -250,6 +262,7 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
         metrics: metrics.clone(),
         connections: TaskTracker::new(),
         shutdown: CancellationToken::new(),
+        stopping: AtomicBool::new(false),
         listeners: tokio::sync::Mutex::new(HashMap::new()),
         tls_shared,
     });
@@ -294,6 +307,7 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     control_stop.cancel();
     let _ = std::fs::remove_file(&control_path);
     shared.current().tasks.cancel();
+    shared.stopping.store(true, Ordering::Relaxed);
     shared.shutdown.cancel();
     shared.connections.close();
     match tokio::time::timeout(drain, shared.connections.wait()).await {

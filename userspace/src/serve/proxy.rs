@@ -21,6 +21,7 @@ use super::{
     firewall::{self, Block},
     metrics::{BlockLabels, PoolLabels, RequestLabels},
     runtime::{ListenerRt, PoolRt, RouteRt},
+    timer::Timer,
     upstream::{self, Asks, Framing, ResponseHead, Upstream, UpstreamBody, UpstreamError},
 };
 
@@ -334,7 +335,7 @@ pub async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incomin
         // A declared length is enforced by hyper; the firewall already compared it.
         _ => body.map_err(BoxError::from).boxed(),
     };
-    let Ok(mut out) = H2Body::new(body, declared).await else {
+    let Ok(mut out) = H2Body::new(body, declared, pool.cfg.response_timeout.0).await else {
         let r = error_page(StatusCode::BAD_REQUEST, "The request body could not be read.");
         route.requests.inc(&shared.metrics, r.status().as_u16());
         return r;
@@ -406,6 +407,10 @@ struct H2Body {
     stream: Option<ReqBody>,
     framing: Framing,
     started: bool,
+    /// The pool's response_timeout, which also bounds each write to the backend.
+    backend_timeout: Duration,
+    /// Per request: h2 streams run in their own tasks.
+    timer: Timer,
 }
 
 /// Bodies up to this size are read before the backend is chosen.
@@ -413,20 +418,21 @@ const BUFFER_BODY: u64 = 64 * 1024;
 
 impl H2Body {
     /// `Err` when the client's (small) body could not be read.
-    async fn new(body: ReqBody, declared: Option<u64>) -> Result<Self, BoxError> {
+    async fn new(body: ReqBody, declared: Option<u64>, backend_timeout: Duration) -> Result<Self, BoxError> {
         use http_body::Body as _;
-        if body.is_end_stream() {
-            let framing = if declared.is_some() { Framing::Length(0) } else { Framing::Empty };
-            return Ok(H2Body { buffered: None, stream: None, framing, started: false });
-        }
-        let exact = body.size_hint().exact().or(declared);
-        if exact.is_some_and(|n| n <= BUFFER_BODY) {
-            let b = body.collect().await?.to_bytes();
-            let framing = Framing::Length(b.len() as u64);
-            return Ok(H2Body { buffered: Some(b), stream: None, framing, started: false });
-        }
-        let framing = exact.map_or(Framing::Chunked, Framing::Length);
-        Ok(H2Body { buffered: None, stream: Some(body), framing, started: false })
+        let (buffered, stream, framing) = if body.is_end_stream() {
+            (None, None, if declared.is_some() { Framing::Length(0) } else { Framing::Empty })
+        } else {
+            let exact = body.size_hint().exact().or(declared);
+            if exact.is_some_and(|n| n <= BUFFER_BODY) {
+                let b = body.collect().await?.to_bytes();
+                let framing = Framing::Length(b.len() as u64);
+                (Some(b), None, framing)
+            } else {
+                (None, Some(body), exact.map_or(Framing::Chunked, Framing::Length))
+            }
+        };
+        Ok(H2Body { buffered, stream, framing, started: false, backend_timeout, timer: Timer::new() })
     }
 }
 
@@ -439,22 +445,26 @@ impl RequestBody for H2Body {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| SendError::Client(e.to_string()))?;
             let Some(data) = frame.data_ref() else { continue };
-            out.clear();
             if chunked {
+                out.clear();
                 upstream::encode_chunk(&mut out, data);
-                up.send(&out).await.map_err(SendError::Backend)?;
+                body_to_backend(&mut self.timer, self.backend_timeout, up, &out).await?;
             } else {
-                up.send(data).await.map_err(SendError::Backend)?;
+                body_to_backend(&mut self.timer, self.backend_timeout, up, data).await?;
             }
         }
         if chunked {
-            up.send(upstream::LAST_CHUNK).await.map_err(SendError::Backend)?;
+            body_to_backend(&mut self.timer, self.backend_timeout, up, upstream::LAST_CHUNK).await?;
         }
         Ok(())
     }
 
     fn replayable(&self) -> bool {
         !self.started
+    }
+
+    fn timer(&mut self) -> &mut Timer {
+        &mut self.timer
     }
 }
 
@@ -551,6 +561,23 @@ pub trait RequestBody {
     /// Nothing of the body has been consumed (or it all went with the head): the request can
     /// be sent again on another connection.
     fn replayable(&self) -> bool;
+    /// The timer of the client connection the request came on: waits on the backend use it too
+    /// (one timer per connection, see timer.rs).
+    fn timer(&mut self) -> &mut Timer;
+}
+
+/// Writes part of a request body to the backend, bounded by the pool's response_timeout: a
+/// backend that stops reading must not hold the client for good.
+pub async fn body_to_backend(
+    timer: &mut Timer,
+    limit: Duration,
+    up: &mut Upstream,
+    data: &[u8],
+) -> Result<(), SendError> {
+    match timer.within(limit, up.send(data)).await {
+        Ok(r) => r.map_err(SendError::Backend),
+        Err(e) => Err(SendError::Backend(e.into())),
+    }
 }
 
 pub enum SendError {
@@ -616,7 +643,8 @@ async fn attempt<B: RequestBody>(
                 }
             }
         };
-        if let Err(e) = up.send(head).await {
+        let sent = body.timer().within(response_timeout, up.send(head)).await;
+        if let Err(e) = sent.unwrap_or_else(|t| Err(t.into())) {
             if !fresh && body.replayable() {
                 fresh = true;
                 continue;
@@ -634,11 +662,18 @@ async fn attempt<B: RequestBody>(
             Err(SendError::TooLarge) => {
                 return Attempt::Failed(StatusCode::PAYLOAD_TOO_LARGE, "The request body is too large.".into());
             }
+            // A backend that stopped reading the body for response_timeout.
+            Err(SendError::Backend(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Attempt::Failed(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("backend {} read none of the request body for {response_timeout:?}", bc.addr),
+                );
+            }
             Err(SendError::Backend(e)) => {
                 return Attempt::Failed(StatusCode::BAD_GATEWAY, format!("backend {}: {e}", bc.addr));
             }
         }
-        match tokio::time::timeout(response_timeout, up.read_head(asks)).await {
+        match body.timer().within(response_timeout, up.read_head(asks)).await {
             Err(_) => {
                 return Attempt::Failed(
                     StatusCode::GATEWAY_TIMEOUT,
