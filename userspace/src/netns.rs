@@ -40,6 +40,12 @@ pub enum NetnsError {
     },
     #[error("network namespace: restore the original one")]
     Restore(#[source] io::Error),
+    #[error("a private network namespace needs root (CAP_SYS_ADMIN); run as root, as CI does")]
+    NotRoot(#[source] io::Error),
+    #[error("a private network namespace: unshare")]
+    Unshare(#[source] io::Error),
+    #[error("a private network namespace: bringing loopback up: {0}")]
+    Loopback(String),
 }
 
 /// The file of a named namespace: `/run/netns/NAME`.
@@ -118,6 +124,34 @@ impl Drop for NetnsGuard {
     }
 }
 
+/// Runs `f` on a new thread inside a new network namespace of its own, with only loopback (up),
+/// and returns what `f` returns; a panic in `f` is passed on. Processes the thread starts are
+/// inside too. The namespace has no name: it ends with the thread and those processes, so
+/// nothing is left behind, whatever happens to the caller. For tests, which must never use the
+/// host's interfaces (its loopback included).
+pub fn in_private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
+    let thread = std::thread::spawn(move || -> Result<T, NetnsError> {
+        // SAFETY: plain syscall; it moves this thread only.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.kind() == io::ErrorKind::PermissionDenied {
+                NetnsError::NotRoot(e)
+            } else {
+                NetnsError::Unshare(e)
+            });
+        }
+        let out = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .output()
+            .map_err(|e| NetnsError::Loopback(format!("ip: {e}")))?;
+        if !out.status.success() {
+            return Err(NetnsError::Loopback(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        Ok(f())
+    });
+    thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +162,20 @@ mod tests {
             assert!(matches!(netns_path(bad), Err(NetnsError::BadName(_))), "{bad}");
         }
         assert_eq!(netns_path("x").unwrap(), PathBuf::from("/run/netns/x"));
+    }
+
+    #[test]
+    fn a_private_namespace_has_only_its_own_loopback() {
+        let host = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+        let (inside, links) = in_private_netns(|| {
+            let out = std::process::Command::new("ip").args(["-o", "link", "show"]).output().unwrap();
+            (std::fs::read_link("/proc/thread-self/ns/net").unwrap(), String::from_utf8_lossy(&out.stdout).into_owned())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(inside, host);
+        let links: Vec<&str> = links.lines().collect();
+        assert!(links.len() == 1 && links[0].contains(" lo: ") && links[0].contains(",UP"), "{links:?}");
+        assert_eq!(std::fs::read_link("/proc/thread-self/ns/net").unwrap(), host, "the caller stays where it was");
     }
 
     #[test]

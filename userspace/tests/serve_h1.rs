@@ -519,495 +519,515 @@ const FWD: &str = "x-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: https\r\n";
 
 /// What the backend receives: origin-form request line, the client's end-to-end headers in
 /// order, hop-by-hop ones gone, forwarding headers ours alone, bodies re-framed intact.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_framing_and_forwarding() {
-    let (web, api) = (RawBackend::start().await, RawBackend::start().await);
-    let f = Fixture::start(
-        "h1-fwd",
-        &format!(
-            "[[route]]\nhost = \"site.test\"\npool = \"web\"\n\n[[route]]\nhost = \"api.test\"\npool = \"api\"\n\n\
-             [[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n\n[[pool]]\nname = \"api\"\nbackends = [\"{}\"]\n",
-            web.addr, api.addr
-        ),
-    );
-    let mut c = f.conn().await;
+#[test]
+fn request_framing_and_forwarding() {
+    isolated(|| async {
+        let (web, api) = (RawBackend::start().await, RawBackend::start().await);
+        let f = Fixture::start(
+            "h1-fwd",
+            &format!(
+                "[[route]]\nhost = \"site.test\"\npool = \"web\"\n\n[[route]]\nhost = \"api.test\"\npool = \"api\"\n\n\
+                 [[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n\n[[pool]]\nname = \"api\"\nbackends = [\"{}\"]\n",
+                web.addr, api.addr
+            ),
+        );
+        let mut c = f.conn().await;
 
-    // Hop-by-hop headers (the fixed list and those Connection names) go; a forged
-    // X-Forwarded-For, -Proto and Forwarded from an untrusted client are replaced.
-    let r = c
-        .exchange(
-            b"GET /fwd?q=1 HTTP/1.1\r\nHost: site.test\r\nUser-Agent: raw\r\nConnection: keep-alive, X-Private\r\n\
-              X-Private: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\
-              Trailer: x-t\r\nUpgrade: h2c\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: http\r\n\
-              Forwarded: for=6.6.6.6\r\nAccept: */*\r\n\r\n",
-        )
-        .await;
-    assert_eq!(r.status, 200, "{r:?}\n{}", f.log());
-    assert_eq!(
-        web.last(),
-        format!(
-            "GET /fwd?q=1 HTTP/1.1\r\nHost: site.test\r\nUser-Agent: raw\r\nAccept: */*\r\n{FWD}\
-             forwarded: for=127.0.0.1;proto=https;host=site.test\r\n\r\n"
-        )
-    );
+        // Hop-by-hop headers (the fixed list and those Connection names) go; a forged
+        // X-Forwarded-For, -Proto and Forwarded from an untrusted client are replaced.
+        let r = c
+            .exchange(
+                b"GET /fwd?q=1 HTTP/1.1\r\nHost: site.test\r\nUser-Agent: raw\r\nConnection: keep-alive, X-Private\r\n\
+                  X-Private: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\
+                  Trailer: x-t\r\nUpgrade: h2c\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: http\r\n\
+                  Forwarded: for=6.6.6.6\r\nAccept: */*\r\n\r\n",
+            )
+            .await;
+        assert_eq!(r.status, 200, "{r:?}\n{}", f.log());
+        assert_eq!(
+            web.last(),
+            format!(
+                "GET /fwd?q=1 HTTP/1.1\r\nHost: site.test\r\nUser-Agent: raw\r\nAccept: */*\r\n{FWD}\
+                 forwarded: for=127.0.0.1;proto=https;host=site.test\r\n\r\n"
+            )
+        );
 
-    // Absolute-form: routed by its authority (api.test, while SNI said site.test), sent on in
-    // origin-form with the authority as Host.
-    let r = c.exchange(b"GET https://api.test:8443/abs?x=1 HTTP/1.1\r\nUser-Agent: raw\r\n\r\n").await;
-    assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(
-        api.last(),
-        format!(
-            "GET /abs?x=1 HTTP/1.1\r\nUser-Agent: raw\r\nhost: api.test:8443\r\n{FWD}\
-             forwarded: for=127.0.0.1;proto=https;host=api.test\r\n\r\n"
-        )
-    );
-    let r = c.exchange(b"GET https://site.test HTTP/1.1\r\nHost: site.test\r\n\r\n").await;
-    assert_eq!(r.status, 200, "{r:?}");
-    // The authority replaces the client's Host (RFC 9112 §3.2.2).
-    assert!(web.last().starts_with("GET / HTTP/1.1\r\nhost: site.test\r\n"), "{}", web.last());
-    assert_eq!((web.count(), api.count()), (2, 1));
+        // Absolute-form: routed by its authority (api.test, while SNI said site.test), sent on in
+        // origin-form with the authority as Host.
+        let r = c.exchange(b"GET https://api.test:8443/abs?x=1 HTTP/1.1\r\nUser-Agent: raw\r\n\r\n").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(
+            api.last(),
+            format!(
+                "GET /abs?x=1 HTTP/1.1\r\nUser-Agent: raw\r\nhost: api.test:8443\r\n{FWD}\
+                 forwarded: for=127.0.0.1;proto=https;host=api.test\r\n\r\n"
+            )
+        );
+        let r = c.exchange(b"GET https://site.test HTTP/1.1\r\nHost: site.test\r\n\r\n").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        // The authority replaces the client's Host (RFC 9112 §3.2.2).
+        assert!(web.last().starts_with("GET / HTTP/1.1\r\nhost: site.test\r\n"), "{}", web.last());
+        assert_eq!((web.count(), api.count()), (2, 1));
 
-    // A Content-Length body, byte for byte.
-    let r = c
-        .exchange(b"POST /echo HTTP/1.1\r\nHost: site.test\r\nContent-Length: 11\r\nContent-Type: text/plain\r\n\r\nhello world")
-        .await;
-    assert_eq!((r.status, r.body_text().as_str()), (200, "hello world"), "{r:?}");
-    assert_eq!(
-        web.last(),
-        format!(
-            "POST /echo HTTP/1.1\r\nHost: site.test\r\nContent-Type: text/plain\r\n{FWD}\
-             forwarded: for=127.0.0.1;proto=https;host=site.test\r\ncontent-length: 11\r\n\r\nhello world"
-        )
-    );
+        // A Content-Length body, byte for byte.
+        let r = c
+            .exchange(b"POST /echo HTTP/1.1\r\nHost: site.test\r\nContent-Length: 11\r\nContent-Type: text/plain\r\n\r\nhello world")
+            .await;
+        assert_eq!((r.status, r.body_text().as_str()), (200, "hello world"), "{r:?}");
+        assert_eq!(
+            web.last(),
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: site.test\r\nContent-Type: text/plain\r\n{FWD}\
+                 forwarded: for=127.0.0.1;proto=https;host=site.test\r\ncontent-length: 11\r\n\r\nhello world"
+            )
+        );
 
-    // A chunked body, in two writes cut inside a chunk, with an extension and a trailer: it
-    // arrives re-chunked (our own chunk lines, no trailer) and decodes to the same bytes.
-    c.send(b"POST /echo HTTP/1.1\r\nHost: site.test\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nWi").await;
-    c.send(b"ki\r\n5;ext=1\r\npedia\r\n0\r\nX-Trailer: 1\r\n\r\n").await;
-    let r = c.response(false).await.unwrap();
-    assert_eq!((r.status, r.body_text().as_str()), (200, "Wikipedia"), "{r:?}");
-    let got = web.requests().pop().unwrap();
-    let head = format!(
-        "POST /echo HTTP/1.1\r\nHost: site.test\r\n{FWD}forwarded: for=127.0.0.1;proto=https;host=site.test\r\n\
-         transfer-encoding: chunked\r\n\r\n"
-    );
-    assert!(got.starts_with(head.as_bytes()), "{}", text(&got));
-    let (n, body, trailers) = decode_chunked(&got[head.len()..]).unwrap().unwrap();
-    assert_eq!((n, body.as_slice(), trailers.as_slice()), (got.len() - head.len(), &b"Wikipedia"[..], &b""[..]));
-    assert!(!text(&got).contains("ext=1"), "{}", text(&got));
+        // A chunked body, in two writes cut inside a chunk, with an extension and a trailer: it
+        // arrives re-chunked (our own chunk lines, no trailer) and decodes to the same bytes.
+        c.send(b"POST /echo HTTP/1.1\r\nHost: site.test\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nWi").await;
+        c.send(b"ki\r\n5;ext=1\r\npedia\r\n0\r\nX-Trailer: 1\r\n\r\n").await;
+        let r = c.response(false).await.unwrap();
+        assert_eq!((r.status, r.body_text().as_str()), (200, "Wikipedia"), "{r:?}");
+        let got = web.requests().pop().unwrap();
+        let head = format!(
+            "POST /echo HTTP/1.1\r\nHost: site.test\r\n{FWD}forwarded: for=127.0.0.1;proto=https;host=site.test\r\n\
+             transfer-encoding: chunked\r\n\r\n"
+        );
+        assert!(got.starts_with(head.as_bytes()), "{}", text(&got));
+        let (n, body, trailers) = decode_chunked(&got[head.len()..]).unwrap().unwrap();
+        assert_eq!((n, body.as_slice(), trailers.as_slice()), (got.len() - head.len(), &b"Wikipedia"[..], &b""[..]));
+        assert!(!text(&got).contains("ext=1"), "{}", text(&got));
 
-    // Expect: 100-continue: the interim answer comes before the body is sent; the backend does
-    // not see Expect.
-    c.send(b"POST /echo HTTP/1.1\r\nHost: site.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n").await;
-    let interim = c.response(false).await.unwrap();
-    assert_eq!(interim.head, "HTTP/1.1 100 Continue\r\n\r\n");
-    let r = c.exchange(b"later").await;
-    assert_eq!((r.status, r.body_text().as_str()), (200, "later"), "{r:?}");
-    assert!(!web.last().to_ascii_lowercase().contains("expect"), "{}", web.last());
-    assert!(web.last().ends_with("content-length: 5\r\n\r\nlater"), "{}", web.last());
+        // Expect: 100-continue: the interim answer comes before the body is sent; the backend does
+        // not see Expect.
+        c.send(b"POST /echo HTTP/1.1\r\nHost: site.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n").await;
+        let interim = c.response(false).await.unwrap();
+        assert_eq!(interim.head, "HTTP/1.1 100 Continue\r\n\r\n");
+        let r = c.exchange(b"later").await;
+        assert_eq!((r.status, r.body_text().as_str()), (200, "later"), "{r:?}");
+        assert!(!web.last().to_ascii_lowercase().contains("expect"), "{}", web.last());
+        assert!(web.last().ends_with("content-length: 5\r\n\r\nlater"), "{}", web.last());
 
-    // 1 MiB up, echoed back intact.
-    let payload = pattern(MIB);
-    let mut req = format!("PUT /up/echo HTTP/1.1\r\nHost: site.test\r\nContent-Length: {MIB}\r\n\r\n").into_bytes();
-    req.extend_from_slice(&payload);
-    let r = c.exchange(&req).await;
-    assert_eq!(r.status, 200, "{}", r.head);
-    assert!(r.body == payload, "1 MiB echo differs ({} bytes back)", r.body.len());
+        // 1 MiB up, echoed back intact.
+        let payload = pattern(MIB);
+        let mut req = format!("PUT /up/echo HTTP/1.1\r\nHost: site.test\r\nContent-Length: {MIB}\r\n\r\n").into_bytes();
+        req.extend_from_slice(&payload);
+        let r = c.exchange(&req).await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert!(r.body == payload, "1 MiB echo differs ({} bytes back)", r.body.len());
 
-    // Absolute-form with a Host that disagrees: the route comes from the authority, so the
-    // backend must see that authority as Host too (RFC 9112 §3.2.2: a proxy replaces Host),
-    // or a Host-based backend serves another site than the one routed and firewalled.
-    let r = c.exchange(b"GET https://api.test/abs2 HTTP/1.1\r\nHost: site.test\r\n\r\n").await;
-    assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(api.count(), 2, "routed by the authority");
-    let got = api.last().to_ascii_lowercase();
-    assert_eq!(got.matches("\r\nhost:").count(), 1, "backend got:\n{got}");
-    assert!(got.contains("\r\nhost: api.test\r\n"), "backend got:\n{got}");
+        // Absolute-form with a Host that disagrees: the route comes from the authority, so the
+        // backend must see that authority as Host too (RFC 9112 §3.2.2: a proxy replaces Host),
+        // or a Host-based backend serves another site than the one routed and firewalled.
+        let r = c.exchange(b"GET https://api.test/abs2 HTTP/1.1\r\nHost: site.test\r\n\r\n").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(api.count(), 2, "routed by the authority");
+        let got = api.last().to_ascii_lowercase();
+        assert_eq!(got.matches("\r\nhost:").count(), 1, "backend got:\n{got}");
+        assert!(got.contains("\r\nhost: api.test\r\n"), "backend got:\n{got}");
+    })
 }
 
 /// Requests two parsers could read differently, or that are malformed, get an error and the
 /// connection closes; the backend never sees a complete one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smuggling_and_bad_input_refused() {
-    let web = RawBackend::start().await;
-    let f = Fixture::start(
-        "h1-bad",
-        &format!(
-            "[[route]]\nhost = \"site.test\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n",
-            web.addr
-        ),
-    );
+#[test]
+fn smuggling_and_bad_input_refused() {
+    isolated(|| async {
+        let web = RawBackend::start().await;
+        let f = Fixture::start(
+            "h1-bad",
+            &format!(
+                "[[route]]\nhost = \"site.test\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n",
+                web.addr
+            ),
+        );
 
-    // The header-count limit is 100 lines: exactly 100 pass.
-    let hundred: String = (1..100).map(|i| format!("X-H{i}: v\r\n")).collect();
-    let r =
-        f.conn().await.exchange(format!("GET /hundred HTTP/1.1\r\nHost: site.test\r\n{hundred}\r\n").as_bytes()).await;
-    assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(web.count(), 1);
+        // The header-count limit is 100 lines: exactly 100 pass.
+        let hundred: String = (1..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+        let r = f
+            .conn()
+            .await
+            .exchange(format!("GET /hundred HTTP/1.1\r\nHost: site.test\r\n{hundred}\r\n").as_bytes())
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(web.count(), 1);
 
-    let big_head = format!("GET / HTTP/1.1\r\nHost: site.test\r\nX-Big: {}\r\n\r\n", "b".repeat(200 * 1024));
-    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
-        (
-            "Content-Length and Transfer-Encoding",
-            b"POST /echo HTTP/1.1\r\nHost: site.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
-            400,
-        ),
-        ("Transfer-Encoding gzip", b"POST /echo HTTP/1.1\r\nHost: site.test\r\nTransfer-Encoding: gzip\r\n\r\nabc".to_vec(), 400),
-        (
-            "chunked not last",
-            b"POST /echo HTTP/1.1\r\nHost: site.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n"
-                .to_vec(),
-            400,
-        ),
-        (
-            "chunked in HTTP/1.0",
-            b"POST /echo HTTP/1.0\r\nHost: site.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
-            400,
-        ),
-        (
-            "two Content-Length values",
-            b"POST /echo HTTP/1.1\r\nHost: site.test\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".to_vec(),
-            400,
-        ),
-        ("a Content-Length list that differs", b"POST /echo HTTP/1.1\r\nHost: site.test\r\nContent-Length: 3, 4\r\n\r\nabcd".to_vec(), 400),
-        ("a signed Content-Length", b"POST /echo HTTP/1.1\r\nHost: site.test\r\nContent-Length: +3\r\n\r\nabc".to_vec(), 400),
-        ("HTTP/1.1 without Host", b"GET / HTTP/1.1\r\nUser-Agent: raw\r\n\r\n".to_vec(), 400),
-        ("two Host headers", b"GET / HTTP/1.1\r\nHost: site.test\r\nHost: api.test\r\n\r\n".to_vec(), 400),
-        (
-            "invalid chunk size",
-            b"POST /echo HTTP/1.1\r\nHost: site.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(),
-            400,
-        ),
-        ("obs-fold", b"GET / HTTP/1.1\r\nHost: site.test\r\nX-A: a\r\n b\r\n\r\n".to_vec(), 400),
-        ("101 header lines", format!("GET / HTTP/1.1\r\nHost: site.test\r\n{hundred}X-H100: v\r\n\r\n").into_bytes(), 431),
-        ("a 200 KiB head", big_head.into_bytes(), 431),
-        ("CONNECT", b"CONNECT site.test:443 HTTP/1.1\r\nHost: site.test:443\r\n\r\n".to_vec(), 405),
-    ];
-    for (what, bytes, status) in &cases {
+        let big_head = format!("GET / HTTP/1.1\r\nHost: site.test\r\nX-Big: {}\r\n\r\n", "b".repeat(200 * 1024));
+        let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+            (
+                "Content-Length and Transfer-Encoding",
+                b"POST /echo HTTP/1.1\r\nHost: site.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+                400,
+            ),
+            ("Transfer-Encoding gzip", b"POST /echo HTTP/1.1\r\nHost: site.test\r\nTransfer-Encoding: gzip\r\n\r\nabc".to_vec(), 400),
+            (
+                "chunked not last",
+                b"POST /echo HTTP/1.1\r\nHost: site.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n"
+                    .to_vec(),
+                400,
+            ),
+            (
+                "chunked in HTTP/1.0",
+                b"POST /echo HTTP/1.0\r\nHost: site.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+                400,
+            ),
+            (
+                "two Content-Length values",
+                b"POST /echo HTTP/1.1\r\nHost: site.test\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".to_vec(),
+                400,
+            ),
+            ("a Content-Length list that differs", b"POST /echo HTTP/1.1\r\nHost: site.test\r\nContent-Length: 3, 4\r\n\r\nabcd".to_vec(), 400),
+            ("a signed Content-Length", b"POST /echo HTTP/1.1\r\nHost: site.test\r\nContent-Length: +3\r\n\r\nabc".to_vec(), 400),
+            ("HTTP/1.1 without Host", b"GET / HTTP/1.1\r\nUser-Agent: raw\r\n\r\n".to_vec(), 400),
+            ("two Host headers", b"GET / HTTP/1.1\r\nHost: site.test\r\nHost: api.test\r\n\r\n".to_vec(), 400),
+            (
+                "invalid chunk size",
+                b"POST /echo HTTP/1.1\r\nHost: site.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(),
+                400,
+            ),
+            ("obs-fold", b"GET / HTTP/1.1\r\nHost: site.test\r\nX-A: a\r\n b\r\n\r\n".to_vec(), 400),
+            ("101 header lines", format!("GET / HTTP/1.1\r\nHost: site.test\r\n{hundred}X-H100: v\r\n\r\n").into_bytes(), 431),
+            ("a 200 KiB head", big_head.into_bytes(), 431),
+            ("CONNECT", b"CONNECT site.test:443 HTTP/1.1\r\nHost: site.test:443\r\n\r\n".to_vec(), 405),
+        ];
+        for (what, bytes, status) in &cases {
+            let mut c = f.conn().await;
+            c.send(bytes).await;
+            let r = c.response(false).await.unwrap_or_else(|e| panic!("{what}: {e:?}\n{}", f.log()));
+            assert_eq!(r.status, *status, "{what}: {r:?}");
+            assert_eq!(r.header("connection").as_deref(), Some("close"), "{what}: {r:?}");
+            assert_eq!(c.end().await, End::Clean, "{what}");
+        }
+        assert_eq!(
+            web.count(),
+            1,
+            "a refused request reached the backend: {:?}",
+            web.requests().iter().map(|r| text(r)).collect::<Vec<_>>()
+        );
+        // The body of the bad-chunk request is checked as it streams: its head went out before the
+        // bad chunk line was read, and that backend connection was dropped, not completed.
+        assert!(eventually(50, || web.state.incomplete.load(Ordering::SeqCst) == 1).await);
+
+        // No route: a 404 that keeps the connection.
         let mut c = f.conn().await;
-        c.send(bytes).await;
-        let r = c.response(false).await.unwrap_or_else(|e| panic!("{what}: {e:?}\n{}", f.log()));
-        assert_eq!(r.status, *status, "{what}: {r:?}");
-        assert_eq!(r.header("connection").as_deref(), Some("close"), "{what}: {r:?}");
-        assert_eq!(c.end().await, End::Clean, "{what}");
-    }
-    assert_eq!(
-        web.count(),
-        1,
-        "a refused request reached the backend: {:?}",
-        web.requests().iter().map(|r| text(r)).collect::<Vec<_>>()
-    );
-    // The body of the bad-chunk request is checked as it streams: its head went out before the
-    // bad chunk line was read, and that backend connection was dropped, not completed.
-    assert!(eventually(50, || web.state.incomplete.load(Ordering::SeqCst) == 1).await);
+        let r = c.exchange(b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n").await;
+        assert_eq!(r.status, 404, "{r:?}");
+        assert_eq!(r.header("connection"), None, "{r:?}");
 
-    // No route: a 404 that keeps the connection.
-    let mut c = f.conn().await;
-    let r = c.exchange(b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n").await;
-    assert_eq!(r.status, 404, "{r:?}");
-    assert_eq!(r.header("connection"), None, "{r:?}");
+        // The daemon still serves, on that same connection.
+        let r = c.exchange(&get("/after")).await;
+        assert_eq!(r.status, 200, "{r:?}\n{}", f.log());
+        assert_eq!(web.count(), 2);
+        assert!(web.last().starts_with("GET /after "), "{}", web.last());
+        drop(c);
 
-    // The daemon still serves, on that same connection.
-    let r = c.exchange(&get("/after")).await;
-    assert_eq!(r.status, 200, "{r:?}\n{}", f.log());
-    assert_eq!(web.count(), 2);
-    assert!(web.last().starts_with("GET /after "), "{}", web.last());
-    drop(c);
-
-    // Every answer is counted: the bad chunk (found after routing) as a 400 of its route; the
-    // 404 and the requests refused while parsing or framing (before any route is known) under
-    // route "-".
-    let m = f.metrics();
-    let route = "route=\"site.test/\"";
-    let unrouted = "route=\"-\"";
-    assert_eq!(metric(&m, "rampart_http_requests_total", &[route, "status=\"200\""]), 2.0, "{m}");
-    assert_eq!(metric(&m, "rampart_http_requests_total", &[route, "status=\"400\""]), 1.0, "{m}");
-    assert_eq!(metric(&m, "rampart_http_requests_total", &[unrouted, "status=\"404\""]), 1.0, "{m}");
-    assert_eq!(metric(&m, "rampart_http_requests_total", &[unrouted, "status=\"400\""]), 10.0, "{m}");
-    assert_eq!(metric(&m, "rampart_http_requests_total", &[unrouted, "status=\"431\""]), 2.0, "{m}");
-    assert_eq!(metric(&m, "rampart_http_requests_total", &[unrouted, "status=\"405\""]), 1.0, "{m}");
-    assert_eq!(metric(&m, "rampart_http_requests_total", &[]), 17.0, "{m}");
-    // Every connection above has ended on both sides (the lingering closes included).
-    let closed = || metric(&http_get(f.admin, "/metrics"), "rampart_client_connections", &[]) == 0.0;
-    assert!(eventually(50, closed).await, "{}", f.metrics());
+        // Every answer is counted: the bad chunk (found after routing) as a 400 of its route; the
+        // 404 and the requests refused while parsing or framing (before any route is known) under
+        // route "-".
+        let m = f.metrics();
+        let route = "route=\"site.test/\"";
+        let unrouted = "route=\"-\"";
+        assert_eq!(metric(&m, "rampart_http_requests_total", &[route, "status=\"200\""]), 2.0, "{m}");
+        assert_eq!(metric(&m, "rampart_http_requests_total", &[route, "status=\"400\""]), 1.0, "{m}");
+        assert_eq!(metric(&m, "rampart_http_requests_total", &[unrouted, "status=\"404\""]), 1.0, "{m}");
+        assert_eq!(metric(&m, "rampart_http_requests_total", &[unrouted, "status=\"400\""]), 10.0, "{m}");
+        assert_eq!(metric(&m, "rampart_http_requests_total", &[unrouted, "status=\"431\""]), 2.0, "{m}");
+        assert_eq!(metric(&m, "rampart_http_requests_total", &[unrouted, "status=\"405\""]), 1.0, "{m}");
+        assert_eq!(metric(&m, "rampart_http_requests_total", &[]), 17.0, "{m}");
+        // Every connection above has ended on both sides (the lingering closes included).
+        let closed = || metric(&http_get(f.admin, "/metrics"), "rampart_client_connections", &[]) == 0.0;
+        assert!(eventually(50, closed).await, "{}", f.metrics());
+    })
 }
 
 /// Backend answers as the client gets them: re-framed for its HTTP version, bodiless where the
 /// status or method says, truncation shown as truncation, closes announced and clean.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn responses_relayed() {
-    let web = RawBackend::start().await;
-    let f = Fixture::start(
-        "h1-resp",
-        &format!(
-            "[[route]]\nhost = \"site.test\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n",
-            web.addr
-        ),
-    );
-    let mut c = f.conn().await;
-
-    // Chunked: relayed chunked, same bytes; the trailer, the Trailer header and the header
-    // the backend's Connection named are dropped.
-    let r = c.exchange(&get("/chunked")).await;
-    assert_eq!(r.head, "HTTP/1.1 200 OK\r\nx-kind: chunked\r\ntransfer-encoding: chunked\r\n\r\n", "{r:?}");
-    assert_eq!(r.body_text(), "hello world");
-    assert_eq!(r.trailers, b"", "{r:?}");
-
-    // Delimited by the backend's close: chunked for an HTTP/1.1 client, which keeps its
-    // connection (the next requests run on it).
-    let r = c.exchange(&get("/close")).await;
-    assert_eq!(r.header("transfer-encoding").as_deref(), Some("chunked"), "{r:?}");
-    assert_eq!(r.header("connection"), None, "{r:?}");
-    assert_eq!(r.body_text(), "close-delimited");
-
-    // HEAD keeps Content-Length and has no body; 204 and 304 have none either. Pipelined, so
-    // a stray body byte would break the next answer.
-    c.send(
-        &[&b"HEAD /head HTTP/1.1\r\nHost: site.test\r\n\r\n"[..], &get("/204"), &get("/304"), &get("/plain")].concat(),
-    )
-    .await;
-    let r = c.response(true).await.unwrap();
-    assert_eq!(r.head, "HTTP/1.1 200 OK\r\nx-kind: head\r\ncontent-length: 1234\r\n\r\n", "{r:?}");
-    let r = c.response(false).await.unwrap();
-    assert_eq!(r.head, "HTTP/1.1 204 No Content\r\nx-kind: 204\r\n\r\n", "{r:?}");
-    let r = c.response(false).await.unwrap();
-    assert_eq!(r.status, 304, "{r:?}");
-    assert_eq!(r.header("content-length").as_deref(), Some("1234"), "{r:?}");
-    assert_eq!(r.header("transfer-encoding"), None, "{r:?}");
-    let r = c.response(false).await.unwrap();
-    assert_eq!(r.status, 200, "{r:?}");
-    assert!(r.body_text().ends_with("path=/plain\n"), "{r:?}");
-
-    // 1 MiB down, intact.
-    let r = c.exchange(&get("/big")).await;
-    assert_eq!(r.header("content-length"), Some(MIB.to_string()), "{}", r.head);
-    assert!(r.body == pattern(MIB), "1 MiB body differs ({} bytes)", r.body.len());
-
-    // Connection: close from the client: announced, then close_notify and end of stream.
-    let r = c.exchange(b"GET /last HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n").await;
-    assert_eq!((r.status, r.header("connection").as_deref()), (200, Some("close")), "{r:?}");
-    assert_eq!(c.end().await, End::Clean);
-
-    // HTTP/1.0 clients get bodies of unknown length by the close, not chunked.
-    for (path, body) in [("/close", "close-delimited"), ("/chunked", "hello world")] {
+#[test]
+fn responses_relayed() {
+    isolated(|| async {
+        let web = RawBackend::start().await;
+        let f = Fixture::start(
+            "h1-resp",
+            &format!(
+                "[[route]]\nhost = \"site.test\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n",
+                web.addr
+            ),
+        );
         let mut c = f.conn().await;
-        let r = c.exchange(format!("GET {path} HTTP/1.0\r\nHost: site.test\r\n\r\n").as_bytes()).await;
-        assert_eq!(r.status, 200, "{r:?}");
+
+        // Chunked: relayed chunked, same bytes; the trailer, the Trailer header and the header
+        // the backend's Connection named are dropped.
+        let r = c.exchange(&get("/chunked")).await;
+        assert_eq!(r.head, "HTTP/1.1 200 OK\r\nx-kind: chunked\r\ntransfer-encoding: chunked\r\n\r\n", "{r:?}");
+        assert_eq!(r.body_text(), "hello world");
+        assert_eq!(r.trailers, b"", "{r:?}");
+
+        // Delimited by the backend's close: chunked for an HTTP/1.1 client, which keeps its
+        // connection (the next requests run on it).
+        let r = c.exchange(&get("/close")).await;
+        assert_eq!(r.header("transfer-encoding").as_deref(), Some("chunked"), "{r:?}");
+        assert_eq!(r.header("connection"), None, "{r:?}");
+        assert_eq!(r.body_text(), "close-delimited");
+
+        // HEAD keeps Content-Length and has no body; 204 and 304 have none either. Pipelined, so
+        // a stray body byte would break the next answer.
+        c.send(
+            &[&b"HEAD /head HTTP/1.1\r\nHost: site.test\r\n\r\n"[..], &get("/204"), &get("/304"), &get("/plain")]
+                .concat(),
+        )
+        .await;
+        let r = c.response(true).await.unwrap();
+        assert_eq!(r.head, "HTTP/1.1 200 OK\r\nx-kind: head\r\ncontent-length: 1234\r\n\r\n", "{r:?}");
+        let r = c.response(false).await.unwrap();
+        assert_eq!(r.head, "HTTP/1.1 204 No Content\r\nx-kind: 204\r\n\r\n", "{r:?}");
+        let r = c.response(false).await.unwrap();
+        assert_eq!(r.status, 304, "{r:?}");
+        assert_eq!(r.header("content-length").as_deref(), Some("1234"), "{r:?}");
         assert_eq!(r.header("transfer-encoding"), None, "{r:?}");
-        assert_eq!(r.header("connection").as_deref(), Some("close"), "{r:?}");
-        assert_eq!(r.body_text(), body);
-    }
+        let r = c.response(false).await.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.body_text().ends_with("path=/plain\n"), "{r:?}");
 
-    // HTTP/1.0 with keep-alive stays open for another request.
-    let mut c = f.conn().await;
-    let r = c.exchange(b"GET /ka1 HTTP/1.0\r\nHost: site.test\r\nConnection: keep-alive\r\n\r\n").await;
-    assert_eq!(r.header("connection").as_deref(), Some("keep-alive"), "{r:?}");
-    assert!(r.header("content-length").is_some(), "{r:?}");
-    let r = c.exchange(b"GET /ka2 HTTP/1.0\r\nHost: site.test\r\nConnection: keep-alive\r\n\r\n").await;
-    assert!(r.body_text().ends_with("path=/ka2\n"), "{r:?}");
+        // 1 MiB down, intact.
+        let r = c.exchange(&get("/big")).await;
+        assert_eq!(r.header("content-length"), Some(MIB.to_string()), "{}", r.head);
+        assert!(r.body == pattern(MIB), "1 MiB body differs ({} bytes)", r.body.len());
 
-    // A backend that closes mid-body: the client's connection ends without a complete message
-    // (no hang, no made-up end).
-    let mut c = f.conn().await;
-    c.send(&get("/early-close")).await;
-    match c.response(false).await {
-        Err(Cut::Closed(what)) => assert!(what.contains("content-length: 1000"), "{what}"),
-        Err(Cut::TimedOut(what)) => panic!("the client connection hangs: {what}"),
-        Ok(r) => panic!("a complete answer from a backend that closed mid-body: {r:?}"),
-    }
+        // Connection: close from the client: announced, then close_notify and end of stream.
+        let r = c.exchange(b"GET /last HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n").await;
+        assert_eq!((r.status, r.header("connection").as_deref()), (200, Some("close")), "{r:?}");
+        assert_eq!(c.end().await, End::Clean);
+
+        // HTTP/1.0 clients get bodies of unknown length by the close, not chunked.
+        for (path, body) in [("/close", "close-delimited"), ("/chunked", "hello world")] {
+            let mut c = f.conn().await;
+            let r = c.exchange(format!("GET {path} HTTP/1.0\r\nHost: site.test\r\n\r\n").as_bytes()).await;
+            assert_eq!(r.status, 200, "{r:?}");
+            assert_eq!(r.header("transfer-encoding"), None, "{r:?}");
+            assert_eq!(r.header("connection").as_deref(), Some("close"), "{r:?}");
+            assert_eq!(r.body_text(), body);
+        }
+
+        // HTTP/1.0 with keep-alive stays open for another request.
+        let mut c = f.conn().await;
+        let r = c.exchange(b"GET /ka1 HTTP/1.0\r\nHost: site.test\r\nConnection: keep-alive\r\n\r\n").await;
+        assert_eq!(r.header("connection").as_deref(), Some("keep-alive"), "{r:?}");
+        assert!(r.header("content-length").is_some(), "{r:?}");
+        let r = c.exchange(b"GET /ka2 HTTP/1.0\r\nHost: site.test\r\nConnection: keep-alive\r\n\r\n").await;
+        assert!(r.body_text().ends_with("path=/ka2\n"), "{r:?}");
+
+        // A backend that closes mid-body: the client's connection ends without a complete message
+        // (no hang, no made-up end).
+        let mut c = f.conn().await;
+        c.send(&get("/early-close")).await;
+        match c.response(false).await {
+            Err(Cut::Closed(what)) => assert!(what.contains("content-length: 1000"), "{what}"),
+            Err(Cut::TimedOut(what)) => panic!("the client connection hangs: {what}"),
+            Ok(r) => panic!("a complete answer from a backend that closed mid-body: {r:?}"),
+        }
+    })
 }
 
 /// Connections last: pipelined requests answered in order, backend connections reused across
 /// client requests, and one the backend closed while idle never fails a request.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keep_alive_pipelining_and_backend_reuse() {
-    let (web, st) = (RawBackend::start().await, RawBackend::start().await);
-    let f = Fixture::start(
-        "h1-ka",
-        &format!(
-            "[[route]]\nhost = \"site.test\"\npool = \"web\"\n\n[[route]]\nhost = \"site.test\"\npath = \"/st/\"\npool = \"st\"\n\n\
-             [[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n\n[[pool]]\nname = \"st\"\nbackends = [\"{}\"]\n",
-            web.addr, st.addr
-        ),
-    );
-    let mut c = f.conn().await;
+#[test]
+fn keep_alive_pipelining_and_backend_reuse() {
+    isolated(|| async {
+        let (web, st) = (RawBackend::start().await, RawBackend::start().await);
+        let f = Fixture::start(
+            "h1-ka",
+            &format!(
+                "[[route]]\nhost = \"site.test\"\npool = \"web\"\n\n[[route]]\nhost = \"site.test\"\npath = \"/st/\"\npool = \"st\"\n\n\
+                 [[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n\n[[pool]]\nname = \"st\"\nbackends = [\"{}\"]\n",
+                web.addr, st.addr
+            ),
+        );
+        let mut c = f.conn().await;
 
-    // Three requests in one write, one with a body: three answers, in order.
-    c.send(
-        &[&get("/p1")[..], b"POST /echo HTTP/1.1\r\nHost: site.test\r\nContent-Length: 5\r\n\r\nhello", &get("/p2")]
+        // Three requests in one write, one with a body: three answers, in order.
+        c.send(
+            &[
+                &get("/p1")[..],
+                b"POST /echo HTTP/1.1\r\nHost: site.test\r\nContent-Length: 5\r\n\r\nhello",
+                &get("/p2"),
+            ]
             .concat(),
-    )
-    .await;
-    let mut got = Vec::new();
-    for _ in 0..3 {
-        let r = c.response(false).await.unwrap();
+        )
+        .await;
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let r = c.response(false).await.unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            got.push(r.body_text());
+        }
+        assert!(got[0].ends_with("path=/p1\n") && got[1] == "hello" && got[2].ends_with("path=/p2\n"), "{got:?}");
+
+        // 50 requests one after the other ride one or two backend connections.
+        for i in 0..50 {
+            let r = c.exchange(&get(&format!("/seq/{i}"))).await;
+            assert!(r.status == 200 && r.body_text().ends_with(&format!("path=/seq/{i}\n")), "{r:?}");
+        }
+        assert_eq!(web.count(), 53);
+        assert!(web.accepted() <= 2, "{} backend connections for 53 requests", web.accepted());
+        let m = f.metrics();
+        assert_eq!(metric(&m, "rampart_http_requests_total", &["route=\"site.test/\"", "status=\"200\""]), 53.0, "{m}");
+
+        // The backend closes an idle connection: it is noticed before reuse.
+        let r = c.exchange(&get("/st/bye")).await;
         assert_eq!(r.status, 200, "{r:?}");
-        got.push(r.body_text());
-    }
-    assert!(got[0].ends_with("path=/p1\n") && got[1] == "hello" && got[2].ends_with("path=/p2\n"), "{got:?}");
+        assert!(eventually(50, || st.state.byes.load(Ordering::SeqCst) == 1).await);
+        let r = c.exchange(&get("/st/after")).await;
+        assert_eq!(r.status, 200, "{r:?}\n{}", f.log());
+        assert!(r.body_text().starts_with("conn=2 n=1 "), "{r:?}");
 
-    // 50 requests one after the other ride one or two backend connections.
-    for i in 0..50 {
-        let r = c.exchange(&get(&format!("/seq/{i}"))).await;
-        assert!(r.status == 200 && r.body_text().ends_with(&format!("path=/seq/{i}\n")), "{r:?}");
-    }
-    assert_eq!(web.count(), 53);
-    assert!(web.accepted() <= 2, "{} backend connections for 53 requests", web.accepted());
-    let m = f.metrics();
-    assert_eq!(metric(&m, "rampart_http_requests_total", &["route=\"site.test/\"", "status=\"200\""]), 53.0, "{m}");
-
-    // The backend closes an idle connection: it is noticed before reuse.
-    let r = c.exchange(&get("/st/bye")).await;
-    assert_eq!(r.status, 200, "{r:?}");
-    assert!(eventually(50, || st.state.byes.load(Ordering::SeqCst) == 1).await);
-    let r = c.exchange(&get("/st/after")).await;
-    assert_eq!(r.status, 200, "{r:?}\n{}", f.log());
-    assert!(r.body_text().starts_with("conn=2 n=1 "), "{r:?}");
-
-    // The backend closes an idle connection just as a request comes on it (the close and the
-    // request cross): nothing was answered, the GET can go again, so the client gets a 200
-    // from a new connection rather than a 502.
-    let r = c.exchange(&get("/st/stale")).await;
-    assert_eq!(r.status, 200, "{r:?}\n{}", f.log());
-    assert!(r.body_text().starts_with("conn=3 n=1 "), "{r:?}");
+        // The backend closes an idle connection just as a request comes on it (the close and the
+        // request cross): nothing was answered, the GET can go again, so the client gets a 200
+        // from a new connection rather than a 502.
+        let r = c.exchange(&get("/st/stale")).await;
+        assert_eq!(r.status, 200, "{r:?}\n{}", f.log());
+        assert!(r.body_text().starts_with("conn=3 n=1 "), "{r:?}");
+    })
 }
 
 /// A switch of protocols (WebSocket): the Upgrade goes to the backend on rampart's terms, the
 /// 101 comes back, then bytes flow both ways (including those sent behind the heads) until
 /// each side has closed. A backend that declines answers as usual and the connection stays
 /// HTTP; h2c is never asked of a backend; a 101 that names no protocol is a 502.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_switches_to_a_tunnel() {
-    let web = RawBackend::start().await;
-    let f = Fixture::start(
-        "h1-upgrade",
-        &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", web.addr),
-    );
-    let ws = |path: &str, proto: &str| {
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: site.test\r\nConnection: keep-alive, Upgrade\r\nUpgrade: {proto}\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .into_bytes()
-    };
+#[test]
+fn upgrade_switches_to_a_tunnel() {
+    isolated(|| async {
+        let web = RawBackend::start().await;
+        let f = Fixture::start(
+            "h1-upgrade",
+            &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", web.addr),
+        );
+        let ws = |path: &str, proto: &str| {
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: site.test\r\nConnection: keep-alive, Upgrade\r\nUpgrade: {proto}\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            .into_bytes()
+        };
 
-    let mut c = f.conn().await;
-    let r = c.exchange(&ws("/chat/ws", "websocket")).await;
-    assert_eq!(r.status, 101, "{r:?}\n{}", f.log());
-    assert_eq!(r.header("upgrade").as_deref(), Some("websocket"), "{r:?}");
-    assert_eq!(r.header("connection").as_deref(), Some("upgrade"), "{r:?}");
-    assert_eq!(r.header("sec-websocket-accept").as_deref(), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{r:?}");
-    assert_eq!(
-        web.last(),
-        format!(
-            "GET /chat/ws HTTP/1.1\r\nHost: site.test\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Sec-WebSocket-Version: 13\r\n{FWD}forwarded: for=127.0.0.1;proto=https;host=site.test\r\n\
-             connection: upgrade\r\nupgrade: websocket\r\n\r\n"
-        )
-    );
-    // The bytes the backend sent behind its 101, then each message echoed.
-    while c.buf.len() < 2 {
-        c.more(b"").await.unwrap();
-    }
-    assert_eq!(c.buf.drain(..2).collect::<Vec<u8>>(), b"hi");
-    for msg in [&b"hello"[..], b"frame two", &pattern(40_000)] {
-        c.send(msg).await;
-        while c.buf.len() < msg.len() {
+        let mut c = f.conn().await;
+        let r = c.exchange(&ws("/chat/ws", "websocket")).await;
+        assert_eq!(r.status, 101, "{r:?}\n{}", f.log());
+        assert_eq!(r.header("upgrade").as_deref(), Some("websocket"), "{r:?}");
+        assert_eq!(r.header("connection").as_deref(), Some("upgrade"), "{r:?}");
+        assert_eq!(r.header("sec-websocket-accept").as_deref(), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{r:?}");
+        assert_eq!(
+            web.last(),
+            format!(
+                "GET /chat/ws HTTP/1.1\r\nHost: site.test\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 Sec-WebSocket-Version: 13\r\n{FWD}forwarded: for=127.0.0.1;proto=https;host=site.test\r\n\
+                 connection: upgrade\r\nupgrade: websocket\r\n\r\n"
+            )
+        );
+        // The bytes the backend sent behind its 101, then each message echoed.
+        while c.buf.len() < 2 {
             c.more(b"").await.unwrap();
         }
-        assert_eq!(c.buf.drain(..msg.len()).collect::<Vec<u8>>(), msg.to_ascii_uppercase());
-    }
-    // The client closes its side; the backend sees the end, says goodbye and closes too.
-    c.tls.shutdown().await.unwrap();
-    while c.buf.len() < 3 {
-        c.more(b"").await.unwrap_or_else(|e| panic!("{e:?}\n{}", f.log()));
-    }
-    assert_eq!(c.buf.drain(..3).collect::<Vec<u8>>(), b"bye");
-    assert_eq!(c.end().await, End::Clean);
-    let m = f.metrics();
-    assert_eq!(metric(&m, "rampart_http_requests_total", &["status=\"101\""]), 1.0, "{m}");
+        assert_eq!(c.buf.drain(..2).collect::<Vec<u8>>(), b"hi");
+        for msg in [&b"hello"[..], b"frame two", &pattern(40_000)] {
+            c.send(msg).await;
+            while c.buf.len() < msg.len() {
+                c.more(b"").await.unwrap();
+            }
+            assert_eq!(c.buf.drain(..msg.len()).collect::<Vec<u8>>(), msg.to_ascii_uppercase());
+        }
+        // The client closes its side; the backend sees the end, says goodbye and closes too.
+        c.tls.shutdown().await.unwrap();
+        while c.buf.len() < 3 {
+            c.more(b"").await.unwrap_or_else(|e| panic!("{e:?}\n{}", f.log()));
+        }
+        assert_eq!(c.buf.drain(..3).collect::<Vec<u8>>(), b"bye");
+        assert_eq!(c.end().await, End::Clean);
+        let m = f.metrics();
+        assert_eq!(metric(&m, "rampart_http_requests_total", &["status=\"101\""]), 1.0, "{m}");
 
-    // A backend that does not switch answers as usual, and the connection stays HTTP.
-    let mut c = f.conn().await;
-    let r = c.exchange(&ws("/chat/plain", "websocket")).await;
-    assert_eq!(r.status, 200, "{r:?}");
-    assert!(r.body_text().ends_with("path=/chat/plain\n"), "{r:?}");
-    assert_eq!(c.exchange(&get("/after")).await.status, 200);
+        // A backend that does not switch answers as usual, and the connection stays HTTP.
+        let mut c = f.conn().await;
+        let r = c.exchange(&ws("/chat/plain", "websocket")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.body_text().ends_with("path=/chat/plain\n"), "{r:?}");
+        assert_eq!(c.exchange(&get("/after")).await.status, 200);
 
-    // h2c is not passed on: the backend sees an ordinary request.
-    let r = c.exchange(&ws("/h2c/ws", "h2c")).await;
-    assert_eq!(r.status, 200, "{r:?}");
-    assert!(!web.last().to_ascii_lowercase().contains("upgrade"), "{}", web.last());
+        // h2c is not passed on: the backend sees an ordinary request.
+        let r = c.exchange(&ws("/h2c/ws", "h2c")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(!web.last().to_ascii_lowercase().contains("upgrade"), "{}", web.last());
 
-    // Nor is an Upgrade that Connection does not name, or one on a request with a body.
-    let r = c.exchange(b"GET /lone/ws HTTP/1.1\r\nHost: site.test\r\nUpgrade: websocket\r\n\r\n").await;
-    assert_eq!(r.status, 200, "{r:?}");
-    let r = c
-        .exchange(b"POST /body/ws HTTP/1.1\r\nHost: site.test\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nhi")
-        .await;
-    assert_eq!(r.status, 200, "{r:?}");
-    assert!(!web.last().to_ascii_lowercase().contains("upgrade"), "{}", web.last());
+        // Nor is an Upgrade that Connection does not name, or one on a request with a body.
+        let r = c.exchange(b"GET /lone/ws HTTP/1.1\r\nHost: site.test\r\nUpgrade: websocket\r\n\r\n").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let r = c
+            .exchange(b"POST /body/ws HTTP/1.1\r\nHost: site.test\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nhi")
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(!web.last().to_ascii_lowercase().contains("upgrade"), "{}", web.last());
 
-    // A 101 without an Upgrade header: the client gets a 502, not a half-switched connection.
-    let mut c = f.conn().await;
-    let r = c.exchange(&ws("/x/ws-bare", "websocket")).await;
-    assert_eq!(r.status, 502, "{r:?}");
+        // A 101 without an Upgrade header: the client gets a 502, not a half-switched connection.
+        let mut c = f.conn().await;
+        let r = c.exchange(&ws("/x/ws-bare", "websocket")).await;
+        assert_eq!(r.status, 502, "{r:?}");
+    })
 }
 
 /// Backends that stop, bounded by the pool's response_timeout: one that never answers gets a
 /// 504 and the client connection stays; one that stalls halfway through its answer has the
 /// client connection closed (the head is out, so the client sees a short body); one that stops
 /// reading an upload gets a 504 instead of holding the client for good.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_backends_time_out() {
-    let web = RawBackend::start().await;
-    let f = Fixture::start(
-        "h1-stall",
-        &format!(
-            "[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\nresponse_timeout = \"500ms\"\n",
-            web.addr
-        ),
-    );
-    let mut c = f.conn().await;
-    let r = c.exchange(&get("/silent")).await;
-    assert_eq!(r.status, 504, "{r:?}");
-    let r = c.exchange(&get("/after-silent")).await;
-    assert_eq!(r.status, 200, "the connection is kept after a 504: {r:?}");
+#[test]
+fn stalled_backends_time_out() {
+    isolated(|| async {
+        let web = RawBackend::start().await;
+        let f = Fixture::start(
+            "h1-stall",
+            &format!(
+                "[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\nresponse_timeout = \"500ms\"\n",
+                web.addr
+            ),
+        );
+        let mut c = f.conn().await;
+        let r = c.exchange(&get("/silent")).await;
+        assert_eq!(r.status, 504, "{r:?}");
+        let r = c.exchange(&get("/after-silent")).await;
+        assert_eq!(r.status, 200, "the connection is kept after a 504: {r:?}");
 
-    c.send(&get("/stall-mid")).await;
-    match c.response(false).await {
-        Err(Cut::Closed(_)) => {}
-        other => panic!("a response stalled halfway must end the connection, not {other:?}"),
-    }
+        c.send(&get("/stall-mid")).await;
+        match c.response(false).await {
+            Err(Cut::Closed(_)) => {}
+            other => panic!("a response stalled halfway must end the connection, not {other:?}"),
+        }
 
-    // 64 MiB: more than the socket buffers between client, rampart and backend hold, so
-    // rampart's writes to the backend stop.
-    let tcp = TcpStream::connect(f.listen).await.unwrap();
-    let tls = tls_client(tcp, "site.test", &f.site.ca.pem).await;
-    let (mut rd, mut wr) = tokio::io::split(tls);
-    let total = 64 * MIB;
-    let writer = tokio::spawn(async move {
-        let head = format!("POST /stall-upload HTTP/1.1\r\nHost: site.test\r\nContent-Length: {total}\r\n\r\n");
-        let chunk = vec![b'u'; 64 * 1024];
-        let mut sent = 0;
-        if wr.write_all(head.as_bytes()).await.is_ok() {
-            while sent < total && wr.write_all(&chunk).await.is_ok() {
-                sent += chunk.len();
+        // 64 MiB: more than the socket buffers between client, rampart and backend hold, so
+        // rampart's writes to the backend stop.
+        let tcp = TcpStream::connect(f.listen).await.unwrap();
+        let tls = tls_client(tcp, "site.test", &f.site.ca.pem).await;
+        let (mut rd, mut wr) = tokio::io::split(tls);
+        let total = 64 * MIB;
+        let writer = tokio::spawn(async move {
+            let head = format!("POST /stall-upload HTTP/1.1\r\nHost: site.test\r\nContent-Length: {total}\r\n\r\n");
+            let chunk = vec![b'u'; 64 * 1024];
+            let mut sent = 0;
+            if wr.write_all(head.as_bytes()).await.is_ok() {
+                while sent < total && wr.write_all(&chunk).await.is_ok() {
+                    sent += chunk.len();
+                }
+            }
+            sent
+        });
+        let mut answer = Vec::new();
+        let mut tmp = [0u8; 4096];
+        while find(&answer, b"\r\n\r\n").is_none() {
+            match tokio::time::timeout(READ_BOUND, rd.read(&mut tmp)).await {
+                Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&tmp[..n]),
+                other => panic!("no answer to a stalled upload: {other:?} after {:?}\n{}", text(&answer), f.log()),
             }
         }
-        sent
-    });
-    let mut answer = Vec::new();
-    let mut tmp = [0u8; 4096];
-    while find(&answer, b"\r\n\r\n").is_none() {
-        match tokio::time::timeout(READ_BOUND, rd.read(&mut tmp)).await {
-            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&tmp[..n]),
-            other => panic!("no answer to a stalled upload: {other:?} after {:?}\n{}", text(&answer), f.log()),
-        }
-    }
-    writer.abort();
-    assert!(answer.starts_with(b"HTTP/1.1 504 "), "{}", text(&answer));
-    assert_eq!(web.count(), 3, "the upload never reached the backend whole");
-    assert!(f.log().contains("read none of the request body"), "{}", f.log());
+        writer.abort();
+        assert!(answer.starts_with(b"HTTP/1.1 504 "), "{}", text(&answer));
+        assert_eq!(web.count(), 3, "the upload never reached the backend whole");
+        assert!(f.log().contains("read none of the request body"), "{}", f.log());
+    })
 }

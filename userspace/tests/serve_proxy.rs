@@ -34,17 +34,18 @@ fn openssl_with_input(addr: SocketAddr, args: &[&str], input: &str) -> (bool, St
     (out.status.success(), text)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_proxy_http1_http2_headers_redirect_metrics() {
-    let site = Site::new("basic");
-    let b1 = TestBackend::start("b1", free_addr()).await;
-    let (listen, admin, redirect) = (free_addr(), free_addr(), free_addr());
-    let cfg = site.config(
-        listen,
-        admin,
-        &format!("redirect_http = \"{redirect}\""),
-        &format!(
-            r#"[[route]]
+#[test]
+fn tls_proxy_http1_http2_headers_redirect_metrics() {
+    isolated(|| async {
+        let site = Site::new("basic");
+        let b1 = TestBackend::start("b1", free_addr()).await;
+        let (listen, admin, redirect) = (free_addr(), free_addr(), free_addr());
+        let cfg = site.config(
+            listen,
+            admin,
+            &format!("redirect_http = \"{redirect}\""),
+            &format!(
+                r#"[[route]]
 host = "site.test"
 pool = "web"
 
@@ -61,142 +62,146 @@ pool = "web"
 name = "web"
 backends = ["{}"]
 "#,
-            b1.addr
-        ),
-    );
-    let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
+                b1.addr
+            ),
+        );
+        let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
 
-    // HTTP/1.1: a forged X-Forwarded-For from an untrusted client is replaced.
-    let r = curl_https(
-        listen,
-        "site.test",
-        "/hello?x=1",
-        &site.ca_file,
-        &["--http1.1", "-H", "X-Forwarded-For: 6.6.6.6", "-H", "Forwarded: for=6.6.6.6"],
-    );
-    assert_eq!(r.status, 200, "{r:?}\n{}", d.log_text());
-    assert_eq!(r.version, "1.1");
-    assert_eq!(field(&r.body, "backend"), "b1");
-    assert_eq!(field(&r.body, "path"), "/hello");
-    assert_eq!(field(&r.body, "xff"), "127.0.0.1");
-    assert_eq!(field(&r.body, "xfp"), "https");
-    assert_eq!(field(&r.body, "forwarded"), "for=127.0.0.1;proto=https;host=site.test");
-    assert_eq!(field(&r.body, "version"), "HTTP/1.1");
-    assert_eq!(r.header("x-backend").as_deref(), Some("b1"));
+        // HTTP/1.1: a forged X-Forwarded-For from an untrusted client is replaced.
+        let r = curl_https(
+            listen,
+            "site.test",
+            "/hello?x=1",
+            &site.ca_file,
+            &["--http1.1", "-H", "X-Forwarded-For: 6.6.6.6", "-H", "Forwarded: for=6.6.6.6"],
+        );
+        assert_eq!(r.status, 200, "{r:?}\n{}", d.log_text());
+        assert_eq!(r.version, "1.1");
+        assert_eq!(field(&r.body, "backend"), "b1");
+        assert_eq!(field(&r.body, "path"), "/hello");
+        assert_eq!(field(&r.body, "xff"), "127.0.0.1");
+        assert_eq!(field(&r.body, "xfp"), "https");
+        assert_eq!(field(&r.body, "forwarded"), "for=127.0.0.1;proto=https;host=site.test");
+        assert_eq!(field(&r.body, "version"), "HTTP/1.1");
+        assert_eq!(r.header("x-backend").as_deref(), Some("b1"));
 
-    // HTTP/2 from the client, HTTP/1.1 to the backend, Host from :authority.
-    let r = curl_https(listen, "site.test", "/h2", &site.ca_file, &["--http2"]);
-    assert_eq!((r.status, r.version.as_str()), (200, "2"), "{r:?}");
-    assert_eq!(field(&r.body, "version"), "HTTP/1.1");
-    assert!(field(&r.body, "host").starts_with("site.test"), "{r:?}");
+        // HTTP/2 from the client, HTTP/1.1 to the backend, Host from :authority.
+        let r = curl_https(listen, "site.test", "/h2", &site.ca_file, &["--http2"]);
+        assert_eq!((r.status, r.version.as_str()), (200, "2"), "{r:?}");
+        assert_eq!(field(&r.body, "version"), "HTTP/1.1");
+        assert!(field(&r.body, "host").starts_with("site.test"), "{r:?}");
 
-    // SNI picks the api certificate (curl verifies it against the name).
-    let r = curl_https(listen, "api.test", "/v1/users", &site.ca_file, &["--http2"]);
-    assert_eq!(r.status, 200, "{r:?}");
-    // No route for this path on api.test.
-    let r = curl_https(listen, "api.test", "/other", &site.ca_file, &[]);
-    assert_eq!(r.status, 404, "{r:?}");
-    assert!(r.body.contains("404 Not Found"));
+        // SNI picks the api certificate (curl verifies it against the name).
+        let r = curl_https(listen, "api.test", "/v1/users", &site.ca_file, &["--http2"]);
+        assert_eq!(r.status, 200, "{r:?}");
+        // No route for this path on api.test.
+        let r = curl_https(listen, "api.test", "/other", &site.ca_file, &[]);
+        assert_eq!(r.status, 404, "{r:?}");
+        assert!(r.body.contains("404 Not Found"));
 
-    // The redirect listener.
-    let r = curl(
-        &format!("http://site.test:{}/a/b?c=d", redirect.port()),
-        &["--resolve", &format!("site.test:{}:127.0.0.1", redirect.port())],
-    );
-    assert_eq!(r.status, 301, "{r:?}");
-    assert_eq!(r.header("location").unwrap(), format!("https://site.test:{}/a/b?c=d", listen.port()));
+        // The redirect listener.
+        let r = curl(
+            &format!("http://site.test:{}/a/b?c=d", redirect.port()),
+            &["--resolve", &format!("site.test:{}:127.0.0.1", redirect.port())],
+        );
+        assert_eq!(r.status, 301, "{r:?}");
+        assert_eq!(r.header("location").unwrap(), format!("https://site.test:{}/a/b?c=d", listen.port()));
 
-    // h2load smoke runs, HTTP/2 and HTTP/1.1 (bounded by request count).
-    for proto in [&[][..], &["--h1"][..]] {
-        let out = Command::new("h2load")
-            .args(["-n", "400", "-c", "4", "-m", "4"])
-            .args(proto)
-            .arg(format!("https://127.0.0.1:{}/load", listen.port()))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("400 succeeded, 0 failed, 0 errored"), "{text}");
-    }
+        // h2load smoke runs, HTTP/2 and HTTP/1.1 (bounded by request count).
+        for proto in [&[][..], &["--h1"][..]] {
+            let out = Command::new("h2load")
+                .args(["-n", "400", "-c", "4", "-m", "4"])
+                .args(proto)
+                .arg(format!("https://127.0.0.1:{}/load", listen.port()))
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("400 succeeded, 0 failed, 0 errored"), "{text}");
+        }
 
-    let m = http_get(admin, "/metrics");
-    assert_eq!(
-        metric(&m, "rampart_http_requests_total", &["route=\"site.test/\"", "pool=\"web\"", "status=\"200\""]),
-        2.0,
-        "{m}"
-    );
-    assert_eq!(metric(&m, "rampart_http_requests_total", &["route=\"*/load\"", "status=\"200\""]), 800.0, "{m}");
-    assert_eq!(metric(&m, "rampart_http_requests_total", &["status=\"404\""]), 1.0, "{m}");
-    assert!(metric(&m, "rampart_tls_handshakes_total", &[]) >= 11.0, "{m}");
-    let expiry = metric(&m, "rampart_tls_cert_expiry_seconds", &["site.pem"]);
-    assert!(expiry > 86400.0, "{m}");
-    assert_eq!(metric(&m, "rampart_backend_up", &["pool=\"web\""]), 1.0, "{m}");
-    assert!(http_get(admin, "/").contains(&b1.addr.to_string()));
+        let m = http_get(admin, "/metrics");
+        assert_eq!(
+            metric(&m, "rampart_http_requests_total", &["route=\"site.test/\"", "pool=\"web\"", "status=\"200\""]),
+            2.0,
+            "{m}"
+        );
+        assert_eq!(metric(&m, "rampart_http_requests_total", &["route=\"*/load\"", "status=\"200\""]), 800.0, "{m}");
+        assert_eq!(metric(&m, "rampart_http_requests_total", &["status=\"404\""]), 1.0, "{m}");
+        assert!(metric(&m, "rampart_tls_handshakes_total", &[]) >= 11.0, "{m}");
+        let expiry = metric(&m, "rampart_tls_cert_expiry_seconds", &["site.pem"]);
+        assert!(expiry > 86400.0, "{m}");
+        assert_eq!(metric(&m, "rampart_backend_up", &["pool=\"web\""]), 1.0, "{m}");
+        assert!(http_get(admin, "/").contains(&b1.addr.to_string()));
+    })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn openssl_sni_alpn_and_protocol_versions() {
-    let site = Site::new("openssl");
-    let b1 = TestBackend::start("b1", free_addr()).await;
-    let (listen, admin) = (free_addr(), free_addr());
-    let cfg = site.config(
-        listen,
-        admin,
-        "",
-        &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", b1.addr),
-    );
-    let _d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
-    let ca = site.ca_file.to_str().unwrap();
+#[test]
+fn openssl_sni_alpn_and_protocol_versions() {
+    isolated(|| async {
+        let site = Site::new("openssl");
+        let b1 = TestBackend::start("b1", free_addr()).await;
+        let (listen, admin) = (free_addr(), free_addr());
+        let cfg = site.config(
+            listen,
+            admin,
+            "",
+            &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", b1.addr),
+        );
+        let _d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
+        let ca = site.ca_file.to_str().unwrap();
 
-    let (ok, out) = openssl(listen, &["-servername", "api.test", "-alpn", "h2,http/1.1", "-CAfile", ca]);
-    assert!(ok, "{out}");
-    assert!(out.contains("subject=CN = api.test"), "{out}");
-    assert!(out.contains("ALPN protocol: h2"), "{out}");
-    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+        let (ok, out) = openssl(listen, &["-servername", "api.test", "-alpn", "h2,http/1.1", "-CAfile", ca]);
+        assert!(ok, "{out}");
+        assert!(out.contains("subject=CN = api.test"), "{out}");
+        assert!(out.contains("ALPN protocol: h2"), "{out}");
+        assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
 
-    let (ok, out) = openssl(listen, &["-servername", "site.test", "-alpn", "http/1.1", "-CAfile", ca]);
-    assert!(ok, "{out}");
-    assert!(out.contains("subject=CN = site.test"), "{out}");
-    assert!(out.contains("ALPN protocol: http/1.1"), "{out}");
-    // Session tickets: a second connection resumes the first one's session. In TLS 1.3 the
-    // ticket comes after the handshake, so the first client makes a request and reads the answer.
-    let request = "GET / HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n";
-    for version in ["-tls1_3", "-tls1_2"] {
-        let sess = site.dir.path(&format!("session{version}"));
-        let sess_s = sess.to_str().unwrap();
-        let args = ["-servername", "site.test", "-CAfile", ca, version, "-ign_eof"];
-        let (ok, out) = openssl_with_input(listen, &[&args[..], &["-sess_out", sess_s]].concat(), request);
-        assert!(ok && out.contains("New, TLSv1.") && out.contains("backend=b1"), "{out}");
-        let (ok, out) = openssl_with_input(listen, &[&args[..], &["-sess_in", sess_s]].concat(), request);
-        assert!(ok && out.contains("Reused, TLSv1."), "{version}: {out}");
-    }
-    // An unknown name gets the default certificate.
-    let (_, out) = openssl(listen, &["-servername", "unknown.test", "-CAfile", ca]);
-    assert!(out.contains("subject=CN = site.test"), "{out}");
+        let (ok, out) = openssl(listen, &["-servername", "site.test", "-alpn", "http/1.1", "-CAfile", ca]);
+        assert!(ok, "{out}");
+        assert!(out.contains("subject=CN = site.test"), "{out}");
+        assert!(out.contains("ALPN protocol: http/1.1"), "{out}");
+        // Session tickets: a second connection resumes the first one's session. In TLS 1.3 the
+        // ticket comes after the handshake, so the first client makes a request and reads the answer.
+        let request = "GET / HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n";
+        for version in ["-tls1_3", "-tls1_2"] {
+            let sess = site.dir.path(&format!("session{version}"));
+            let sess_s = sess.to_str().unwrap();
+            let args = ["-servername", "site.test", "-CAfile", ca, version, "-ign_eof"];
+            let (ok, out) = openssl_with_input(listen, &[&args[..], &["-sess_out", sess_s]].concat(), request);
+            assert!(ok && out.contains("New, TLSv1.") && out.contains("backend=b1"), "{out}");
+            let (ok, out) = openssl_with_input(listen, &[&args[..], &["-sess_in", sess_s]].concat(), request);
+            assert!(ok && out.contains("Reused, TLSv1."), "{version}: {out}");
+        }
+        // An unknown name gets the default certificate.
+        let (_, out) = openssl(listen, &["-servername", "unknown.test", "-CAfile", ca]);
+        assert!(out.contains("subject=CN = site.test"), "{out}");
 
-    let (ok, out) = openssl(listen, &["-servername", "site.test", "-tls1_2", "-CAfile", ca]);
-    assert!(ok && out.contains("New, TLSv1.2, Cipher is ECDHE-ECDSA"), "{out}");
-    let (ok, out) = openssl(listen, &["-servername", "site.test", "-tls1_3", "-CAfile", ca]);
-    assert!(ok && out.contains("New, TLSv1.3, Cipher is TLS_"), "{out}");
-    // TLS 1.1 offered for real (SECLEVEL=0 lets OpenSSL 3 send it) and refused by the server.
-    let (ok, out) = openssl(listen, &["-servername", "site.test", "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]);
-    assert!(!ok, "{out}");
-    assert!(out.contains("Cipher is (NONE)"), "{out}");
-    assert!(out.contains("alert"), "{out}");
-    let m = http_get(admin, "/metrics");
-    assert!(metric(&m, "rampart_tls_handshake_failures_total", &[]) >= 1.0, "{m}");
+        let (ok, out) = openssl(listen, &["-servername", "site.test", "-tls1_2", "-CAfile", ca]);
+        assert!(ok && out.contains("New, TLSv1.2, Cipher is ECDHE-ECDSA"), "{out}");
+        let (ok, out) = openssl(listen, &["-servername", "site.test", "-tls1_3", "-CAfile", ca]);
+        assert!(ok && out.contains("New, TLSv1.3, Cipher is TLS_"), "{out}");
+        // TLS 1.1 offered for real (SECLEVEL=0 lets OpenSSL 3 send it) and refused by the server.
+        let (ok, out) = openssl(listen, &["-servername", "site.test", "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]);
+        assert!(!ok, "{out}");
+        assert!(out.contains("Cipher is (NONE)"), "{out}");
+        assert!(out.contains("alert"), "{out}");
+        let m = http_get(admin, "/metrics");
+        assert!(metric(&m, "rampart_tls_handshake_failures_total", &[]) >= 1.0, "{m}");
+    })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn application_firewall_limits_and_rate() {
-    let site = Site::new("firewall");
-    let b1 = TestBackend::start("b1", free_addr()).await;
-    let (listen, admin) = (free_addr(), free_addr());
-    let cfg = site.config(
-        listen,
-        admin,
-        "",
-        &format!(
-            r#"[[route]]
+#[test]
+fn application_firewall_limits_and_rate() {
+    isolated(|| async {
+        let site = Site::new("firewall");
+        let b1 = TestBackend::start("b1", free_addr()).await;
+        let (listen, admin) = (free_addr(), free_addr());
+        let cfg = site.config(
+            listen,
+            admin,
+            "",
+            &format!(
+                r#"[[route]]
 host = "site.test"
 pool = "web"
 firewall = {{ methods = ["GET", "POST"], deny_paths = ["/admin"], max_header = "2KiB", max_body = "1KiB" }}
@@ -210,67 +215,68 @@ firewall = {{ allow_paths = ["/v1/"], rate = "1/m", burst = 3 }}
 name = "web"
 backends = ["{}"]
 "#,
-            b1.addr
-        ),
-    );
-    let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
-    let ca = &site.ca_file;
-
-    let r = curl_https(listen, "site.test", "/", ca, &["-X", "DELETE"]);
-    assert_eq!(r.status, 405, "{r:?}");
-    assert_eq!(r.header("allow").as_deref(), Some("GET, POST"));
-    let r = curl_https(listen, "site.test", "/admin/users", ca, &[]);
-    assert_eq!(r.status, 403, "{r:?}");
-    let r = curl_https(listen, "site.test", "/administrators-are-fine", ca, &[]);
-    assert_eq!(r.status, 200, "{r:?}");
-    let big = format!("X-Big: {}", "a".repeat(3000));
-    let r = curl_https(listen, "site.test", "/", ca, &["-H", &big]);
-    assert_eq!(r.status, 431, "{r:?}");
-    let body = site.dir.write("body", &"b".repeat(2000));
-    let at = format!("@{}", body.display());
-    let r = curl_https(listen, "site.test", "/upload", ca, &["--data-binary", &at]);
-    assert_eq!(r.status, 413, "{r:?}");
-    // Without Content-Length the limit cuts the upload short.
-    let r = curl_https(
-        listen,
-        "site.test",
-        "/upload",
-        ca,
-        &["--data-binary", &at, "-H", "Transfer-Encoding: chunked", "--http1.1"],
-    );
-    assert_eq!(r.status, 413, "{r:?}\n{}", d.log_text());
-    let small = site.dir.write("small", &"s".repeat(500));
-    let r = curl_https(listen, "site.test", "/upload", ca, &["--data-binary", &format!("@{}", small.display())]);
-    assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(field(&r.body, "body_len"), "500");
-
-    // allow_paths, then the rate: a burst of 3, then 429 with Retry-After.
-    let r = curl_https(listen, "api.test", "/v2/x", ca, &[]);
-    assert_eq!(r.status, 403, "{r:?}");
-    for _ in 0..3 {
-        assert_eq!(curl_https(listen, "api.test", "/v1/x", ca, &[]).status, 200);
-    }
-    let r = curl_https(listen, "api.test", "/v1/x", ca, &["--http2"]);
-    assert_eq!(r.status, 429, "{r:?}");
-    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
-    assert!((1..=60).contains(&retry), "{r:?}");
-
-    let m = http_get(admin, "/metrics");
-    for (reason, n) in [
-        ("method", 1.0),
-        ("deny_path", 1.0),
-        ("max_header", 1.0),
-        ("max_body", 2.0),
-        ("allow_path", 1.0),
-        ("rate", 1.0),
-    ] {
-        assert_eq!(
-            metric(&m, "rampart_http_firewall_blocks_total", &[&format!("reason=\"{reason}\"")]),
-            n,
-            "{reason}\n{m}"
+                b1.addr
+            ),
         );
-    }
-    assert_eq!(metric(&m, "rampart_http_requests_total", &["status=\"429\""]), 1.0, "{m}");
+        let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
+        let ca = &site.ca_file;
+
+        let r = curl_https(listen, "site.test", "/", ca, &["-X", "DELETE"]);
+        assert_eq!(r.status, 405, "{r:?}");
+        assert_eq!(r.header("allow").as_deref(), Some("GET, POST"));
+        let r = curl_https(listen, "site.test", "/admin/users", ca, &[]);
+        assert_eq!(r.status, 403, "{r:?}");
+        let r = curl_https(listen, "site.test", "/administrators-are-fine", ca, &[]);
+        assert_eq!(r.status, 200, "{r:?}");
+        let big = format!("X-Big: {}", "a".repeat(3000));
+        let r = curl_https(listen, "site.test", "/", ca, &["-H", &big]);
+        assert_eq!(r.status, 431, "{r:?}");
+        let body = site.dir.write("body", &"b".repeat(2000));
+        let at = format!("@{}", body.display());
+        let r = curl_https(listen, "site.test", "/upload", ca, &["--data-binary", &at]);
+        assert_eq!(r.status, 413, "{r:?}");
+        // Without Content-Length the limit cuts the upload short.
+        let r = curl_https(
+            listen,
+            "site.test",
+            "/upload",
+            ca,
+            &["--data-binary", &at, "-H", "Transfer-Encoding: chunked", "--http1.1"],
+        );
+        assert_eq!(r.status, 413, "{r:?}\n{}", d.log_text());
+        let small = site.dir.write("small", &"s".repeat(500));
+        let r = curl_https(listen, "site.test", "/upload", ca, &["--data-binary", &format!("@{}", small.display())]);
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(field(&r.body, "body_len"), "500");
+
+        // allow_paths, then the rate: a burst of 3, then 429 with Retry-After.
+        let r = curl_https(listen, "api.test", "/v2/x", ca, &[]);
+        assert_eq!(r.status, 403, "{r:?}");
+        for _ in 0..3 {
+            assert_eq!(curl_https(listen, "api.test", "/v1/x", ca, &[]).status, 200);
+        }
+        let r = curl_https(listen, "api.test", "/v1/x", ca, &["--http2"]);
+        assert_eq!(r.status, 429, "{r:?}");
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry), "{r:?}");
+
+        let m = http_get(admin, "/metrics");
+        for (reason, n) in [
+            ("method", 1.0),
+            ("deny_path", 1.0),
+            ("max_header", 1.0),
+            ("max_body", 2.0),
+            ("allow_path", 1.0),
+            ("rate", 1.0),
+        ] {
+            assert_eq!(
+                metric(&m, "rampart_http_firewall_blocks_total", &[&format!("reason=\"{reason}\"")]),
+                n,
+                "{reason}\n{m}"
+            );
+        }
+        assert_eq!(metric(&m, "rampart_http_requests_total", &["status=\"429\""]), 1.0, "{m}");
+    })
 }
 
 /// A TLS client connection to `listen` for `host`, after a PROXY v2 header naming `src` if given.
@@ -303,21 +309,22 @@ async fn get_through_proxy_v2(listen: SocketAddr, src: SocketAddr, host: &str, c
     (status, String::from_utf8_lossy(&body).to_string())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_protocol_v2_in_and_out_with_nginx() {
-    let site = Site::new("pp");
-    let pp_backend = TestBackend::start_with("pp1", free_addr(), None, true).await;
-    let nginx_addr = free_addr();
-    let Some(_nginx) = Nginx::start(nginx_addr, "nginx-pp", true) else {
-        panic!("nginx is not installed (apt-get install nginx-light)");
-    };
-    let (listen, admin) = (free_addr(), free_addr());
-    let cfg = site.config(
-        listen,
-        admin,
-        "trusted_proxies = [\"127.0.0.1\"]\naccept_proxy_protocol = true",
-        &format!(
-            r#"[[route]]
+#[test]
+fn proxy_protocol_v2_in_and_out_with_nginx() {
+    isolated(|| async {
+        let site = Site::new("pp");
+        let pp_backend = TestBackend::start_with("pp1", free_addr(), None, true).await;
+        let nginx_addr = free_addr();
+        let Some(_nginx) = Nginx::start(nginx_addr, "nginx-pp", true) else {
+            panic!("nginx is not installed (apt-get install nginx-light)");
+        };
+        let (listen, admin) = (free_addr(), free_addr());
+        let cfg = site.config(
+            listen,
+            admin,
+            "trusted_proxies = [\"127.0.0.1\"]\naccept_proxy_protocol = true",
+            &format!(
+                r#"[[route]]
 host = "site.test"
 pool = "pp"
 
@@ -336,61 +343,63 @@ name = "ngx"
 backends = ["{nginx_addr}"]
 proxy_protocol = "v2"
 "#,
-            pp_backend.addr
-        ),
-    );
-    let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
+                pp_backend.addr
+            ),
+        );
+        let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
 
-    // In: a v2 header from a trusted balancer names client 203.0.113.9, which is not trusted,
-    // so its forged X-Forwarded-For is replaced. Out: the backend gets a v2 header with it.
-    let client: SocketAddr = "203.0.113.9:5555".parse().unwrap();
-    let (status, body) = get_through_proxy_v2(listen, client, "site.test", &site.ca.pem).await;
-    assert_eq!(status, 200, "{body}\n{}", d.log_text());
-    assert_eq!(field(&body, "xff"), "203.0.113.9");
-    assert_eq!(field(&body, "pp_src"), "203.0.113.9:5555");
-    assert!(pp_backend.state.proxy_sources.lock().unwrap().contains(&"203.0.113.9:5555".to_string()));
-    // Health checks announce themselves with LOCAL headers.
-    assert!(eventually(50, || pp_backend.state.local_headers.load(std::sync::atomic::Ordering::SeqCst) > 0).await);
+        // In: a v2 header from a trusted balancer names client 203.0.113.9, which is not trusted,
+        // so its forged X-Forwarded-For is replaced. Out: the backend gets a v2 header with it.
+        let client: SocketAddr = "203.0.113.9:5555".parse().unwrap();
+        let (status, body) = get_through_proxy_v2(listen, client, "site.test", &site.ca.pem).await;
+        assert_eq!(status, 200, "{body}\n{}", d.log_text());
+        assert_eq!(field(&body, "xff"), "203.0.113.9");
+        assert_eq!(field(&body, "pp_src"), "203.0.113.9:5555");
+        assert!(pp_backend.state.proxy_sources.lock().unwrap().contains(&"203.0.113.9:5555".to_string()));
+        // Health checks announce themselves with LOCAL headers.
+        assert!(eventually(50, || pp_backend.state.local_headers.load(std::sync::atomic::Ordering::SeqCst) > 0).await);
 
-    // nginx, listening with proxy_protocol, sees the client's address as well.
-    let (status, body) =
-        get_through_proxy_v2(listen, "198.51.100.20:6000".parse().unwrap(), "api.test", &site.ca.pem).await;
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("nginx-pp"), "{body}");
-    assert!(body.contains("pp=198.51.100.20"), "{body}");
-    assert!(body.contains("xff=198.51.100.20"), "{body}");
+        // nginx, listening with proxy_protocol, sees the client's address as well.
+        let (status, body) =
+            get_through_proxy_v2(listen, "198.51.100.20:6000".parse().unwrap(), "api.test", &site.ca.pem).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("nginx-pp"), "{body}");
+        assert!(body.contains("pp=198.51.100.20"), "{body}");
+        assert!(body.contains("xff=198.51.100.20"), "{body}");
 
-    // A v1 header (curl --haproxy-protocol) from the trusted peer itself: the client is
-    // 127.0.0.1, trusted, so X-Forwarded-For is appended to.
-    let r = curl_https(
-        listen,
-        "site.test",
-        "/v1",
-        &site.ca_file,
-        &["--haproxy-protocol", "-H", "X-Forwarded-For: 198.51.100.7"],
-    );
-    assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(field(&r.body, "xff"), "198.51.100.7, 127.0.0.1");
-    // A trusted peer that sends no PROXY header is refused.
-    let r = curl_https(listen, "site.test", "/none", &site.ca_file, &[]);
-    assert_eq!(r.status, 0, "{r:?}");
+        // A v1 header (curl --haproxy-protocol) from the trusted peer itself: the client is
+        // 127.0.0.1, trusted, so X-Forwarded-For is appended to.
+        let r = curl_https(
+            listen,
+            "site.test",
+            "/v1",
+            &site.ca_file,
+            &["--haproxy-protocol", "-H", "X-Forwarded-For: 198.51.100.7"],
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(field(&r.body, "xff"), "198.51.100.7, 127.0.0.1");
+        // A trusted peer that sends no PROXY header is refused.
+        let r = curl_https(listen, "site.test", "/none", &site.ca_file, &[]);
+        assert_eq!(r.status, 0, "{r:?}");
+    })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_backend_verified_and_unverified() {
-    let site = Site::new("reencrypt");
-    // A backend whose certificate is for 127.0.0.1 from our CA, and one from another CA.
-    let (cert, key) = site.ca.leaf("backend", &["127.0.0.1", "app.internal"]);
-    let good = TestBackend::start_with("tls-good", free_addr(), Some((cert, key)), false).await;
-    let other = Ca::new("other CA");
-    let bad = TestBackend::start_with("tls-other", free_addr(), Some(other.leaf("x", &["127.0.0.1"])), false).await;
-    let (listen, admin) = (free_addr(), free_addr());
-    let cfg = site.config(
-        listen,
-        admin,
-        "",
-        &format!(
-            r#"[[route]]
+#[test]
+fn https_backend_verified_and_unverified() {
+    isolated(|| async {
+        let site = Site::new("reencrypt");
+        // A backend whose certificate is for 127.0.0.1 from our CA, and one from another CA.
+        let (cert, key) = site.ca.leaf("backend", &["127.0.0.1", "app.internal"]);
+        let good = TestBackend::start_with("tls-good", free_addr(), Some((cert, key)), false).await;
+        let other = Ca::new("other CA");
+        let bad = TestBackend::start_with("tls-other", free_addr(), Some(other.leaf("x", &["127.0.0.1"])), false).await;
+        let (listen, admin) = (free_addr(), free_addr());
+        let cfg = site.config(
+            listen,
+            admin,
+            "",
+            &format!(
+                r#"[[route]]
 host = "site.test"
 pool = "verified"
 
@@ -421,56 +430,59 @@ name = "noverify"
 backends = ["https://{bad}"]
 tls_verify = false
 "#,
-            good = good.addr,
-            bad = bad.addr
-        ),
-    );
-    let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
-    assert!(d.log_text().contains("tls_verify = false"), "{}", d.log_text());
+                good = good.addr,
+                bad = bad.addr
+            ),
+        );
+        let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
+        assert!(d.log_text().contains("tls_verify = false"), "{}", d.log_text());
 
-    let r = curl_https(listen, "site.test", "/ok", &site.ca_file, &[]);
-    assert_eq!(r.status, 200, "{r:?}\n{}", d.log_text());
-    assert_eq!(field(&r.body, "backend"), "tls-good");
-    let r = curl_https(listen, "site.test", "/wrong-ca", &site.ca_file, &[]);
-    assert_eq!(r.status, 502, "{r:?}");
-    assert!(r.body.contains("502 Bad Gateway"));
-    assert_eq!(bad.hits(), 0);
-    let r = curl_https(listen, "site.test", "/noverify", &site.ca_file, &[]);
-    assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(field(&r.body, "backend"), "tls-other");
+        let r = curl_https(listen, "site.test", "/ok", &site.ca_file, &[]);
+        assert_eq!(r.status, 200, "{r:?}\n{}", d.log_text());
+        assert_eq!(field(&r.body, "backend"), "tls-good");
+        let r = curl_https(listen, "site.test", "/wrong-ca", &site.ca_file, &[]);
+        assert_eq!(r.status, 502, "{r:?}");
+        assert!(r.body.contains("502 Bad Gateway"));
+        assert_eq!(bad.hits(), 0);
+        let r = curl_https(listen, "site.test", "/noverify", &site.ca_file, &[]);
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(field(&r.body, "backend"), "tls-other");
+    })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn header_and_idle_timeouts_close_connections() {
-    let site = Site::new("timeouts");
-    let b1 = TestBackend::start("b1", free_addr()).await;
-    let (listen, admin) = (free_addr(), free_addr());
-    let cfg = site.config(
-        listen,
-        admin,
-        "client_header_timeout = \"300ms\"\nidle_timeout = \"600ms\"",
-        &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", b1.addr),
-    );
-    let _d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
+#[test]
+fn header_and_idle_timeouts_close_connections() {
+    isolated(|| async {
+        let site = Site::new("timeouts");
+        let b1 = TestBackend::start("b1", free_addr()).await;
+        let (listen, admin) = (free_addr(), free_addr());
+        let cfg = site.config(
+            listen,
+            admin,
+            "client_header_timeout = \"300ms\"\nidle_timeout = \"600ms\"",
+            &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", b1.addr),
+        );
+        let _d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
 
-    // No TLS handshake at all.
-    let mut tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
-    assert!(read_to_close(&mut tcp).await.is_some(), "a silent client is disconnected");
-    // Half a request head.
-    let mut tls = tls_connect(listen, None, "site.test", &site.ca.pem).await;
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: site.test\r\n").await.unwrap();
-    let got = read_to_close(&mut tls).await.expect("a slow request head is cut off");
-    assert!(!got.contains("200 OK"), "{got}");
-    // A keep-alive connection: one answer, then closed once idle.
-    let mut tls = tls_connect(listen, None, "site.test", &site.ca.pem).await;
-    tls.write_all(b"GET /one HTTP/1.1\r\nHost: site.test\r\n\r\n").await.unwrap();
-    let got = read_to_close(&mut tls).await.expect("an idle keep-alive connection is closed");
-    assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
-    // A request longer than idle_timeout is not idle: it completes.
-    let r = curl_https(listen, "site.test", "/slow?ms=1200", &site.ca_file, &[]);
-    assert_eq!(r.status, 200, "{r:?}");
-    let m = http_get(admin, "/metrics");
-    assert!(metric(&m, "rampart_tls_handshake_failures_total", &[]) >= 1.0, "{m}");
+        // No TLS handshake at all.
+        let mut tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
+        assert!(read_to_close(&mut tcp).await.is_some(), "a silent client is disconnected");
+        // Half a request head.
+        let mut tls = tls_connect(listen, None, "site.test", &site.ca.pem).await;
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: site.test\r\n").await.unwrap();
+        let got = read_to_close(&mut tls).await.expect("a slow request head is cut off");
+        assert!(!got.contains("200 OK"), "{got}");
+        // A keep-alive connection: one answer, then closed once idle.
+        let mut tls = tls_connect(listen, None, "site.test", &site.ca.pem).await;
+        tls.write_all(b"GET /one HTTP/1.1\r\nHost: site.test\r\n\r\n").await.unwrap();
+        let got = read_to_close(&mut tls).await.expect("an idle keep-alive connection is closed");
+        assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+        // A request longer than idle_timeout is not idle: it completes.
+        let r = curl_https(listen, "site.test", "/slow?ms=1200", &site.ca_file, &[]);
+        assert_eq!(r.status, 200, "{r:?}");
+        let m = http_get(admin, "/metrics");
+        assert!(metric(&m, "rampart_tls_handshake_failures_total", &[]) >= 1.0, "{m}");
+    })
 }
 
 /// The pid of the `rampart serve` process running `cfg` (its command line names the file).
@@ -511,69 +523,72 @@ impl Drop for Resume {
 /// as h2load's clients do) makes the daemon's own close_notify meet EPIPE. That ends this one
 /// connection; it must not end the daemon (SIGPIPE at its default action killed it, resetting
 /// every other client's connection).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_reset_does_not_kill_the_daemon() {
-    use tokio::io::AsyncReadExt;
-    let site = Site::new("reset");
-    let b1 = TestBackend::start("b1", free_addr()).await;
-    let (listen, admin) = (free_addr(), free_addr());
-    let cfg = site.config(
-        listen,
-        admin,
-        "",
-        &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", b1.addr),
-    );
-    let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
-    let pid = daemon_pid(&cfg);
+#[test]
+fn client_reset_does_not_kill_the_daemon() {
+    isolated(|| async {
+        use tokio::io::AsyncReadExt;
+        let site = Site::new("reset");
+        let b1 = TestBackend::start("b1", free_addr()).await;
+        let (listen, admin) = (free_addr(), free_addr());
+        let cfg = site.config(
+            listen,
+            admin,
+            "",
+            &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", b1.addr),
+        );
+        let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
+        let pid = daemon_pid(&cfg);
 
-    // One answer, so the daemon then waits on an idle keep-alive connection.
-    let mut tls = tls_connect(listen, None, "site.test", &site.ca.pem).await;
-    tls.write_all(b"GET /one HTTP/1.1\r\nHost: site.test\r\n\r\n").await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let answered = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        while !String::from_utf8_lossy(&got).contains("body_len=0\n") {
-            match tls.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
+        // One answer, so the daemon then waits on an idle keep-alive connection.
+        let mut tls = tls_connect(listen, None, "site.test", &site.ca.pem).await;
+        tls.write_all(b"GET /one HTTP/1.1\r\nHost: site.test\r\n\r\n").await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while !String::from_utf8_lossy(&got).contains("body_len=0\n") {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
             }
-        }
+        })
+        .await;
+        let text = String::from_utf8_lossy(&got).to_string();
+        assert!(answered.is_ok() && text.starts_with("HTTP/1.1 200 OK"), "{text}");
+
+        // While the daemon is stopped, the close_notify, the FIN and the reset all arrive, so the
+        // daemon's reply to the close_notify always finds the connection reset.
+        d.signal(libc::SIGSTOP);
+        let resume = Resume(pid);
+        assert!(eventually(50, || all_threads_stopped(pid)).await, "the daemon did not stop");
+        tls.shutdown().await.unwrap();
+        tls.get_ref().0.set_zero_linger().unwrap();
+        drop(tls);
+        drop(resume);
+
+        // The daemon closes that connection and goes on serving.
+        let closed =
+            |m: &str| m.contains("rampart_client_connections{") && metric(m, "rampart_client_connections", &[]) == 0.0;
+        let state = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            eventually(50, || closed(&http_get(admin, "/metrics"))).await,
+            "daemon gone? /proc/{pid}/stat (Z = exited; last field = wait status, 13 = SIGPIPE): {}\n{}",
+            state(),
+            d.log_text()
+        );
+        let r = curl_https(listen, "site.test", "/two", &site.ca_file, &[]);
+        assert_eq!(r.status, 200, "{r:?}\n{}", d.log_text());
     })
-    .await;
-    let text = String::from_utf8_lossy(&got).to_string();
-    assert!(answered.is_ok() && text.starts_with("HTTP/1.1 200 OK"), "{text}");
-
-    // While the daemon is stopped, the close_notify, the FIN and the reset all arrive, so the
-    // daemon's reply to the close_notify always finds the connection reset.
-    d.signal(libc::SIGSTOP);
-    let resume = Resume(pid);
-    assert!(eventually(50, || all_threads_stopped(pid)).await, "the daemon did not stop");
-    tls.shutdown().await.unwrap();
-    tls.get_ref().0.set_zero_linger().unwrap();
-    drop(tls);
-    drop(resume);
-
-    // The daemon closes that connection and goes on serving.
-    let closed =
-        |m: &str| m.contains("rampart_client_connections{") && metric(m, "rampart_client_connections", &[]) == 0.0;
-    let state = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    assert!(
-        eventually(50, || closed(&http_get(admin, "/metrics"))).await,
-        "daemon gone? /proc/{pid}/stat (Z = exited; last field = wait status, 13 = SIGPIPE): {}\n{}",
-        state(),
-        d.log_text()
-    );
-    let r = curl_https(listen, "site.test", "/two", &site.ca_file, &[]);
-    assert_eq!(r.status, 200, "{r:?}\n{}", d.log_text());
 }
 
 /// A real WebSocket client and server (Python `websockets`, from Debian) talk through rampart:
 /// wss:// from the client, ws:// to the backend, text and binary messages both ways (one
 /// larger than a TLS record), pings, and the closing handshake, all within the client's own
 /// time limits.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_between_real_client_and_server() {
-    const SCRIPT: &str = r#"
+#[test]
+fn websocket_between_real_client_and_server() {
+    isolated(|| async {
+        const SCRIPT: &str = r#"
 import asyncio, ssl, sys, websockets
 back, front, ca = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 
@@ -598,31 +613,34 @@ async def main():
 
 asyncio.run(asyncio.wait_for(main(), 30))
 "#;
-    let site = Site::new("websocket");
-    let backend = free_addr();
-    let (listen, admin) = (free_addr(), free_addr());
-    let cfg = site.config(
-        listen,
-        admin,
-        "",
-        &format!("[[route]]\npath = \"/chat\"\npool = \"ws\"\n\n[[pool]]\nname = \"ws\"\nbackends = [\"{backend}\"]\n"),
-    );
-    let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
-    let out = tokio::task::spawn_blocking({
-        let ca = site.ca_file.clone();
-        move || {
-            // Debian's interpreter, which the package installs into (not a python3 earlier on PATH).
-            Command::new("/usr/bin/python3")
-                .args(["-c", SCRIPT, &backend.port().to_string(), &listen.port().to_string()])
-                .arg(ca)
-                .output()
-                .expect("/usr/bin/python3 runs (Debian package python3-websockets; `cargo xtask setup`)")
-        }
+        let site = Site::new("websocket");
+        let backend = free_addr();
+        let (listen, admin) = (free_addr(), free_addr());
+        let cfg = site.config(
+            listen,
+            admin,
+            "",
+            &format!(
+                "[[route]]\npath = \"/chat\"\npool = \"ws\"\n\n[[pool]]\nname = \"ws\"\nbackends = [\"{backend}\"]\n"
+            ),
+        );
+        let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
+        let out = tokio::task::spawn_blocking({
+            let ca = site.ca_file.clone();
+            move || {
+                // Debian's interpreter, which the package installs into (not a python3 earlier on PATH).
+                Command::new("/usr/bin/python3")
+                    .args(["-c", SCRIPT, &backend.port().to_string(), &listen.port().to_string()])
+                    .arg(ca)
+                    .output()
+                    .expect("/usr/bin/python3 runs (Debian package python3-websockets; `cargo xtask setup`)")
+            }
+        })
+        .await
+        .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && stdout.contains("websocket ok"), "{stdout}{stderr}\n{}", d.log_text());
+        let m = http_get(admin, "/metrics");
+        assert_eq!(metric(&m, "rampart_http_requests_total", &["status=\"101\""]), 1.0, "{m}");
     })
-    .await
-    .unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && stdout.contains("websocket ok"), "{stdout}{stderr}\n{}", d.log_text());
-    let m = http_get(admin, "/metrics");
-    assert_eq!(metric(&m, "rampart_http_requests_total", &["status=\"101\""]), 1.0, "{m}");
 }

@@ -64,25 +64,32 @@ mod tests {
     use super::*;
 
     /// Every byte of every buffer arrives, in order, whichever system call sent it.
-    #[tokio::test]
-    async fn vectored_writes_deliver_every_buffer() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let send = tokio::spawn(async move {
-            let mut t = Tcp(TcpStream::connect(addr).await.unwrap());
-            let cases: [&[&[u8]]; 4] = [&[b"", b"one", b""], &[b"two", b"three"], &[b"", b""], &[b"four"]];
-            for bufs in cases {
-                let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-                // A few bytes into an empty loopback socket buffer: always written whole.
-                let n = t.write_vectored(&slices).await.unwrap();
-                assert_eq!(n, bufs.iter().map(|b| b.len()).sum::<usize>());
-            }
-            t.shutdown().await.unwrap();
-        });
-        let (mut s, _) = l.accept().await.unwrap();
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).await.unwrap();
-        send.await.unwrap();
-        assert_eq!(got, b"onetwothreefour");
+    #[test]
+    fn vectored_writes_deliver_every_buffer() {
+        // In a namespace of its own: tests never use the host's loopback.
+        crate::netns::in_private_netns(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = l.local_addr().unwrap();
+                let send = tokio::spawn(async move {
+                    let mut t = Tcp(TcpStream::connect(addr).await.unwrap());
+                    let cases: [&[&[u8]]; 4] = [&[b"", b"one", b""], &[b"two", b"three"], &[b"", b""], &[b"four"]];
+                    for bufs in cases {
+                        let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+                        // A few bytes into an empty loopback socket buffer: always written whole.
+                        let n = t.write_vectored(&slices).await.unwrap();
+                        assert_eq!(n, bufs.iter().map(|b| b.len()).sum::<usize>());
+                    }
+                    t.shutdown().await.unwrap();
+                });
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).await.unwrap();
+                send.await.unwrap();
+                assert_eq!(got, b"onetwothreefour");
+            })
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
     }
 }

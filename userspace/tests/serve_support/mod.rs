@@ -1,6 +1,7 @@
 //! Helpers for the `rampart serve` integration tests: certificates made at test time (rcgen),
 //! small hyper backends, the daemon as a child process, and real clients (curl, openssl,
-//! h2load, nginx). Everything listens on loopback ports picked free at run time.
+//! h2load, nginx). Each test runs in a network namespace of its own ([`isolated`]), so
+//! everything it starts listens on that namespace's loopback, never the host's.
 #![allow(dead_code)]
 
 use std::{
@@ -23,6 +24,21 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// Runs a test's body in a network namespace of its own (only loopback, up), on a two-thread
+/// tokio runtime: the daemon, backends, clients and nginx it starts are all inside. The namespace
+/// ends with the test. Without root the test fails, saying so.
+pub fn isolated<F, Fut>(body: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    rampart::netns::in_private_netns(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(body());
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
 
 /// A scratch directory with a test CA (also written as ca.pem) and two certificates:
 /// `site.test` (the default, also valid for 127.0.0.1) and `api.test`.
