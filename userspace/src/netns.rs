@@ -124,31 +124,35 @@ impl Drop for NetnsGuard {
     }
 }
 
-/// Runs `f` on a new thread inside a new network namespace of its own, with only loopback (up),
-/// and returns what `f` returns; a panic in `f` is passed on. Processes the thread starts are
-/// inside too. The namespace has no name: it ends with the thread and those processes, so
-/// nothing is left behind, whatever happens to the caller. For tests, which must never use the
-/// host's interfaces (its loopback included).
+/// Moves the calling thread into a new network namespace of its own, with only loopback (up).
+/// Threads and processes it starts afterwards are inside too; called first thing in `main`, the
+/// whole process is. The namespace has no name: it ends with its last thread or process, so
+/// nothing is left behind. For tests and benchmarks, which must never use the host's interfaces
+/// (its loopback included).
+pub fn enter_private_netns() -> Result<(), NetnsError> {
+    // SAFETY: plain syscall; it moves this thread only.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.kind() == io::ErrorKind::PermissionDenied {
+            NetnsError::NotRoot(e)
+        } else {
+            NetnsError::Unshare(e)
+        });
+    }
+    let out = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .output()
+        .map_err(|e| NetnsError::Loopback(format!("ip: {e}")))?;
+    if !out.status.success() {
+        return Err(NetnsError::Loopback(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    Ok(())
+}
+
+/// Runs `f` on a new thread in a private network namespace ([`enter_private_netns`]) and returns
+/// what `f` returns; a panic in `f` is passed on. The caller's thread stays where it was.
 pub fn in_private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
-    let thread = std::thread::spawn(move || -> Result<T, NetnsError> {
-        // SAFETY: plain syscall; it moves this thread only.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            let e = io::Error::last_os_error();
-            return Err(if e.kind() == io::ErrorKind::PermissionDenied {
-                NetnsError::NotRoot(e)
-            } else {
-                NetnsError::Unshare(e)
-            });
-        }
-        let out = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .output()
-            .map_err(|e| NetnsError::Loopback(format!("ip: {e}")))?;
-        if !out.status.success() {
-            return Err(NetnsError::Loopback(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-        }
-        Ok(f())
-    });
+    let thread = std::thread::spawn(move || enter_private_netns().map(|()| f()));
     thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 

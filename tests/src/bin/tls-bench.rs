@@ -5,7 +5,8 @@
 //! smoke run of a few seconds. On a machine where the clients get a single CPU, each contender
 //! runs under a CPU budget (a cgroup quota, `--cpu-quota`) so that it, and not the client CPU, is
 //! the bottleneck of the throughput runs; the latency run lifts it, since its stalls would be
-//! all the percentiles measure.
+//! all the percentiles measure. Everything runs in a network namespace of its own (loopback only),
+//! never on the host's interfaces.
 //!
 //! Run it as `cargo xtask bench tls` or
 //! `cargo run --release -p rampart-tests --bin tls-bench -- [--quick]`.
@@ -106,6 +107,9 @@ const QUOTA_PERIOD_US: u64 = 10_000;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Before any thread or process starts, so that all of them (contenders, backend, clients) talk
+    // over this namespace's loopback and never the host's interfaces.
+    rampart::netns::enter_private_netns().context("run the benchmark in a network namespace of its own")?;
     let (duration, warmup, rounds) = if args.quick {
         (args.duration.unwrap_or(1), args.warmup.unwrap_or(0), args.rounds.unwrap_or(1))
     } else {
@@ -138,6 +142,7 @@ fn main() -> anyhow::Result<()> {
 
     // Clients and the backend on some CPUs, the contender on the others.
     let (server_cpus, client_cpus, mut layout) = plan_cpus(args.threads, args.no_pin)?;
+    layout.push_str("; all traffic over the loopback of a network namespace the bench made for itself");
     if let Some(ids) = client_cpus.0.as_ref().map(|_| client_cpus.ids()) {
         pin_self(&ids).context("pin the bench (and its handshake client) to the client CPUs")?;
     }
@@ -253,10 +258,24 @@ fn main() -> anyhow::Result<()> {
                         (this.keepalive, this.keepalive_usage) =
                             measured(&guard, &mut warnings, &format!("{tag}: keep-alive {duration:?}"), || {
                                 if !warmup.is_zero() {
-                                    clients::run_wrk(&client_cpus, &openssl_conf, s.addr, args.connections, warmup, &log)?;
+                                    clients::run_wrk(
+                                        &client_cpus,
+                                        &openssl_conf,
+                                        s.addr,
+                                        args.connections,
+                                        warmup,
+                                        &log,
+                                    )?;
                                 }
                                 with_usage(s, &backend, |s| {
-                                    clients::run_wrk(&client_cpus, &openssl_conf, s.addr, args.connections, duration, &log)
+                                    clients::run_wrk(
+                                        &client_cpus,
+                                        &openssl_conf,
+                                        s.addr,
+                                        args.connections,
+                                        duration,
+                                        &log,
+                                    )
                                 })
                             })?;
                         eprintln!("tls-bench:   {:.0} req/s ({} errors)", this.keepalive.rps, this.keepalive.errors());
@@ -304,7 +323,12 @@ fn main() -> anyhow::Result<()> {
                         (this.handshakes, this.handshake_usage) =
                             measured(&guard, &mut warnings, &format!("{tag}: new handshakes {duration:?}"), || {
                                 with_usage(s, &backend, |s| {
-                                    clients::run_handshakes(tls_client.config.clone(), s.addr, args.connections, duration)
+                                    clients::run_handshakes(
+                                        tls_client.config.clone(),
+                                        s.addr,
+                                        args.connections,
+                                        duration,
+                                    )
                                 })
                             })?;
                         eprintln!(
