@@ -11,7 +11,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "rampart", version, about = "XDP firewall and TLS-terminating reverse proxy")]
+#[command(name = "rampart", version = env!("RAMPART_VERSION"), about = "XDP firewall and TLS-terminating reverse proxy")]
 struct Cli {
     /// Act inside network namespace NAME (/run/netns/NAME), like `ip -n`.
     #[arg(short = 'n', long = "netns", value_name = "NAME", global = true)]

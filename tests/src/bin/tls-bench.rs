@@ -367,7 +367,7 @@ fn main() -> anyhow::Result<()> {
             if args.quick { "quick smoke run, numbers not meaningful" } else { "full run" }
         ),
         machine: machine_line(),
-        versions: versions_line(&results, &backend),
+        versions: versions_line(&results, &backend, rampart_bin.as_deref()),
         layout,
         client_cpus: client_cpus.ids(),
         budget: limit.as_ref().map(|l| report::Budget {
@@ -704,17 +704,14 @@ fn machine_line() -> String {
     format!("{model} ({cores} cores, {mhz} MHz{virt}), Linux {kernel}, {os}; load average before the run {load}")
 }
 
-fn versions_line(results: &[Contender], backend: &Server) -> String {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default();
-    let git = Command::new("git")
-        .args(["-C"])
-        .arg(&workspace)
-        .args(["describe", "--always", "--dirty"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "?".into());
+fn versions_line(results: &[Contender], backend: &Server, rampart_bin: Option<&Path>) -> String {
+    // What the binary says of its build (`rampart --version`: commit and profile), which holds
+    // also for a RAMPART_BIN built from other sources than this checkout.
+    let build = rampart_bin
+        .and_then(|bin| Command::new(bin).arg("--version").output().ok())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .and_then(|v| Some(v.split_once('(')?.1.split_once(')')?.0.to_string()))
+        .unwrap_or_else(|| "build unknown".into());
     let wrk = Command::new("wrk")
         .arg("-v")
         .output()
@@ -723,17 +720,10 @@ fn versions_line(results: &[Contender], backend: &Server) -> String {
             t.split_whitespace().nth(1).unwrap_or("?").to_string()
         })
         .unwrap_or_else(|_| "?".into());
-    let mut parts: Vec<String> =
-        results
-            .iter()
-            .map(|c| {
-                if c.kind == Kind::Rampart {
-                    format!("{} (git {git}, release build)", c.label)
-                } else {
-                    c.label.clone()
-                }
-            })
-            .collect();
+    let mut parts: Vec<String> = results
+        .iter()
+        .map(|c| if c.kind == Kind::Rampart { format!("{} ({build})", c.label) } else { c.label.clone() })
+        .collect();
     parts.push(format!("backend nginx {}", backend.version));
     parts.push(format!("OpenSSL {}", contenders::openssl_version()));
     parts.push(format!("wrk {wrk}"));
