@@ -141,12 +141,7 @@ fn openssl_sni_alpn_and_protocol_versions() {
         let site = Site::new("openssl");
         let b1 = TestBackend::start("b1", free_addr()).await;
         let (listen, admin) = (free_addr(), free_addr());
-        let cfg = site.config(
-            listen,
-            admin,
-            "",
-            &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", b1.addr),
-        );
+        let cfg = site.config(listen, admin, "", &one_pool(b1.addr));
         let _d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
         let ca = site.ca_file.to_str().unwrap();
 
@@ -460,7 +455,7 @@ fn header_and_idle_timeouts_close_connections() {
             listen,
             admin,
             "client_header_timeout = \"300ms\"\nidle_timeout = \"600ms\"",
-            &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", b1.addr),
+            &one_pool(b1.addr),
         );
         let _d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
 
@@ -530,12 +525,7 @@ fn client_reset_does_not_kill_the_daemon() {
         let site = Site::new("reset");
         let b1 = TestBackend::start("b1", free_addr()).await;
         let (listen, admin) = (free_addr(), free_addr());
-        let cfg = site.config(
-            listen,
-            admin,
-            "",
-            &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", b1.addr),
-        );
+        let cfg = site.config(listen, admin, "", &one_pool(b1.addr));
         let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
         let pid = daemon_pid(&cfg);
 

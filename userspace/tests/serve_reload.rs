@@ -34,15 +34,7 @@ fn certificate_hot_reload_under_load_without_failures() {
         let s = Site::new("certreload");
         let b1 = TestBackend::start("b1", free_addr()).await;
         let (listen, admin) = (free_addr(), free_addr());
-        let cfg = s.dir.write(
-            "rampart.toml",
-            &s.config_text(
-                listen,
-                admin,
-                "",
-                &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", b1.addr),
-            ),
-        );
+        let cfg = s.config(listen, admin, "", &one_pool(b1.addr));
         let d = Daemon::start(&cfg, &s.dir.path("daemon.log"));
         assert_eq!(subject(listen, &s.ca_file), "subject=CN = site.test");
 
@@ -153,15 +145,7 @@ fn graceful_shutdown_finishes_requests_in_flight() {
         let s = Site::new("shutdown");
         let b1 = TestBackend::start("b1", free_addr()).await;
         let (listen, admin) = (free_addr(), free_addr());
-        let cfg = s.dir.write(
-            "rampart.toml",
-            &s.config_text(
-                listen,
-                admin,
-                "",
-                &format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{}\"]\n", b1.addr),
-            ),
-        );
+        let cfg = s.config(listen, admin, "", &one_pool(b1.addr));
         let mut d = Daemon::start(&cfg, &s.dir.path("daemon.log"));
         let slow: Vec<_> = ["--http1.1", "--http2"]
             .into_iter()

@@ -87,6 +87,11 @@ certs = [
     }
 }
 
+/// The routes and pools of a site with one pool, `web`, of one backend, that takes every request.
+pub fn one_pool(backend: SocketAddr) -> String {
+    format!("[[route]]\npool = \"web\"\n\n[[pool]]\nname = \"web\"\nbackends = [\"{backend}\"]\n")
+}
+
 /// A loopback address with a port that was free a moment ago.
 pub fn free_addr() -> SocketAddr {
     let l = StdListener::bind("127.0.0.1:0").unwrap();
