@@ -201,7 +201,8 @@ fn tcp_server(net: &TestNet, addr: SocketAddr) -> thread::JoinHandle<Option<u64>
 /// answer and the client's TCP segment count (every segment it put on the wire).
 fn tcp_transfer(net: &TestNet, to: SocketAddr, bytes: usize) -> (String, u64) {
     in_netns(&net.client, move || {
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3)).unwrap_or_else(|e| panic!("connect {to}: {e}"));
+        let mut s =
+            TcpStream::connect_timeout(&to, Duration::from_secs(3)).unwrap_or_else(|e| panic!("connect {to}: {e}"));
         s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         let chunk = vec![0x5au8; 16 * 1024];
         let mut left = bytes;
@@ -228,7 +229,13 @@ fn tcp_denied(net: &TestNet, to: SocketAddr) -> (std::io::Error, u64) {
         let one: libc::c_int = 1;
         // SAFETY: setsockopt reads one c_int.
         let rc = unsafe {
-            libc::setsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_SYNCNT, (&raw const one).cast(), size_of::<libc::c_int>() as u32)
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_SYNCNT,
+                (&raw const one).cast(),
+                size_of::<libc::c_int>() as u32,
+            )
         };
         assert_eq!(rc, 0, "TCP_SYNCNT: {}", std::io::Error::last_os_error());
         s.set_nonblocking(true).expect("nonblocking");
@@ -242,7 +249,10 @@ fn tcp_denied(net: &TestNet, to: SocketAddr) -> (std::io::Error, u64) {
             assert!(Instant::now() < deadline, "connect to {to} still pending after 10 s");
             thread::sleep(Duration::from_millis(50));
         }
-        let err = s.take_error().expect("SO_ERROR").unwrap_or_else(|| panic!("connect to {to} succeeded through a deny rule"));
+        let err = s
+            .take_error()
+            .expect("SO_ERROR")
+            .unwrap_or_else(|| panic!("connect to {to} succeeded through a deny rule"));
         (err, segs_out(s.as_raw_fd()))
     })
     .expect("enter client namespace")
@@ -420,6 +430,98 @@ fn status_names_a_deleted_interface_and_detach_cleans_it() {
     }
     let st = net.rampart_json(&net.server, &["status", "--json"]).expect("status --json");
     assert_eq!(st["interfaces"].as_array().map(Vec::len), Some(0), "status after detach: {st}");
+}
+
+/// `attach --config`: every `[[interface]]` of a rampart.toml, with its mode and rule file, or
+/// nothing at all when a rule file is bad or an attach fails; run again, it loads the rule files
+/// into the interfaces attached already.
+#[test]
+fn attach_from_a_config_file_applies_every_interface_or_none() {
+    let mut net = net();
+    net.write_file("front.rules.toml", &rules(&net)).expect("write rules");
+    net.write_file("lo.rules.toml", "default = \"allow\"\n\n[[rule]]\naction = \"deny\"\nproto = \"udp\"\ndport = 9\n")
+        .expect("write rules");
+    net.write_file("bad.rules.toml", BAD_RULES).expect("write rules");
+    // Relative rule paths are relative to the config file.
+    let config = |second_iface: &str, second_rules: &str| {
+        format!(
+            "[[interface]]\nname = \"{SERVER_IF}\"\nmode = \"skb\"\nrules = \"front.rules.toml\"\n\n\
+             [[interface]]\nname = \"{second_iface}\"\nmode = \"skb\"\nrules = \"{second_rules}\"\n"
+        )
+    };
+    let attached = |net: &TestNet| -> Vec<String> {
+        let st = net.rampart_json(&net.server, &["status", "--json"]).expect("status --json");
+        let mut names: Vec<String> = st["interfaces"]
+            .as_array()
+            .expect("interfaces")
+            .iter()
+            .map(|i| i["iface"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    let attach = |net: &TestNet, file: &Path| {
+        net.rampart(&net.server, &["attach", "--config", file.to_str().unwrap()]).expect("run attach --config")
+    };
+    // Both may end up attached if the command misbehaves: Drop detaches them whatever happens.
+    let server = net.server.clone();
+    net.track_attached(&server, SERVER_IF);
+    net.track_attached(&server, "lo");
+
+    // A bad rule file: refused before anything is attached, naming the file and its line.
+    let bad = net.write_file("bad.toml", &config("lo", "bad.rules.toml")).expect("write config");
+    let out = attach(&net, &bad);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "attach --config with a bad rule file succeeded: {out:?}");
+    assert!(err.contains(&format!("bad.rules.toml:{BAD_LINE}")) && err.contains("[[interface]] lo"), "{err}");
+    assert!(attached(&net).is_empty(), "a refused config attached {:?}", attached(&net));
+
+    // An interface that does not exist: the one attached before it is detached again.
+    let missing = format!("{}x", &net.id[..net.id.len().min(13)]);
+    let nosuch = net.write_file("nosuch.toml", &config(&missing, "lo.rules.toml")).expect("write config");
+    let out = attach(&net, &nosuch);
+    let (said, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "attach --config with a missing interface succeeded: {said}");
+    assert!(err.contains(&missing), "the error does not name the missing interface: {err}");
+    assert!(said.contains(&format!("detached {SERVER_IF} again")), "{said}");
+    assert!(attached(&net).is_empty(), "a failed attach --config left {:?} attached", attached(&net));
+
+    // The good config: both interfaces, each with its own rules, in the mode the file names.
+    let good = net.write_file("rampart.toml", &config("lo", "lo.rules.toml")).expect("write config");
+    let out = attach(&net, &good);
+    assert!(out.status.success(), "attach --config: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(attached(&net), ["lo".to_string(), SERVER_IF.to_string()]);
+    let list = net.fw_list().expect("fw list");
+    assert_eq!(list["mode"].as_str(), Some("skb"), "{list}");
+    assert_eq!(list["rules"].as_array().map(Vec::len), Some(8), "{list}");
+    let lo = net.rampart_json(&net.server, &["fw", "list", "--iface", "lo", "--json"]).expect("fw list lo");
+    assert_eq!(lo["rules"].as_array().map(Vec::len), Some(1), "{lo}");
+    // The rules are in force: the allowed TCP transfer is counted by its rule.
+    let server = tcp_server(&net, sa(net.server_v4, TCP_OK));
+    let (_, segs) = tcp_transfer(&net, sa(net.server_v4, TCP_OK), 64 * 1024);
+    assert_eq!(server.join().expect("server thread"), Some(64 * 1024));
+    expect_counter(&net, R_TCP_OK, segs, None, "tcp allowed after attach --config");
+
+    // Run again with a changed rule file: both attached already, the new rules loaded.
+    net.write_file(
+        "front.rules.toml",
+        "default = \"allow\"\n\n[[rule]]\naction = \"deny\"\nproto = \"tcp\"\ndport = 1\n",
+    )
+    .expect("write rules");
+    let out = attach(&net, &good);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "attach --config again: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains(&format!("{SERVER_IF}: attached already")), "{said}");
+    let list = net.fw_list().expect("fw list");
+    assert_eq!(list["rules"].as_array().map(Vec::len), Some(1), "the changed rule file was not loaded: {list}");
+
+    let server = net.server.clone();
+    for iface in [SERVER_IF, "lo"] {
+        net.detach_iface(&server, iface).unwrap_or_else(|e| panic!("detach {iface}: {e}"));
+    }
+    for dir in TestNet::scope_dirs(&net.server) {
+        assert!(!dir.exists(), "detach left {} behind: {:?}", dir.display(), list_tree(&dir));
+    }
 }
 
 fn list_tree(dir: &Path) -> Vec<String> {

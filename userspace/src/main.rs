@@ -22,16 +22,22 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Load the firewall and attach it to an interface (no rules: everything passes).
+    /// Load the firewall and attach it to an interface (no rules: everything passes), or to every
+    /// [[interface]] of a config file.
     Attach {
-        #[arg(long, value_name = "IF")]
-        iface: String,
+        #[arg(long, value_name = "IF", required_unless_present = "config")]
+        iface: Option<String>,
         /// auto: native (driver) mode, else generic (skb) mode.
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         mode: Mode,
         /// Start with these rules instead of an empty rule set.
         #[arg(long, value_name = "FILE")]
         rules: Option<PathBuf>,
+        /// Apply every [[interface]] of this config file (rampart.toml), with its mode and rule
+        /// file: attach where not attached yet, load the rules where attached already. All rule
+        /// files are checked first; if one is bad, or an attach fails, nothing changes.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["iface", "rules", "mode"])]
+        config: Option<PathBuf>,
     },
     /// Detach the firewall from an interface and remove every pin and state file it made.
     Detach {

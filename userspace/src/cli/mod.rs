@@ -4,8 +4,9 @@ mod output;
 
 use std::{path::Path, process::ExitCode};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use rampart::{
+    config::{Config, XdpMode},
     fw::{
         rules::{self, Action, Cidr, Rule, RuleSet},
         state::Firewall,
@@ -32,7 +33,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     match cli.cmd {
-        Cmd::Attach { iface, mode, rules } => attach(&scope, &iface, mode, rules.as_deref()),
+        Cmd::Attach { config: Some(config), .. } => attach_config(&scope, &config),
+        Cmd::Attach { iface, mode, rules, config: None } => {
+            let iface = iface.ok_or_else(|| anyhow!("attach needs --iface IF or --config FILE"))?;
+            attach(&scope, &iface, mode, rules.as_deref())
+        }
         Cmd::Detach { iface } => {
             xdp::detach(&scope, &iface)?;
             println!("detached {iface}");
@@ -58,6 +63,70 @@ fn attach(scope: &Scope, iface: &str, mode: Mode, rules: Option<&Path>) -> Resul
     };
     let r = xdp::attach(scope, iface, mode, rs)?;
     println!("attached to {} (ifindex {}) in {} mode, program id {}", r.iface, r.ifindex, r.mode, r.program_id);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `attach --config`: every `[[interface]]` of the file. The config and every rule file are
+/// checked before anything changes, and interfaces attached by this command are detached again
+/// if a later attach fails. Interfaces attached already then get their rule file loaded, each
+/// atomically as `fw load` does (a refused rule set leaves that interface's rules as they were);
+/// their mode stays.
+fn attach_config(scope: &Scope, path: &Path) -> Result<ExitCode> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let cfg = Config::parse(&text, path)?;
+    if cfg.interfaces.is_empty() {
+        bail!("{}: no [[interface]] section: nothing to attach", path.display());
+    }
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut plan = Vec::new();
+    for i in &cfg.interfaces {
+        let name = i.name.get_ref().clone();
+        let rules = match &i.rules {
+            Some(r) => {
+                let file = cfg.resolve(base, r.get_ref());
+                Some(rules::parse_file(&file).with_context(|| format!("[[interface]] {name} in {}", path.display()))?)
+            }
+            None => None,
+        };
+        let mode = match i.mode {
+            XdpMode::Auto => AttachMode::Auto,
+            XdpMode::Native => AttachMode::Native,
+            XdpMode::Skb => AttachMode::Skb,
+        };
+        plan.push((name, mode, rules));
+    }
+    let attached = xdp::attached_ifaces(scope)?;
+    let (reload, new): (Vec<_>, Vec<_>) = plan.into_iter().partition(|(name, ..)| attached.contains(name));
+    let mut done: Vec<String> = Vec::new();
+    for (name, mode, rules) in new {
+        match xdp::attach(scope, &name, mode, rules) {
+            Ok(r) => {
+                println!(
+                    "attached to {} (ifindex {}) in {} mode, program id {}",
+                    r.iface, r.ifindex, r.mode, r.program_id
+                );
+                done.push(name);
+            }
+            Err(e) => {
+                for n in done.iter().rev() {
+                    match xdp::detach(scope, n) {
+                        Ok(()) => println!("detached {n} again"),
+                        Err(undo) => log::error!("{n}: detaching again after a failed attach: {undo}"),
+                    }
+                }
+                return Err(anyhow::Error::new(e).context(format!("[[interface]] {name} in {}", path.display())));
+            }
+        }
+    }
+    for (name, _, rules) in reload {
+        let Some(rs) = rules else {
+            println!("{name}: attached already; the config names no rule file, so its rules stay");
+            continue;
+        };
+        let mut fw = Firewall::open(scope, &name)?;
+        fw.load(rs).with_context(|| format!("[[interface]] {name} in {}: loading its rules", path.display()))?;
+        println!("{name}: attached already (mode unchanged); loaded its rules: {}", summary(fw.rules()));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -119,7 +119,8 @@ pub struct Interface {
     pub name: Spanned<String>,
     #[serde(default)]
     pub mode: XdpMode,
-    pub rules: Option<PathBuf>,
+    /// The rule file (relative to this config file); absent: no rules, everything passes.
+    pub rules: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -701,6 +702,14 @@ impl Config {
                 }
             }
         }
+        for i in &self.interfaces {
+            if let Some(rules) = &i.rules
+                && let Err(e) = crate::fw::rules::parse_file(&self.resolve(base, rules.get_ref()))
+            {
+                // The rule file's own error names its file and line.
+                c.at(rules.span(), e.to_string());
+            }
+        }
         if c.out.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(c.out)) }
     }
 
@@ -714,7 +723,7 @@ impl Config {
         let mut v = Vec::new();
         if !self.interfaces.is_empty() {
             v.push(format!(
-                "{} [[interface]] section(s): the XDP firewall is applied by `rampart attach`, not by `serve`",
+                "{} [[interface]] section(s): the XDP firewall is applied by `rampart attach --config`, not by `serve`",
                 self.interfaces.len()
             ));
         }
@@ -886,6 +895,24 @@ health = { path = "/healthz", interval = "500ms", expect = 204 }
         let c = parse(&text).unwrap();
         assert!(!c.https.is_empty() && !c.pools.is_empty() && !c.interfaces.is_empty());
         assert_eq!(c.not_applied_by_serve().len(), 3);
+    }
+
+    #[test]
+    fn interface_rule_files_are_checked_on_load() {
+        let dir = std::env::temp_dir().join(format!("rampart-cfg-rules-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("good.rules.toml"), "default = \"allow\"\n").unwrap();
+        std::fs::write(dir.join("bad.rules.toml"), "default = \"allow\"\n\n[[rule]]\naction = \"maybe\"\n").unwrap();
+        let cfg = dir.join("rampart.toml");
+        let text = "[[interface]]\nname = \"eth0\"\nrules = \"good.rules.toml\"\n\n[[interface]]\nname = \"eth1\"\nrules = \"bad.rules.toml\"\n";
+        std::fs::write(&cfg, text).unwrap();
+        let loaded = Config::load(&cfg);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let Err(ConfigError::Invalid(diags)) = loaded else { panic!("{loaded:?}") };
+        // Located at the second `rules` key of the config, naming the rule file's own line.
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!((diags[0].line, diags[0].col), (7, 9), "{diags:?}");
+        assert!(diags[0].message.contains("bad.rules.toml:4"), "{diags:?}");
     }
 
     #[test]
