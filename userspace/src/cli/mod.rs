@@ -97,6 +97,15 @@ fn attach_config(scope: &Scope, path: &Path) -> Result<ExitCode> {
     }
     let attached = xdp::attached_ifaces(scope)?;
     let (reload, new): (Vec<_>, Vec<_>) = plan.into_iter().partition(|(name, ..)| attached.contains(name));
+    // Interfaces attached already are opened (and locked) before anything is attached, so that
+    // one that cannot be opened stops the command while nothing has changed yet.
+    let mut reloads = Vec::new();
+    for (name, _, rules) in reload {
+        match rules {
+            Some(rs) => reloads.push((Firewall::open(scope, &name)?, rs)),
+            None => println!("{name}: attached already; the config names no rule file, so its rules stay"),
+        }
+    }
     let mut done: Vec<String> = Vec::new();
     for (name, mode, rules) in new {
         match xdp::attach(scope, &name, mode, rules) {
@@ -118,12 +127,8 @@ fn attach_config(scope: &Scope, path: &Path) -> Result<ExitCode> {
             }
         }
     }
-    for (name, _, rules) in reload {
-        let Some(rs) = rules else {
-            println!("{name}: attached already; the config names no rule file, so its rules stay");
-            continue;
-        };
-        let mut fw = Firewall::open(scope, &name)?;
+    for (mut fw, rs) in reloads {
+        let name = fw.iface().to_string();
         fw.load(rs).with_context(|| format!("[[interface]] {name} in {}: loading its rules", path.display()))?;
         println!("{name}: attached already (mode unchanged); loaded its rules: {}", summary(fw.rules()));
     }
