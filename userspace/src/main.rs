@@ -24,8 +24,9 @@ struct Cli {
 enum Cmd {
     /// Load the firewall and attach it to an interface (no rules: everything passes), or to every
     /// [[interface]] of a config file.
+    #[command(group = clap::ArgGroup::new("target").args(["iface", "config"]).required(true))]
     Attach {
-        #[arg(long, value_name = "IF", required_unless_present = "config")]
+        #[arg(long, value_name = "IF")]
         iface: Option<String>,
         /// auto: native (driver) mode, else generic (skb) mode.
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
