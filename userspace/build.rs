@@ -16,7 +16,8 @@ fn main() -> anyhow::Result<()> {
     aya_build::build_ebpf([package], aya_build::Toolchain::default())
 }
 
-/// `0.1.0 (git 9d05b3f, release build)`, `9d05b3f-dirty` with uncommitted edits; without git or outside a checkout, `0.1.0 (release build)`.
+/// `0.1.0 (git 9d05b3f, release build)`, `9d05b3f-dirty` with uncommitted edits; without git
+/// or outside a checkout, `0.1.0 (release build)`.
 fn version(manifest: &std::path::Path) -> String {
     let git = |args: &[&str]| {
         Command::new("git")

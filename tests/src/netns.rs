@@ -8,7 +8,8 @@
 //! traffic crosses the veth and rule counters see only what a test sends.
 
 use std::{
-    fs, io,
+    fs,
+    io,
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -24,11 +25,7 @@ pub enum NetError {
     #[error("network namespace tests need root (they create namespaces and attach XDP programs)")]
     NotRoot,
     #[error("run `{cmd}`")]
-    Spawn {
-        cmd: String,
-        #[source]
-        source: io::Error,
-    },
+    Spawn { cmd: String, #[source] source: io::Error },
     #[error("`{cmd}` failed ({status}): {stderr}")]
     Failed { cmd: String, status: String, stderr: String },
     #[error(
@@ -38,18 +35,9 @@ pub enum NetError {
     )]
     NoBinary(PathBuf),
     #[error("{what} {}", path.display())]
-    Fs {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    Fs { what: &'static str, path: PathBuf, #[source] source: io::Error },
     #[error("network namespace {ns}: enter")]
-    Enter {
-        ns: String,
-        #[source]
-        source: rampart::netns::NetnsError,
-    },
+    Enter { ns: String, #[source] source: rampart::netns::NetnsError },
     #[error("`{cmd}` printed no valid JSON: {stdout}")]
     Json { cmd: String, stdout: String },
 }
@@ -77,8 +65,11 @@ pub fn rampart_bin() -> Result<PathBuf> {
         source,
     })?;
     // target/<profile>/deps/<test> → target/<profile>/rampart
-    let guess =
-        exe.parent().and_then(Path::parent).map(|d| d.join("rampart")).unwrap_or_else(|| PathBuf::from("rampart"));
+    let guess = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("rampart"))
+        .unwrap_or_else(|| PathBuf::from("rampart"));
     if guess.is_file() { Ok(guess) } else { Err(NetError::NoBinary(guess)) }
 }
 
@@ -177,40 +168,24 @@ impl TestNet {
     }
 
     fn setup(&self) -> Result<()> {
-        fs::create_dir_all(&self.dir).map_err(|source| NetError::Fs {
-            what: "create",
-            path: self.dir.clone(),
-            source,
-        })?;
+        fs::create_dir_all(&self.dir)
+            .map_err(|source| NetError::Fs { what: "create", path: self.dir.clone(), source })?;
         ip(&["netns", "add", &self.client])?;
         ip(&["netns", "add", &self.server])?;
         // Both ends are created directly inside their namespaces: nothing appears in the root one.
         ip(&[
-            "link",
-            "add",
-            CLIENT_IF,
-            "address",
-            CLIENT_MAC,
-            "netns",
-            &self.client,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            SERVER_IF,
-            "address",
-            SERVER_MAC,
-            "netns",
-            &self.server,
+            "link", "add", CLIENT_IF, "address", CLIENT_MAC, "netns", &self.client, "type", "veth", "peer", "name",
+            SERVER_IF, "address", SERVER_MAC, "netns", &self.server,
         ])?;
         let c4 = format!("{}/24", self.client_v4);
         let s4 = format!("{}/24", self.server_v4);
         let s24 = format!("{}/24", self.server2_v4);
         let c6 = format!("{}/64", self.client_v6);
         let s6 = format!("{}/64", self.server_v6);
-        for (ns, iface, addrs) in
-            [(&self.client, CLIENT_IF, vec![c4.as_str()]), (&self.server, SERVER_IF, vec![s4.as_str(), s24.as_str()])]
-        {
+        for (ns, iface, addrs) in [
+            (&self.client, CLIENT_IF, vec![c4.as_str()]),
+            (&self.server, SERVER_IF, vec![s4.as_str(), s24.as_str()]),
+        ] {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             for a in addrs {
                 ip(&["-n", ns, "addr", "add", a, "dev", iface])?;
@@ -345,7 +320,10 @@ impl TestNet {
     /// `/sys/fs/bpf/rampart/<scope>` and `/run/rampart/<scope>` of a namespace.
     pub fn scope_dirs(ns: &str) -> [PathBuf; 2] {
         let scope = Scope::Netns(ns.to_string()).dir_name();
-        [PathBuf::from(rampart::paths::BPFFS_ROOT).join(&scope), PathBuf::from(rampart::paths::RUN_ROOT).join(&scope)]
+        [
+            PathBuf::from(rampart::paths::BPFFS_ROOT).join(&scope),
+            PathBuf::from(rampart::paths::RUN_ROOT).join(&scope),
+        ]
     }
 
     /// What `ip -d link show` says about the server iface (has `xdp` / `prog/xdp` when attached).

@@ -201,8 +201,7 @@ fn tcp_server(net: &TestNet, addr: SocketAddr) -> thread::JoinHandle<Option<u64>
 /// answer and the client's TCP segment count (every segment it put on the wire).
 fn tcp_transfer(net: &TestNet, to: SocketAddr, bytes: usize) -> (String, u64) {
     in_netns(&net.client, move || {
-        let mut s =
-            TcpStream::connect_timeout(&to, Duration::from_secs(3)).unwrap_or_else(|e| panic!("connect {to}: {e}"));
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3)).unwrap_or_else(|e| panic!("connect {to}: {e}"));
         s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         let chunk = vec![0x5au8; 16 * 1024];
         let mut left = bytes;
@@ -229,13 +228,7 @@ fn tcp_denied(net: &TestNet, to: SocketAddr) -> (std::io::Error, u64) {
         let one: libc::c_int = 1;
         // SAFETY: setsockopt reads one c_int.
         let rc = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_SYNCNT,
-                (&raw const one).cast(),
-                size_of::<libc::c_int>() as u32,
-            )
+            libc::setsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_SYNCNT, (&raw const one).cast(), size_of::<libc::c_int>() as u32)
         };
         assert_eq!(rc, 0, "TCP_SYNCNT: {}", std::io::Error::last_os_error());
         s.set_nonblocking(true).expect("nonblocking");
@@ -249,10 +242,7 @@ fn tcp_denied(net: &TestNet, to: SocketAddr) -> (std::io::Error, u64) {
             assert!(Instant::now() < deadline, "connect to {to} still pending after 10 s");
             thread::sleep(Duration::from_millis(50));
         }
-        let err = s
-            .take_error()
-            .expect("SO_ERROR")
-            .unwrap_or_else(|| panic!("connect to {to} succeeded through a deny rule"));
+        let err = s.take_error().expect("SO_ERROR").unwrap_or_else(|| panic!("connect to {to} succeeded through a deny rule"));
         (err, segs_out(s.as_raw_fd()))
     })
     .expect("enter client namespace")
