@@ -1,3 +1,26 @@
+//! The kernel side of rampart: what every XDP program shares.
+//!
+//! - [`parse`]: the one packet parser (Ethernet, VLAN tags, IPv4/IPv6, ports);
+//! - [`fw`]: the firewall stage (`classify`) and its maps;
+//! - [`count`]: per-CPU counters.
+//!
+//! The programs are in `bin/`: `rampart.rs` (the pipeline: parse → fw) and the benchmark floor
+//! (`minimal.rs`).
 #![no_std]
-// The kernel crate's modules live in the binaries (see main.rs); this file exists so the package
-// has a library target, as aya's template does.
+
+pub mod fw;
+pub mod parse;
+
+use rampart_common::Counter;
+
+/// Adds a packet of `bytes` to `map[index]` (per-CPU: no other writer on this CPU).
+#[inline(always)]
+pub fn count(map: &aya_ebpf::maps::PerCpuArray<Counter>, index: u32, bytes: u64) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot; XDP does not preempt itself on one CPU.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}

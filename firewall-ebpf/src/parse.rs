@@ -19,16 +19,10 @@ use rampart_common::fw::{
     stat,
 };
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_ICMPV6: u8 = 58;
+use rampart_common::net::{
+    ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_FRAGMENT, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_AH, IPPROTO_TCP, IPPROTO_UDP, is_ipv6_ext,
+};
 
 /// Where a packet stands with respect to IP fragmentation.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -58,7 +52,6 @@ pub struct Packet {
     pub dst: [u64; 2],
     pub frag: Frag,
     /// Offset of the IP header from the start of the frame.
-    #[expect(dead_code, reason = "the L4 balancer stage (roadmap 1) encapsulates from here")]
     pub l3_off: usize,
     /// Offset of the L4 header (meaningless for later fragments).
     pub l4_off: usize,
@@ -74,7 +67,7 @@ pub enum Parsed {
 
 /// A pointer to `len` bytes at `off`, or `None` if the frame is shorter.
 #[inline(always)]
-fn bytes_at(ctx: &XdpContext, off: usize, len: usize) -> Option<*const u8> {
+pub fn bytes_at(ctx: &XdpContext, off: usize, len: usize) -> Option<*const u8> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + len > end {
@@ -187,12 +180,6 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, u32> {
     })
 }
 
-/// IPv6 extension headers we walk over (RFC 8200 §4 and the IANA list).
-#[inline(always)]
-fn is_ipv6_ext(nh: u8) -> bool {
-    matches!(nh, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140)
-}
-
 /// The IP layer of an IPv6 packet: everything but the ports.
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, u32> {
@@ -264,7 +251,7 @@ pub extern "C" fn rampart_fw_ipv6_ext(ctx: *mut xdp_md, off: u64, nh: u64) -> u6
             return ext::MALFORMED;
         }
         walked += 1;
-        if nh == 44 {
+        if nh == IPPROTO_FRAGMENT {
             // Fragment header: next header, reserved, offset (13 bits) + flags, id.
             let Some(h) = bytes_at(&ctx, off, 8) else {
                 return ext::MALFORMED;
@@ -288,7 +275,7 @@ pub extern "C" fn rampart_fw_ipv6_ext(ctx: *mut xdp_md, off: u64, nh: u64) -> u6
         // SAFETY: 2 bytes bounds-checked above.
         let (next, len) = unsafe { (*h, *h.add(1)) };
         // AH counts its length in 4-byte units minus 2, the others in 8-byte units minus 1.
-        let hlen = if nh == 51 { (len as usize + 2) * 4 } else { (len as usize + 1) * 8 };
+        let hlen = if nh == IPPROTO_AH { (len as usize + 2) * 4 } else { (len as usize + 1) * 8 };
         if bytes_at(&ctx, off, hlen).is_none() {
             return ext::MALFORMED;
         }

@@ -8,29 +8,11 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-pub const ETH_HLEN: usize = 14;
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_IPV6: u16 = 0x86dd;
-pub const ETH_P_ARP: u16 = 0x0806;
-pub const ETH_P_LLDP: u16 = 0x88cc;
-pub const ETH_P_8021Q: u16 = 0x8100;
-pub const ETH_P_8021AD: u16 = 0x88a8;
-
-pub const IPPROTO_HOPOPTS: u8 = 0;
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_ROUTING: u8 = 43;
-pub const IPPROTO_FRAGMENT: u8 = 44;
-pub const IPPROTO_GRE: u8 = 47;
-pub const IPPROTO_AH: u8 = 51;
-pub const IPPROTO_ICMPV6: u8 = 58;
-pub const IPPROTO_NONE: u8 = 59;
-pub const IPPROTO_DSTOPTS: u8 = 60;
-pub const IPPROTO_MOBILITY: u8 = 135;
-pub const IPPROTO_HIP: u8 = 139;
-pub const IPPROTO_SHIM6: u8 = 140;
-pub const IPPROTO_SCTP: u8 = 132;
+pub use rampart_common::net::{
+    ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ETH_P_LLDP, IPPROTO_AH, IPPROTO_DSTOPTS,
+    IPPROTO_FRAGMENT, IPPROTO_GRE, IPPROTO_HIP, IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_MOBILITY,
+    IPPROTO_NONE, IPPROTO_ROUTING, IPPROTO_SCTP, IPPROTO_SHIM6, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 /// An IPv6 extension header. `len` is the header's own length field (units differ: AH counts
 /// 4-byte words minus 2, the others 8-byte words minus 1).

@@ -84,10 +84,10 @@ pub struct RefVerdict {
     pub frag: Option<u32>,
 }
 
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_IPV6: u16 = 0x86dd;
-const ETHERTYPE_VLAN: u16 = 0x8100;
-const ETHERTYPE_QINQ: u16 = 0x88a8;
+use rampart_common::net::{
+    ETH_P_8021AD as ETHERTYPE_QINQ, ETH_P_8021Q as ETHERTYPE_VLAN, ETH_P_IP as ETHERTYPE_IPV4,
+    ETH_P_IPV6 as ETHERTYPE_IPV6, is_ipv6_ext,
+};
 
 fn be16(b: &[u8]) -> u16 {
     u16::from_be_bytes([b[0], b[1]])
@@ -165,7 +165,7 @@ fn parse_ipv6(frame: &[u8], l3: usize) -> Result<PacketFields, u32> {
     let mut next = h[6];
     let mut off = l3 + 40;
     let mut seen = 0;
-    while matches!(next, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140) {
+    while is_ipv6_ext(next) {
         seen += 1;
         if seen > MAX_IPV6_EXT {
             return Err(stat::MALFORMED_IPV6_EXT);

@@ -12,13 +12,13 @@ use std::{
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use aya::{
     Ebpf, Pod,
-    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
 };
 use rampart_common::{
     Counter,
@@ -27,6 +27,11 @@ use rampart_common::{
         ClassInfo, FIELD_DST, FIELD_SRC, LPM_SLOT_BITS, Lpm4Data, Lpm6Data, MAX_CLASSES, MAX_RULES, PORT_ENTRIES,
         PROTO_ENTRIES, RuleInfo, SLOTS, SlotInfo, addr_desc_index, map_names as names, stat,
     },
+};
+
+use crate::bpf::batch::{
+    BATCH_CHUNK, BPF_MAP_DELETE_BATCH, BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH, BatchAttr, BatchError, NO_BATCH,
+    as_bytes, sum, try_batch, unsupported, write_array, zero_counters,
 };
 
 use super::{
@@ -72,6 +77,8 @@ pub enum TablesError {
     BadActive(u32),
     #[error(transparent)]
     Compile(#[from] CompileError),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
 }
 
 type Result<T, E = TablesError> = std::result::Result<T, E>;
@@ -118,13 +125,6 @@ pub struct FwTables {
 
 fn typed<T: TryFrom<Map, Error = MapError>>(map: &'static str, m: Map) -> Result<T> {
     T::try_from(m).map_err(|source| TablesError::Map { map, op: "check key/value types", source })
-}
-
-fn sum(values: &PerCpuValues<Counter>) -> Counter {
-    values.iter().fold(Counter::default(), |a, c| Counter {
-        packets: a.packets.wrapping_add(c.packets),
-        bytes: a.bytes.wrapping_add(c.bytes),
-    })
 }
 
 impl FwTables {
@@ -496,129 +496,6 @@ impl FwTables {
 }
 
 // ---- bulk map operations ------------------------------------------------------------------
-
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
-/// Entries per batch syscall: bounds the kernel's time in one call.
-const BATCH_CHUNK: usize = 1 << 16;
-/// Set once a batch command came back unsupported; later writes go entry by entry.
-static NO_BATCH: AtomicBool = AtomicBool::new(false);
-
-/// `union bpf_attr`, the part used by `BPF_MAP_*_BATCH`.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// One batch syscall over `count` keys (and values). Ok, or the error and how many entries the
-/// kernel had processed.
-fn batch(cmd: libc::c_long, fd: BorrowedFd<'_>, keys: &[u8], values: Option<&[u8]>, count: usize) -> io::Result<()> {
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.map_or(0, |v| v.as_ptr() as u64),
-        count: count as u32,
-        map_fd: fd.as_raw_fd() as u32,
-        ..Default::default()
-    };
-    // SAFETY: `attr` points at buffers of `count` keys/values of the map's sizes, alive for the
-    // call; the kernel reads only `size_of::<BatchAttr>()` bytes of `attr`.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &mut attr as *mut BatchAttr, size_of::<BatchAttr>() as u32) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-}
-
-/// Errors meaning "this kernel has no batch operation for this map type".
-fn unsupported(e: &io::Error) -> bool {
-    // 524 = ENOTSUPP, the kernel-internal code some map types return.
-    matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(524))
-}
-
-fn as_bytes<T: Pod>(v: &[T]) -> &[u8] {
-    // SAFETY: Pod types are plain bytes without padding (rampart_common asserts their sizes).
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), size_of_val(v)) }
-}
-
-/// Tries the batch path; `Ok(false)` when the kernel lacks it (the caller goes entry by entry).
-fn try_batch(
-    map: &'static str,
-    op: &'static str,
-    cmd: libc::c_long,
-    fd: BorrowedFd<'_>,
-    keys: &[u8],
-    key_size: usize,
-    values: Option<(&[u8], usize)>,
-) -> Result<bool> {
-    if NO_BATCH.load(Ordering::Relaxed) {
-        return Ok(false);
-    }
-    let n = keys.len() / key_size;
-    let mut done = 0;
-    while done < n {
-        let k = BATCH_CHUNK.min(n - done);
-        let ks = &keys[done * key_size..(done + k) * key_size];
-        let vs = values.map(|(v, vsize)| &v[done * vsize..(done + k) * vsize]);
-        match batch(cmd, fd, ks, vs, k) {
-            Ok(()) => done += k,
-            Err(e) if done == 0 && unsupported(&e) => {
-                log::warn!("map {map}: batch operations unsupported ({e}); writing entry by entry");
-                NO_BATCH.store(true, Ordering::Relaxed);
-                return Ok(false);
-            }
-            Err(source) => return Err(TablesError::Sys { map, op, source }),
-        }
-    }
-    Ok(true)
-}
-
-/// `map[first + i] = values[i]`.
-fn write_array<V: Pod>(map: &mut Array<MapData, V>, name: &'static str, first: u32, values: &[V]) -> Result<()> {
-    if values.is_empty() {
-        return Ok(());
-    }
-    let keys: Vec<u32> = (first..first + values.len() as u32).collect();
-    let fd = map.map().fd().as_fd();
-    if try_batch(name, "write", BPF_MAP_UPDATE_BATCH, fd, as_bytes(&keys), 4, Some((as_bytes(values), size_of::<V>())))?
-    {
-        return Ok(());
-    }
-    for (k, v) in keys.iter().zip(values) {
-        map.set(*k, v, 0).map_err(|source| TablesError::Map { map: name, op: "write", source })?;
-    }
-    Ok(())
-}
-
-/// Zeroes `n` per-CPU counters from `first`, on every CPU.
-fn zero_counters(map: &mut PerCpuArray<MapData, Counter>, name: &'static str, first: u32, n: usize) -> Result<()> {
-    if n == 0 {
-        return Ok(());
-    }
-    let cpus = aya::util::nr_cpus().map_err(|(_, source)| TablesError::Sys { map: name, op: "count CPUs", source })?;
-    let keys: Vec<u32> = (first..first + n as u32).collect();
-    // Per-CPU batch values: for each key, one value per possible CPU, each padded to 8 bytes.
-    let stride = size_of::<Counter>().next_multiple_of(8) * cpus;
-    let zeros = vec![0u8; stride * n];
-    let fd = map.map().fd().as_fd();
-    if try_batch(name, "zero counters", BPF_MAP_UPDATE_BATCH, fd, as_bytes(&keys), 4, Some((&zeros, stride)))? {
-        return Ok(());
-    }
-    for k in keys {
-        let v = PerCpuValues::try_from(vec![Counter::default(); cpus]).map_err(|source| TablesError::Sys {
-            map: name,
-            op: "zero counters",
-            source,
-        })?;
-        map.set(k, v, 0).map_err(|source| TablesError::Map { map: name, op: "zero counters", source })?;
-    }
-    Ok(())
-}
 
 /// LPM key data: the slot (big-endian) then the address.
 trait SlotKey: Pod {

@@ -1,35 +1,18 @@
-//! `rampart_fw`: the XDP program rampart attaches to a NIC.
-//!
-//! A packet's path: `parse::parse` (headers) → `firewall::classify` (rules) → counters →
-//! verdict. Allowed packets are where the L4 balancer stage will run next (roadmap item 1).
+//! `rampart_fw`: the XDP program rampart attaches to a NIC. A packet's whole path reads top to
+//! bottom here, one call per stage: `parse` (headers) → `fw::classify` (rules, counters) → verdict.
 #![no_std]
 #![no_main]
 
-mod firewall;
-mod maps;
-mod parse;
-
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use rampart_common::{
-    Counter,
-    fw::stat,
+use firewall_ebpf::{
+    count,
+    fw::{
+        self,
+        maps::{FW_RULE_STATS, FW_STATS},
+    },
+    parse::{self, Frag, Parsed},
 };
-
-use crate::{
-    maps::{FW_RULE_STATS, FW_STATS},
-    parse::{Frag, Parsed},
-};
-
-#[inline(always)]
-fn count(map: &aya_ebpf::maps::PerCpuArray<Counter>, index: u32, bytes: u64) {
-    if let Some(c) = map.get_ptr_mut(index) {
-        // SAFETY: a per-CPU slot; XDP does not preempt itself on one CPU.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
-        }
-    }
-}
+use rampart_common::fw::stat;
 
 #[xdp]
 pub fn rampart_fw(ctx: XdpContext) -> u32 {
@@ -50,7 +33,7 @@ pub fn rampart_fw(ctx: XdpContext) -> u32 {
         Frag::First => count(&FW_STATS, stat::FRAGMENT_FIRST, bytes),
         Frag::None => {}
     }
-    let Some(verdict) = firewall::classify(&pkt) else {
+    let Some(verdict) = fw::classify(&pkt) else {
         return xdp_action::XDP_ABORTED;
     };
     let pass = verdict.action == xdp_action::XDP_PASS;
@@ -63,7 +46,7 @@ pub fn rampart_fw(ctx: XdpContext) -> u32 {
         (None, false) => stat::DEFAULT_DENY,
     };
     count(&FW_STATS, stat, bytes);
-    // Roadmap 1: the L4 balancer stage takes allowed packets here (`lb::balance(&ctx, &pkt)`).
+    // Roadmap 1: the L4 balancer stage takes allowed packets here.
     verdict.action
 }
 

@@ -1,4 +1,4 @@
-//! Every map of the XDP pipeline, declared in one place. Types, names and sizes come from
+//! Every map of the firewall stage, declared in one place. Types, names and sizes come from
 //! `rampart_common::fw`; userspace pins each map under `/sys/fs/bpf/rampart/<scope>/<iface>/`.
 
 use aya_ebpf::{

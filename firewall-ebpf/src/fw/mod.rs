@@ -1,4 +1,4 @@
-//! The firewall stage: the five per-field lookups, then the first rule in the AND of their bit
+//! The firewall stage (`classify`): the five per-field lookups, then the first rule in the AND of their bit
 //! vectors (see `rampart_common::fw` for the scheme, and `userspace/src/fw/compile.rs` for how the
 //! tables are built).
 
@@ -8,13 +8,13 @@ use rampart_common::fw::{
     NO_PORT, PORT_ENTRIES, PROTO_ENTRIES, SLOT_USES_DST, SLOT_USES_SRC, SUMMARY_WORDS, SlotInfo, addr_desc_index,
 };
 
-use crate::{
-    maps::{
+use self::maps::{
         FW_ACTIVE, FW_ADDR_DESC, FW_ADDR4, FW_ADDR6, FW_CLASSES, FW_DPORT, FW_DST4, FW_DST6, FW_PROTO, FW_SLOTS,
         FW_SPORT, FW_SRC4, FW_SRC6, FW_WORDS,
-    },
-    parse::Packet,
 };
+use crate::parse::Packet;
+
+pub mod maps;
 
 /// The decision for one IP packet.
 pub struct Verdict {
@@ -162,7 +162,7 @@ pub fn classify(pkt: &Packet) -> Option<Verdict> {
                 & class_word(c5, s, b)?;
             if hits != 0 {
                 let rule = info.rule_base + w * 64 + lowest_bit(hits);
-                let action = crate::maps::FW_RULES.get(rule)?.action;
+                let action = maps::FW_RULES.get(rule)?.action;
                 return Some(Verdict { action, rule: Some(rule) });
             }
         }

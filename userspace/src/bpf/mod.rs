@@ -1,0 +1,6 @@
+//! The kernel objects, embedded at build time by `build.rs`, and the map plumbing every stage
+//! shares ([`batch`]).
+pub mod batch;
+
+pub static FIREWALL_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rampart"));
+pub static MINIMAL_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-minimal"));
