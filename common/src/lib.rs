@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod fw;
+pub mod lb;
 pub mod net;
 
 /// Implements `aya::Pod` (userspace only) and asserts the size of a map type at compile time.

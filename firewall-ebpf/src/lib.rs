@@ -2,13 +2,15 @@
 //!
 //! - [`parse`]: the one packet parser (Ethernet, VLAN tags, IPv4/IPv6, ports);
 //! - [`fw`]: the firewall stage (`classify`) and its maps;
+//! - [`lb`]: the L4 balancer stage (`balance`) and its maps;
 //! - [`count`]: per-CPU counters.
 //!
-//! The programs are in `bin/`: `rampart.rs` (the pipeline: parse → fw) and the benchmark floor
-//! (`minimal.rs`).
+//! The programs are in `bin/`: `rampart.rs` (the pipeline: parse → fw → lb), `decap.rs` (the
+//! backends' side of the balancer) and the benchmark floors (`minimal*.rs`).
 #![no_std]
 
 pub mod fw;
+pub mod lb;
 pub mod parse;
 
 use rampart_common::Counter;

@@ -49,10 +49,9 @@ const SKIP_KEYS: (u64, u64) = (
     u64::from_le_bytes(*b"rampart "),
     u64::from_le_bytes(*b"mglv-skp"),
 );
-const LOOKUP_KEYS: (u64, u64) = (
-    u64::from_le_bytes(*b"rampart "),
-    u64::from_le_bytes(*b"mglv-key"),
-);
+/// The lookup keys are the kernel's flow-hash keys: `position(flow key bytes)` is where the XDP
+/// balancer looks (`rampart_common::lb::flow_hash`).
+const LOOKUP_KEYS: (u64, u64) = rampart_common::lb::HASH_KEYS;
 
 /// Errors of table construction.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -168,6 +167,12 @@ impl Maglev {
     pub fn position(&self, key: &[u8]) -> u32 {
         // The remainder is below the size, itself a u32.
         (sip13(LOOKUP_KEYS, key) % u64::from(self.size())) as u32
+    }
+
+    /// Position of an L4 flow: what the XDP balancer reads (`rampart_common::lb::flow_hash`,
+    /// equal to [`Maglev::position`] over the key's 40 bytes).
+    pub fn flow_position(&self, flow: &rampart_common::lb::FlowKey) -> u32 {
+        (rampart_common::lb::flow_hash(flow) % u64::from(self.size())) as u32
     }
 
     /// Backend id for a lookup key (`None` only when the table is empty).
@@ -507,6 +512,43 @@ mod tests {
         });
         assert_eq!(checksum, 7_613_060_010);
         assert_eq!(counts(&m, 5), [5958, 11916, 17874, 0, 29789]);
+    }
+
+    /// The kernel's flow hash (written out for five words, no loop) is SipHash-1-3 with the
+    /// lookup keys over the flow key's bytes as they lie in memory.
+    #[test]
+    fn flow_hash_is_the_lookup_hash_of_the_key_bytes() {
+        use rampart_common::lb::FlowKey;
+        let m = Maglev::new(DEFAULT_TABLE_SIZE).unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..10_000 {
+            let family = if i % 2 == 0 { 4 } else { 6 };
+            let v6 = |w: u64| if family == 6 { w } else { 0 };
+            let k = FlowKey {
+                src: [next() & if family == 4 { 0xffff_ffff } else { u64::MAX }, v6(next())],
+                dst: [next() & if family == 4 { 0xffff_ffff } else { u64::MAX }, v6(next())],
+                sport: next() as u16,
+                dport: next() as u16,
+                proto: if i % 3 == 0 { 17 } else { 6 },
+                family,
+                _pad: 0,
+            };
+            let mut bytes = Vec::with_capacity(40);
+            for w in k.src.iter().chain(&k.dst) {
+                bytes.extend_from_slice(&w.to_le_bytes());
+            }
+            bytes.extend_from_slice(&k.sport.to_le_bytes());
+            bytes.extend_from_slice(&k.dport.to_le_bytes());
+            bytes.extend_from_slice(&[k.proto, k.family, 0, 0]);
+            assert_eq!(rampart_common::lb::flow_hash(&k), sip13(LOOKUP_KEYS, &bytes), "{k:?}");
+            assert_eq!(m.flow_position(&k), m.position(&bytes));
+        }
     }
 
     #[test]

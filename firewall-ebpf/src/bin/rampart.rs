@@ -1,5 +1,6 @@
 //! `rampart_fw`: the XDP program rampart attaches to a NIC. A packet's whole path reads top to
-//! bottom here, one call per stage: `parse` (headers) → `fw::classify` (rules, counters) → verdict.
+//! bottom here, one call per stage: `parse` (headers) → `fw::classify` (rules, counters) →
+//! `lb::balance` (services: to a backend, encapsulated) → verdict.
 #![no_std]
 #![no_main]
 
@@ -10,6 +11,7 @@ use firewall_ebpf::{
         self,
         maps::{FW_RULE_STATS, FW_STATS},
     },
+    lb,
     parse::{self, Frag, Parsed},
 };
 use rampart_common::fw::stat;
@@ -46,8 +48,11 @@ pub fn rampart_fw(ctx: XdpContext) -> u32 {
         (None, false) => stat::DEFAULT_DENY,
     };
     count(&FW_STATS, stat, bytes);
-    // Roadmap 1: the L4 balancer stage takes allowed packets here.
-    verdict.action
+    if !pass {
+        return verdict.action;
+    }
+    // Allowed: a packet addressed to a service goes to a backend; any other goes on.
+    lb::balance(&ctx, &pkt).unwrap_or(verdict.action)
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,275 @@
+//! The L4 balancer's maps: names, sizes, key and value types, and the flow hash. One place, as
+//! Katran's `balancer_maps.h`; `firewall-ebpf/src/lb/maps.rs` declares the maps with exactly these.
+//!
+//! # How a packet is balanced (see ARCHITECTURE.md)
+//! A packet the firewall allows whose (destination, port, protocol) is a service ([`VipKey`] in
+//! `LB_VIPS`) is sent to one of the service's backends:
+//! 1. its flow ([`FlowKey`]) is looked up in the LRU connection table `LB_CONNTRACK` (one LRU
+//!    list per CPU);
+//!    a hit whose backend is still live for the service (and, for UDP, was seen less than
+//!    [`LbConfig::udp_timeout`] seconds ago) keeps the flow where it is;
+//! 2. otherwise ("a miss", counted as a new flow) the backend is `LB_RING[ring_base +
+//!    flow_hash(flow) % ring_size]`, the service's Maglev table, and the flow is recorded. An
+//!    entry is made on every miss, whatever the TCP flags (Katran's choice): a flow whose entry
+//!    was evicted is hashed again and lands on the same backend while the backend set is the same.
+//! 3. the packet is encapsulated (IPv4 in IPv4, IPv6 in IPv6) towards the backend and sent on
+//!    with the next hop from `bpf_fib_lookup`; the backend decapsulates it and answers the
+//!    client directly (direct server return).
+//!
+//! # Why the kernel and `loadbalancer/` agree
+//! [`flow_hash`] is SipHash-1-3 with [`HASH_KEYS`] over the 40 bytes of a [`FlowKey`]: exactly
+//! what `loadbalancer::Maglev::position` computes over the same bytes. The table in `LB_RING`
+//! is the one `loadbalancer::Maglev` built, so for any flow both sides pick the same backend.
+//!
+//! # Updates
+//! A backend change writes only the ring positions that change (Maglev delta updates), each with
+//! one map update: a packet reads one position, so it sees the old choice or the new one. A
+//! service is written ring first, then its `LB_VIPS` entry; removed in the reverse order. A
+//! backend is marked live before any position names it, and retired only after none does.
+
+use crate::map_type;
+
+/// Services (VIP:port/proto) one interface balances.
+pub const MAX_SERVICES: u32 = 256;
+/// Backends over all services; ids index `LB_BACKENDS` and `LB_BACKEND_STATS`.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Positions in `LB_RING`, shared by every service's Maglev table (each takes a contiguous run
+/// of its `table_size`): room for 64 tables of the default 65,537.
+pub const RING_ENTRIES: u32 = 64 * 65_537;
+/// A ring position with no backend (the service has no backend with weight > 0): dropped.
+pub const NO_BACKEND: u32 = u32::MAX;
+/// Default entries of the connection table (all CPUs together); `conntrack_entries` sets it.
+/// LRU maps are preallocated: about 100 bytes an entry.
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 16;
+/// A UDP flow not seen for this long is hashed again (its backend may have changed).
+pub const DEFAULT_UDP_TIMEOUT_SECS: u32 = 30;
+
+/// SipHash keys of [`flow_hash`] (the little-endian words of `"rampart "` and `"mglv-key"`),
+/// shared with `loadbalancer::maglev`'s lookup keys.
+pub const HASH_KEYS: (u64, u64) = (u64::from_le_bytes(*b"rampart "), u64::from_le_bytes(*b"mglv-key"));
+
+/// Map names, as in the object file and under the pin directory.
+pub mod map_names {
+    pub const CONFIG: &str = "LB_CONFIG";
+    pub const VIPS: &str = "LB_VIPS";
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    pub const RING: &str = "LB_RING";
+    pub const CONNTRACK: &str = "LB_CONNTRACK";
+    pub const SERVICE_STATS: &str = "LB_SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+    pub const STATS: &str = "LB_STATS";
+    pub const ALL: [&str; 8] = [CONFIG, VIPS, BACKENDS, RING, CONNTRACK, SERVICE_STATS, BACKEND_STATS, STATS];
+}
+
+/// Address family values in keys: 4 or 6, as `Packet::family`.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// `LB_VIPS` key: a service. Addresses as in the firewall's `Packet`: the address bytes in
+/// memory order in two native words (IPv4 in the first 4 bytes, the rest zero); port in host
+/// order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: [u64; 2],
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u32,
+}
+map_type!(VipKey, 24);
+
+/// `LB_VIPS` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Index in `LB_SERVICE_STATS`; also what a backend's [`BackendInfo::service`] names.
+    pub service: u32,
+    /// The service's Maglev table: `LB_RING[ring_base .. ring_base + ring_size]`.
+    pub ring_base: u32,
+    /// A prime.
+    pub ring_size: u32,
+    pub _pad: u32,
+}
+map_type!(VipInfo, 16);
+
+/// [`BackendInfo::flags`]: the backend may carry flows of [`BackendInfo::service`]. Cleared when
+/// it is removed, so connection-table entries that still name it are hashed again.
+pub const BACKEND_LIVE: u32 = 1;
+
+/// `LB_BACKENDS[id]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// Address as in [`VipKey::addr`]; the family is the service's.
+    pub addr: [u64; 2],
+    pub service: u32,
+    pub flags: u32,
+}
+map_type!(BackendInfo, 24);
+
+/// `LB_CONNTRACK` key (and the input of [`flow_hash`]): a flow as the client sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u64; 2],
+    pub dst: [u64; 2],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+map_type!(FlowKey, 40);
+
+impl FlowKey {
+    /// The fifth 8-byte word of the key as it lies in memory (ports, protocol, family, padding).
+    #[inline(always)]
+    pub fn tail_word(&self) -> u64 {
+        (self.sport as u64)
+            | (self.dport as u64) << 16
+            | (self.proto as u64) << 32
+            | (self.family as u64) << 40
+            | (self._pad as u64) << 48
+    }
+}
+
+/// `LB_CONNTRACK` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub backend: u32,
+    /// When the flow was last seen, in seconds of `bpf_ktime_get_coarse_ns` (UDP only).
+    pub seen: u32,
+}
+map_type!(FlowValue, 8);
+
+/// `LB_CONFIG[0]`: settings of the whole stage.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbConfig {
+    /// Outer IPv4 source: its first two bytes (wire order) are kept, the last two come from the
+    /// flow hash, so a backend's receive-side scaling spreads flows (Katran uses 172.16.0.0/16).
+    pub src4: [u8; 4],
+    pub udp_timeout: u32,
+    /// Outer IPv6 source: the first 12 bytes are kept, the last 4 come from the flow hash.
+    pub src6: [u8; 16],
+}
+map_type!(LbConfig, 24);
+
+/// Per-CPU counters of a service (`LB_SERVICE_STATS`) or backend (`LB_BACKEND_STATS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbCounter {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Connection-table misses: flows placed by the Maglev table.
+    pub new_flows: u64,
+    pub _pad: u64,
+}
+map_type!(LbCounter, 32);
+
+/// Indexes of `LB_STATS` (per-CPU [`crate::Counter`]s): what happened to packets addressed to a
+/// service, besides being forwarded.
+pub mod stat {
+    /// Encapsulated and sent on (XDP_TX or redirect).
+    pub const FORWARDED: u32 = 0;
+    /// The service has no backend with weight > 0: dropped.
+    pub const NO_BACKEND: u32 = 1;
+    /// Too big once encapsulated: an ICMP Fragmentation Needed / Packet Too Big went back.
+    pub const ICMP_TOO_BIG: u32 = 2;
+    /// No neighbour entry for the next hop yet: passed up encapsulated, so the kernel forwards it
+    /// and resolves the neighbour (needs IP forwarding on the balancer).
+    pub const FIB_NO_NEIGH: u32 = 3;
+    /// No route to the backend, or another lookup failure: dropped.
+    pub const FIB_FAILED: u32 = 4;
+    /// The packet could not be grown or shrunk (driver headroom): dropped.
+    pub const ADJUST_FAILED: u32 = 5;
+    /// Addressed to a service but carried VLAN tags, IP options too long to quote, or was a
+    /// fragment: not balanced, passed on.
+    pub const NOT_BALANCED: u32 = 6;
+    pub const COUNT: u32 = 8;
+    /// Names shown by `rampart lb list` and in metrics, by index.
+    pub const NAMES: [&str; 7] =
+        ["forwarded", "no_backend", "icmp_too_big", "fib_no_neigh", "fib_failed", "adjust_failed", "not_balanced"];
+}
+
+/// Name of the decapsulation program in its object file.
+pub const DECAP_PROGRAM_NAME: &str = "rampart_decap";
+/// The decapsulation program's VIP set: addresses it strips the outer header for.
+pub const DECAP_VIPS: &str = "DECAP_VIPS";
+/// The decapsulation program's counters ([`decap_stat`]).
+pub const DECAP_STATS: &str = "DECAP_STATS";
+/// Most VIPs one backend decapsulates for.
+pub const MAX_DECAP_VIPS: u32 = 1024;
+
+/// `DECAP_VIPS` key: a VIP address (family and address as in [`VipKey`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DecapKey {
+    pub addr: [u64; 2],
+    pub family: u8,
+    pub _pad: [u8; 7],
+}
+map_type!(DecapKey, 24);
+
+/// Indexes of `DECAP_STATS`.
+pub mod decap_stat {
+    /// Outer header removed, inner packet passed to the stack.
+    pub const DECAPSULATED: u32 = 0;
+    /// IP-in-IP whose inner destination is not one of the VIPs: passed untouched.
+    pub const NOT_OURS: u32 = 1;
+    pub const COUNT: u32 = 4;
+    pub const NAMES: [&str; 2] = ["decapsulated", "not_ours"];
+}
+
+#[inline(always)]
+fn sip_round(v: &mut [u64; 4]) {
+    v[0] = v[0].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(13);
+    v[1] ^= v[0];
+    v[0] = v[0].rotate_left(32);
+    v[2] = v[2].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(16);
+    v[3] ^= v[2];
+    v[0] = v[0].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(21);
+    v[3] ^= v[0];
+    v[2] = v[2].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(17);
+    v[1] ^= v[2];
+    v[2] = v[2].rotate_left(32);
+}
+
+#[inline(always)]
+fn sip_compress(v: &mut [u64; 4], m: u64) {
+    v[3] ^= m;
+    sip_round(v);
+    v[0] ^= m;
+}
+
+/// SipHash-1-3 with [`HASH_KEYS`] over the 40 bytes of `key` as they lie in memory (little
+/// endian): the flow's place in a Maglev table is `flow_hash(key) % table_size`. Written out for
+/// exactly five words so that the BPF program has no loop and no byte access.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u64 {
+    let (k0, k1) = HASH_KEYS;
+    let mut v = [
+        k0 ^ 0x736f_6d65_7073_6575,
+        k1 ^ 0x646f_7261_6e64_6f6d,
+        k0 ^ 0x6c79_6765_6e65_7261,
+        k1 ^ 0x7465_6462_7974_6573,
+    ];
+    sip_compress(&mut v, key.src[0]);
+    sip_compress(&mut v, key.src[1]);
+    sip_compress(&mut v, key.dst[0]);
+    sip_compress(&mut v, key.dst[1]);
+    sip_compress(&mut v, key.tail_word());
+    // The final block: no bytes left, the length (40) in the top byte.
+    sip_compress(&mut v, 40u64 << 56);
+    v[2] ^= 0xff;
+    sip_round(&mut v);
+    sip_round(&mut v);
+    sip_round(&mut v);
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}

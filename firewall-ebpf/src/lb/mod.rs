@@ -1,0 +1,631 @@
+//! The balancer stage (`balance`): a packet the firewall allowed, addressed to a service, goes to
+//! one of the service's backends, encapsulated (IPv4 in IPv4, IPv6 in IPv6) for direct server
+//! return. The scheme, and why the kernel picks what `loadbalancer::Maglev` computes, are in
+//! `rampart_common::lb`.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+        xdp_action, xdp_md,
+    },
+    helpers::{
+        bpf_csum_diff, bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
+    programs::XdpContext,
+};
+use rampart_common::{
+    lb::{BACKEND_LIVE, BackendInfo, FlowKey, FlowValue, LbConfig, NO_BACKEND, VipKey, flow_hash, stat},
+    net::{
+        DEFAULT_TTL, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_PKT_TOOBIG,
+        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN,
+    },
+};
+
+use self::maps::{LB_BACKEND_STATS, LB_BACKENDS, LB_CONFIG, LB_CONNTRACK, LB_RING, LB_SERVICE_STATS, LB_STATS, LB_VIPS};
+use crate::{
+    count,
+    parse::{Frag, Packet},
+};
+
+pub mod maps;
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+/// Bytes of the offending packet an ICMP Fragmentation Needed quotes: the longest IPv4 header
+/// and 8 bytes of payload (RFC 792), so the client can match it to its socket.
+const ICMP4_QUOTE: usize = 68;
+/// Bytes an ICMPv6 Packet Too Big quotes (Katran quotes the same 200; RFC 4443 allows up to
+/// the 1280-byte minimum MTU).
+const ICMP6_QUOTE: usize = 200;
+
+/// What the stage decided for a packet addressed to a service (`None`: not a service, the
+/// firewall's verdict stands).
+///
+/// The work is done in BPF *global* functions, [`rampart_lb_choose`] (which backend),
+/// `rampart_lb_encap4/6` (rewrite and send) and the ICMP answers: the verifier checks each once on its own instead of
+/// once per state the classifier leaves behind (inlined, the stage took the program from 77,000
+/// to 278,000 verified instructions), and each has its own 512-byte stack beside the
+/// classifier's. What they need of the packet goes in one scalar; they read the addresses and
+/// ports again at the offsets the parser found.
+#[inline(always)]
+pub fn balance(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
+    if !pkt.has_ports {
+        return None;
+    }
+    let meta = (pkt.l3_off as u64 & meta::L3_MASK)
+        | (pkt.l4_off as u64 & meta::L4_MASK) << meta::L4_SHIFT
+        | (pkt.proto as u64) << meta::PROTO_SHIFT
+        | if pkt.family == 6 { meta::V6 } else { 0 }
+        | if pkt.frag != Frag::None { meta::FRAGMENT } else { 0 };
+    let r = rampart_lb(ctx.ctx, meta);
+    if r == choice::NOT_A_SERVICE { None } else { Some(r as u32) }
+}
+
+/// The stage: choose, then encapsulate (or answer "too big"). One global function called once
+/// from the pipeline, so the classifier's paths meet one call and one result.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn rampart_lb(raw: *mut xdp_md, meta: u64) -> u64 {
+    let r = rampart_lb_choose(raw, meta);
+    if r == choice::NOT_A_SERVICE || r & choice::FORWARD == 0 {
+        return r;
+    }
+    let v6 = meta & meta::V6 != 0;
+    let sent = if v6 { rampart_lb_encap6(raw, r) } else { rampart_lb_encap4(raw, r) };
+    if sent & sent::TOO_BIG == 0 {
+        return sent;
+    }
+    let mtu = sent & sent::MTU_MASK;
+    if v6 { rampart_lb_icmp6_too_big(raw, mtu) } else { rampart_lb_icmp4_too_big(raw, mtu) }
+}
+
+/// The packing of the encapsulating functions' answer.
+mod sent {
+    /// Set: too big once encapsulated; bits 0..16 the MTU to announce. Clear: an XDP action.
+    pub const TOO_BIG: u64 = 1 << 32;
+    pub const MTU_MASK: u64 = 0xffff;
+}
+
+/// The packing of the functions' argument.
+mod meta {
+    /// Bits 0..8: the IP header's offset (at most 22: two VLAN tags).
+    pub const L3_MASK: u64 = 0xff;
+    /// Bits 8..23: the L4 header's offset (15 bits, as the parser's).
+    pub const L4_SHIFT: u32 = 8;
+    pub const L4_MASK: u64 = 0x7fff;
+    /// Bits 24..32: the protocol.
+    pub const PROTO_SHIFT: u32 = 24;
+    pub const V6: u64 = 1 << 32;
+    pub const FRAGMENT: u64 = 1 << 33;
+}
+
+/// The packing of [`rampart_lb_choose`]'s answer.
+mod choice {
+    /// Not addressed to a service.
+    pub const NOT_A_SERVICE: u64 = u64::MAX;
+    /// Set: forward to a backend (bits 0..16 its id, 16..48 the flow hash's low word); clear:
+    /// an XDP action.
+    pub const FORWARD: u64 = 1 << 48;
+    pub const ID_MASK: u64 = 0xffff;
+    pub const HASH_SHIFT: u32 = 16;
+}
+
+/// Which backend the packet in `ctx` goes to (see [`balance`] for `meta`): a [`choice`].
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn rampart_lb_choose(raw: *mut xdp_md, meta: u64) -> u64 {
+    let ctx = XdpContext::new(raw);
+    let l3 = (meta & meta::L3_MASK) as usize;
+    let l4 = ((meta >> meta::L4_SHIFT) & meta::L4_MASK) as usize;
+    let proto = (meta >> meta::PROTO_SHIFT) as u8;
+    let Some(flow) = flow_of(&ctx, l3, l4, proto, meta & meta::V6 != 0) else {
+        return choice::NOT_A_SERVICE;
+    };
+    let bytes = frame_len(&ctx) as u64;
+    let vip_key = VipKey { addr: flow.dst, port: flow.dport, proto, family: flow.family, _pad: 0 };
+    // SAFETY: the value is only read.
+    let Some(vip) = (unsafe { LB_VIPS.get(&vip_key) }) else {
+        return choice::NOT_A_SERVICE;
+    };
+    add_lb(&LB_SERVICE_STATS, vip.service, bytes, false);
+    // The encapsulation moves the Ethernet header as a fixed 14 bytes, and a fragment's later
+    // pieces could not follow its first: such packets are not balanced.
+    if l3 != ETH_HLEN || meta & meta::FRAGMENT != 0 {
+        count(&LB_STATS, stat::NOT_BALANCED, bytes);
+        return xdp_action::XDP_PASS as u64;
+    }
+    let Some(config) = LB_CONFIG.get(0) else {
+        return xdp_action::XDP_ABORTED as u64;
+    };
+    // SAFETY: a helper without arguments.
+    let now = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    let udp = proto == IPPROTO_UDP;
+    let hash = flow_hash(&flow);
+    let forward = |id: u32| choice::FORWARD | (hash & 0xffff_ffff) << choice::HASH_SHIFT | id as u64 & choice::ID_MASK;
+
+    // A flow stays with its backend while that backend is live for this service (removed
+    // backends are cleared of BACKEND_LIVE; drained ones keep it) and, for UDP, while it is
+    // not idle longer than the timeout.
+    // SAFETY: the entry is copied out at once.
+    if let Some(entry) = unsafe { LB_CONNTRACK.get(&flow) }.copied()
+        && (!udp || now.wrapping_sub(entry.seen) <= config.udp_timeout)
+        && let Some(b) = LB_BACKENDS.get(entry.backend)
+        && b.flags & BACKEND_LIVE != 0
+        && b.service == vip.service
+    {
+        if udp && entry.seen != now {
+            let _ = LB_CONNTRACK.insert(&flow, &FlowValue { backend: entry.backend, seen: now }, 0);
+        }
+        add_lb(&LB_BACKEND_STATS, entry.backend, bytes, false);
+        return forward(entry.backend);
+    }
+    // ring_size is a prime (never 0); checked_rem keeps a panic path out of the program.
+    let Some(pos) = hash.checked_rem(vip.ring_size as u64) else {
+        return xdp_action::XDP_ABORTED as u64;
+    };
+    let id = LB_RING.get(vip.ring_base + pos as u32).copied().unwrap_or(NO_BACKEND);
+    if id == NO_BACKEND || LB_BACKENDS.get(id).is_none() {
+        count(&LB_STATS, stat::NO_BACKEND, bytes);
+        return xdp_action::XDP_DROP as u64;
+    }
+    let _ = LB_CONNTRACK.insert(&flow, &FlowValue { backend: id, seen: now }, 0);
+    add_lb(&LB_SERVICE_STATS, vip.service, 0, true);
+    add_lb(&LB_BACKEND_STATS, id, bytes, true);
+    forward(id)
+}
+
+/// The packet's flow, read again at the parser's offsets.
+#[inline(always)]
+fn flow_of(ctx: &XdpContext, l3: usize, l4: usize, proto: u8, v6: bool) -> Option<FlowKey> {
+    let ports = at(ctx, l4, 4)?;
+    // SAFETY: 4 bytes bounds-checked above.
+    let (sport, dport) = unsafe {
+        (u16::from_be_bytes([*ports, *ports.add(1)]), u16::from_be_bytes([*ports.add(2), *ports.add(3)]))
+    };
+    let (family, src, dst) = addrs(ctx, l3, v6)?;
+    Some(FlowKey { src, dst, sport, dport, proto, family, _pad: 0 })
+}
+
+/// The family and the source and destination addresses of the IP header at `l3`, as the
+/// parser holds them.
+#[inline(always)]
+fn addrs(ctx: &XdpContext, l3: usize, v6: bool) -> Option<(u8, [u64; 2], [u64; 2])> {
+    if v6 {
+        let h = at(ctx, l3, IPV6_HLEN)?;
+        // SAFETY: 40 bytes bounds-checked above.
+        unsafe {
+            let w = |o: usize| u64::from_ne_bytes(core::ptr::read_unaligned(h.add(o) as *const [u8; 8]));
+            Some((6, [w(8), w(16)], [w(24), w(32)]))
+        }
+    } else {
+        let h = at(ctx, l3, IPV4_HLEN)?;
+        // SAFETY: 20 bytes bounds-checked above.
+        unsafe {
+            let w = |o: usize| {
+                let a = core::ptr::read_unaligned(h.add(o) as *const [u8; 4]);
+                u64::from_ne_bytes([a[0], a[1], a[2], a[3], 0, 0, 0, 0])
+            };
+            Some((4, [w(12), 0], [w(16), 0]))
+        }
+    }
+}
+
+/// The backend and the flow hash's low word that [`rampart_lb_choose`] chose.
+#[inline(always)]
+fn chosen(chosen: u64) -> Option<(&'static BackendInfo, &'static LbConfig, u32)> {
+    let id = (chosen & choice::ID_MASK) as u32;
+    Some((LB_BACKENDS.get(id)?, LB_CONFIG.get(0)?, (chosen >> choice::HASH_SHIFT) as u32))
+}
+
+/// Encapsulates the IPv4 packet in `ctx` towards the backend [`rampart_lb_choose`] chose and
+/// sends it on: an XDP action, or [`sent::TOO_BIG`] with the MTU. A global function for the
+/// same reasons as `rampart_lb_choose`; one per family keeps each stack small.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn rampart_lb_encap4(raw: *mut xdp_md, choice: u64) -> u64 {
+    let ctx = XdpContext::new(raw);
+    match chosen(choice) {
+        Some((backend, config, hash)) => encap_v4(&ctx, backend, config, hash),
+        None => xdp_action::XDP_ABORTED as u64,
+    }
+}
+
+/// [`rampart_lb_encap4`] for IPv6.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn rampart_lb_encap6(raw: *mut xdp_md, choice: u64) -> u64 {
+    let ctx = XdpContext::new(raw);
+    match chosen(choice) {
+        Some((backend, config, hash)) => encap_v6(&ctx, backend, config, hash),
+        None => xdp_action::XDP_ABORTED as u64,
+    }
+}
+
+/// Adds a packet (and a new flow) to a per-CPU [`LbCounter`](rampart_common::lb::LbCounter).
+#[inline(always)]
+fn add_lb(
+    map: &aya_ebpf::maps::PerCpuArray<rampart_common::lb::LbCounter>,
+    index: u32,
+    bytes: u64,
+    new_flow: bool,
+) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot; XDP does not preempt itself on one CPU.
+        unsafe {
+            if new_flow {
+                (*c).new_flows += 1;
+            }
+            if bytes != 0 {
+                (*c).packets += 1;
+                (*c).bytes += bytes;
+            }
+        }
+    }
+}
+
+/// The frame's length now.
+#[inline(always)]
+fn frame_len(ctx: &XdpContext) -> usize {
+    ctx.data_end() - ctx.data()
+}
+
+/// A pointer to `len` writable bytes at `off`, or `None` if the frame is shorter.
+#[inline(always)]
+fn at(ctx: &XdpContext, off: usize, len: usize) -> Option<*mut u8> {
+    let start = ctx.data();
+    if start + off + len > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *mut u8)
+}
+
+/// A ones' complement sum folded to 16 bits.
+#[inline(always)]
+fn fold_sum(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// The Internet checksum from a sum of big-endian 16-bit words.
+#[inline(always)]
+fn fold(sum: u64) -> u16 {
+    !fold_sum(sum)
+}
+
+/// The ones' complement sum of `len` bytes of packet memory at `p` (a multiple of 4), as a
+/// sum of big-endian 16-bit words. `bpf_csum_diff` sums in the CPU's byte order; a ones'
+/// complement sum of byte-swapped words is the byte-swapped sum.
+///
+/// # Safety
+/// `p..p + len` must be inside the frame.
+#[inline(always)]
+unsafe fn sum_bytes(p: *mut u8, len: u32) -> u64 {
+    // SAFETY: the caller guarantees the bytes.
+    let raw = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, len, 0) } as u32;
+    fold_sum(raw as u64).swap_bytes() as u64
+}
+
+/// Sum of the big-endian 16-bit words of an IPv4 address in wire order held as in `Packet`.
+#[inline(always)]
+fn sum_v4(addr: u64) -> u64 {
+    let b = addr.to_ne_bytes();
+    u16::from_be_bytes([b[0], b[1]]) as u64 + u16::from_be_bytes([b[2], b[3]]) as u64
+}
+
+/// Writes an IPv4 header (no options, DF set) at `p`.
+///
+/// # Safety
+/// `p..p + 20` must be inside the frame.
+#[inline(always)]
+unsafe fn write_ipv4(p: *mut u8, tot_len: u16, proto: u8, src: u64, dst: u64) {
+    let len = tot_len.to_be_bytes();
+    let mut sum = 0x4500u64 + tot_len as u64 + 0x4000 + ((DEFAULT_TTL as u64) << 8 | proto as u64);
+    sum += sum_v4(src) + sum_v4(dst);
+    let csum = fold(sum).to_be_bytes();
+    let (s, d) = (src.to_ne_bytes(), dst.to_ne_bytes());
+    let hdr: [u8; 20] = [
+        0x45, 0, len[0], len[1], 0, 0, 0x40, 0, DEFAULT_TTL, proto, csum[0], csum[1], s[0], s[1], s[2], s[3], d[0],
+        d[1], d[2], d[3],
+    ];
+    // SAFETY: the caller guarantees the bytes.
+    unsafe { core::ptr::write_unaligned(p as *mut [u8; 20], hdr) };
+}
+
+/// Writes an IPv6 header at `p`.
+///
+/// # Safety
+/// `p..p + 40` must be inside the frame.
+#[inline(always)]
+unsafe fn write_ipv6(p: *mut u8, payload_len: u16, next: u8, flow_label: u32, src: &[u64; 2], dst: &[u64; 2]) {
+    let first = (6u32 << 28 | (flow_label & 0xf_ffff)).to_be_bytes();
+    let len = payload_len.to_be_bytes();
+    let head: [u8; 8] = [first[0], first[1], first[2], first[3], len[0], len[1], next, DEFAULT_TTL];
+    // SAFETY: the caller guarantees the bytes.
+    unsafe {
+        core::ptr::write_unaligned(p as *mut [u8; 8], head);
+        core::ptr::write_unaligned(p.add(8) as *mut [u64; 2], *src);
+        core::ptr::write_unaligned(p.add(24) as *mut [u64; 2], *dst);
+    }
+}
+
+/// Writes an Ethernet header at the frame's start.
+///
+/// # Safety
+/// `p..p + 14` must be inside the frame.
+#[inline(always)]
+unsafe fn write_eth(p: *mut u8, dst: &[u8; 6], src: &[u8; 6], ethertype: u16) {
+    let t = ethertype.to_be_bytes();
+    // SAFETY: the caller guarantees the bytes.
+    unsafe {
+        core::ptr::write_unaligned(p as *mut [u8; 6], *dst);
+        core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], *src);
+        core::ptr::write_unaligned(p.add(12) as *mut [u8; 2], t);
+    }
+}
+
+/// The next hop towards `params`' destination. `Err(action)`: the packet's fate when there is
+/// none usable (the counters are updated).
+#[inline(always)]
+fn next_hop(ctx: &XdpContext, params: &mut FibParams, bytes: u64) -> Result<u32, i64> {
+    // SAFETY: the params struct is ours, of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(ctx.ctx as *mut _, params as *mut _, core::mem::size_of::<FibParams>() as i32, 0)
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(params.ifindex),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED | BPF_FIB_LKUP_RET_NO_NEIGH => Err(rc),
+        _ => {
+            count(&LB_STATS, stat::FIB_FAILED, bytes);
+            Err(-1)
+        }
+    }
+}
+
+/// XDP_TX when the next hop is out of the interface the packet came in on (one-arm, as Katran),
+/// else a redirect.
+#[inline(always)]
+fn send(ctx: &XdpContext, ifindex: u32, bytes: u64) -> u32 {
+    count(&LB_STATS, stat::FORWARDED, bytes);
+    // SAFETY: reading the context the kernel gave us.
+    if ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
+        return xdp_action::XDP_TX;
+    }
+    // SAFETY: a helper taking plain values.
+    unsafe { bpf_redirect(ifindex, 0) as u32 }
+}
+
+#[inline(always)]
+fn encap_v4(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u32) -> u64 {
+    let bytes = frame_len(ctx) as u64;
+    let inner_len = frame_len(ctx) - ETH_HLEN;
+    let outer_len = inner_len + IPV4_HLEN;
+    let h = hash.to_be_bytes();
+    let src = u64::from_ne_bytes([config.src4[0], config.src4[1], h[2], h[3], 0, 0, 0, 0]);
+    let dst = backend.addr[0];
+    // SAFETY: an all-zero bpf_fib_lookup is a valid value.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = IPPROTO_IPIP;
+    params.__bindgen_anon_1.tot_len = outer_len as u16;
+    // SAFETY: reading the context the kernel gave us.
+    params.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    params.__bindgen_anon_3.ipv4_src = src as u32;
+    params.__bindgen_anon_4.ipv4_dst = dst as u32;
+    let hop = next_hop(ctx, &mut params, bytes);
+    if hop == Err(BPF_FIB_LKUP_RET_FRAG_NEEDED as i64) {
+        // SAFETY: the helper wrote the MTU in the union.
+        let mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u64;
+        return sent::TOO_BIG | mtu.saturating_sub(IPV4_HLEN as u64) & sent::MTU_MASK;
+    }
+    if hop == Err(-1) || outer_len > 0xffff {
+        return xdp_action::XDP_DROP as u64;
+    }
+    // SAFETY: growing the head by a header; checked below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV4_HLEN as i32)) } != 0 {
+        count(&LB_STATS, stat::ADJUST_FAILED, bytes);
+        return xdp_action::XDP_DROP as u64;
+    }
+    let Some(p) = at(ctx, 0, ETH_HLEN + IPV4_HLEN) else {
+        return xdp_action::XDP_DROP as u64;
+    };
+    // SAFETY: 34 bytes bounds-checked above.
+    unsafe {
+        write_eth(p, &params.dmac, &params.smac, ETH_P_IP);
+        write_ipv4(p.add(ETH_HLEN), outer_len as u16, IPPROTO_IPIP, src, dst);
+    }
+    match hop {
+        Ok(ifindex) => send(ctx, ifindex, bytes) as u64,
+        Err(_) => {
+            // No neighbour yet: the kernel forwards this one and resolves it; the MACs it sees
+            // are the original frame's (to us), as for any packet it routes.
+            count(&LB_STATS, stat::FIB_NO_NEIGH, bytes);
+            xdp_action::XDP_PASS as u64
+        }
+    }
+}
+
+#[inline(always)]
+fn encap_v6(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u32) -> u64 {
+    let bytes = frame_len(ctx) as u64;
+    let inner_len = frame_len(ctx) - ETH_HLEN;
+    let outer_len = inner_len + IPV6_HLEN;
+    let s = config.src6;
+    let h = hash.to_be_bytes();
+    let src = [
+        u64::from_ne_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
+        u64::from_ne_bytes([s[8], s[9], s[10], s[11], h[0], h[1], h[2], h[3]]),
+    ];
+    // SAFETY: an all-zero bpf_fib_lookup is a valid value.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET6;
+    params.l4_protocol = IPPROTO_IPV6;
+    params.__bindgen_anon_1.tot_len = outer_len as u16;
+    // SAFETY: reading the context the kernel gave us.
+    params.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    // SAFETY: [u64; 2] and [u32; 4] have the same size; the bytes are the address.
+    params.__bindgen_anon_3.ipv6_src = unsafe { core::mem::transmute::<[u64; 2], [u32; 4]>(src) };
+    params.__bindgen_anon_4.ipv6_dst = unsafe { core::mem::transmute::<[u64; 2], [u32; 4]>(backend.addr) };
+    let hop = next_hop(ctx, &mut params, bytes);
+    if hop == Err(BPF_FIB_LKUP_RET_FRAG_NEEDED as i64) {
+        // SAFETY: the helper wrote the MTU in the union.
+        let mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u64;
+        return sent::TOO_BIG | mtu.saturating_sub(IPV6_HLEN as u64) & sent::MTU_MASK;
+    }
+    if hop == Err(-1) || inner_len > 0xffff {
+        return xdp_action::XDP_DROP as u64;
+    }
+    // SAFETY: growing the head by a header; checked below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(IPV6_HLEN as i32)) } != 0 {
+        count(&LB_STATS, stat::ADJUST_FAILED, bytes);
+        return xdp_action::XDP_DROP as u64;
+    }
+    let Some(p) = at(ctx, 0, ETH_HLEN + IPV6_HLEN) else {
+        return xdp_action::XDP_DROP as u64;
+    };
+    // SAFETY: 54 bytes bounds-checked above.
+    unsafe {
+        write_eth(p, &params.dmac, &params.smac, ETH_P_IPV6);
+        write_ipv6(p.add(ETH_HLEN), inner_len as u16, IPPROTO_IPV6, hash, &src, &backend.addr);
+    }
+    match hop {
+        Ok(ifindex) => send(ctx, ifindex, bytes) as u64,
+        Err(_) => {
+            count(&LB_STATS, stat::FIB_NO_NEIGH, bytes);
+            xdp_action::XDP_PASS as u64
+        }
+    }
+}
+
+/// The frame's two MACs, to answer the sender.
+#[inline(always)]
+fn macs(ctx: &XdpContext) -> Option<([u8; 6], [u8; 6])> {
+    let p = at(ctx, 0, ETH_HLEN)?;
+    // SAFETY: 14 bytes bounds-checked above.
+    unsafe { Some((core::ptr::read_unaligned(p as *const [u8; 6]), core::ptr::read_unaligned(p.add(6) as *const [u8; 6]))) }
+}
+
+/// Cuts the frame to `keep` bytes and grows its head by `grow`: what is left of the original
+/// IP packet becomes the quote of an ICMP error written in front of it.
+#[inline(always)]
+fn reshape(ctx: &XdpContext, keep: usize, grow: usize, bytes: u64) -> bool {
+    let len = frame_len(ctx);
+    if len < keep {
+        count(&LB_STATS, stat::NOT_BALANCED, bytes);
+        return false;
+    }
+    // SAFETY: shrinking the tail and growing the head; results checked.
+    let ok = unsafe {
+        bpf_xdp_adjust_tail(ctx.ctx, -((len - keep) as i32)) == 0 && bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) == 0
+    };
+    if !ok {
+        count(&LB_STATS, stat::ADJUST_FAILED, bytes);
+    }
+    ok
+}
+
+/// Answers a packet too big to encapsulate with ICMP Fragmentation Needed (type 3, code 4)
+/// carrying `mtu`, from the VIP to the client, out of the interface it came in on.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn rampart_lb_icmp4_too_big(raw: *mut xdp_md, mtu: u64) -> u64 {
+    let ctx = XdpContext::new(raw);
+    icmp4_too_big(&ctx, mtu as u16, frame_len(&ctx) as u64) as u64
+}
+
+/// Answers a packet too big to encapsulate with ICMPv6 Packet Too Big carrying `mtu`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn rampart_lb_icmp6_too_big(raw: *mut xdp_md, mtu: u64) -> u64 {
+    let ctx = XdpContext::new(raw);
+    icmp6_too_big(&ctx, (mtu & 0xffff) as u32, frame_len(&ctx) as u64) as u64
+}
+
+/// An 8-byte word of the frame at `p`, in memory order.
+///
+/// # Safety
+/// `p..p + 8` must be inside the frame.
+#[inline(always)]
+unsafe fn word(p: *const u8) -> u64 {
+    // SAFETY: the caller guarantees the bytes.
+    unsafe { u64::from_ne_bytes(core::ptr::read_unaligned(p as *const [u8; 8])) }
+}
+
+// The ICMP answers read the addresses from the quote (the original IP header, which the
+// reshaped frame keeps just after the new headers) rather than carrying them on the stack:
+// these functions run beside the classifier's stack and must stay small.
+
+#[inline(always)]
+fn icmp4_too_big(ctx: &XdpContext, mtu: u16, bytes: u64) -> u32 {
+    let Some((client_mac, our_mac)) = macs(ctx) else {
+        return xdp_action::XDP_DROP;
+    };
+    if !reshape(ctx, ETH_HLEN + ICMP4_QUOTE, IPV4_HLEN + ICMP_HLEN, bytes) {
+        return xdp_action::XDP_DROP;
+    }
+    let Some(p) = at(ctx, 0, ETH_HLEN + IPV4_HLEN + ICMP_HLEN + ICMP4_QUOTE) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: the whole new frame is bounds-checked above; the quote is packet memory of the
+    // size given.
+    unsafe {
+        let quote = p.add(ETH_HLEN + IPV4_HLEN + ICMP_HLEN);
+        // The original source and destination: bytes 12..20 of its header.
+        let addrs = word(quote.add(12)).to_ne_bytes();
+        let client = u64::from_ne_bytes([addrs[0], addrs[1], addrs[2], addrs[3], 0, 0, 0, 0]);
+        let vip = u64::from_ne_bytes([addrs[4], addrs[5], addrs[6], addrs[7], 0, 0, 0, 0]);
+        let sum = sum_bytes(quote, ICMP4_QUOTE as u32) + ((ICMP_DEST_UNREACH as u64) << 8 | ICMP_FRAG_NEEDED as u64) + mtu as u64;
+        let c = fold(sum).to_be_bytes();
+        let m = mtu.to_be_bytes();
+        write_eth(p, &client_mac, &our_mac, ETH_P_IP);
+        write_ipv4(p.add(ETH_HLEN), (IPV4_HLEN + ICMP_HLEN + ICMP4_QUOTE) as u16, IPPROTO_ICMP, vip, client);
+        let icmp = u64::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, c[0], c[1], 0, 0, m[0], m[1]]);
+        core::ptr::write_unaligned(p.add(ETH_HLEN + IPV4_HLEN) as *mut u64, icmp);
+    }
+    count(&LB_STATS, stat::ICMP_TOO_BIG, bytes);
+    xdp_action::XDP_TX
+}
+
+#[inline(always)]
+fn icmp6_too_big(ctx: &XdpContext, mtu: u32, bytes: u64) -> u32 {
+    let Some((client_mac, our_mac)) = macs(ctx) else {
+        return xdp_action::XDP_DROP;
+    };
+    if !reshape(ctx, ETH_HLEN + ICMP6_QUOTE, IPV6_HLEN + ICMP_HLEN, bytes) {
+        return xdp_action::XDP_DROP;
+    }
+    let Some(p) = at(ctx, 0, ETH_HLEN + IPV6_HLEN + ICMP_HLEN + ICMP6_QUOTE) else {
+        return xdp_action::XDP_DROP;
+    };
+    let len = (ICMP_HLEN + ICMP6_QUOTE) as u64;
+    // SAFETY: as in icmp4_too_big.
+    unsafe {
+        let quote = p.add(ETH_HLEN + IPV6_HLEN + ICMP_HLEN);
+        // The pseudo-header: both addresses (the quoted header's), the upper-layer length and
+        // the next header.
+        let sum = sum_bytes(quote, ICMP6_QUOTE as u32)
+            + sum_bytes(quote.add(8), 32)
+            + len
+            + IPPROTO_ICMPV6 as u64
+            + ((ICMPV6_PKT_TOOBIG as u64) << 8)
+            + (mtu >> 16) as u64
+            + (mtu & 0xffff) as u64;
+        let c = fold(sum).to_be_bytes();
+        let m = mtu.to_be_bytes();
+        write_eth(p, &client_mac, &our_mac, ETH_P_IPV6);
+        // From the VIP (the quoted destination) to the client (the quoted source), word by word.
+        let ip = p.add(ETH_HLEN);
+        let l = (len as u16).to_be_bytes();
+        let head = u64::from_ne_bytes([0x60, 0, 0, 0, l[0], l[1], IPPROTO_ICMPV6, DEFAULT_TTL]);
+        core::ptr::write_unaligned(ip as *mut u64, head);
+        for (to, from) in [(8, 24), (16, 32), (24, 8), (32, 16)] {
+            core::ptr::write_unaligned(ip.add(to) as *mut u64, word(quote.add(from)));
+        }
+        let icmp = u64::from_ne_bytes([ICMPV6_PKT_TOOBIG, 0, c[0], c[1], m[0], m[1], m[2], m[3]]);
+        core::ptr::write_unaligned(p.add(ETH_HLEN + IPV6_HLEN) as *mut u64, icmp);
+    }
+    count(&LB_STATS, stat::ICMP_TOO_BIG, bytes);
+    xdp_action::XDP_TX
+}
