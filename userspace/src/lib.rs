@@ -5,5 +5,6 @@ pub mod config;
 pub mod fw;
 pub mod netns;
 pub mod paths;
+pub mod pki;
 pub mod serve;
 pub mod xdp;

@@ -684,10 +684,10 @@ impl Config {
             for e in h.certs.get_ref() {
                 let certs = self.resolve(base, e.cert.get_ref());
                 let key = self.resolve(base, e.key.get_ref());
-                if let Err(err) = crate::serve::tls::load_certified_key(&certs, &key) {
+                if let Err(err) = crate::pki::load_certified_key(&certs, &key) {
                     let span = match &err {
-                        crate::serve::tls::TlsError::Key { .. } => e.key.span(),
-                        crate::serve::tls::TlsError::Read { path, .. } if *path == key => e.key.span(),
+                        crate::pki::PkiError::Key { .. } => e.key.span(),
+                        crate::pki::PkiError::Read { path, .. } if *path == key => e.key.span(),
                         _ => e.cert.span(),
                     };
                     c.at(span, err.to_string());
@@ -697,7 +697,7 @@ impl Config {
         for p in &self.pools {
             if let Some(ca) = &p.ca {
                 let f = self.resolve(base, ca.get_ref());
-                if let Err(e) = crate::serve::tls::load_ca(&f) {
+                if let Err(e) = crate::pki::load_ca(&f) {
                     c.at(ca.span(), e.to_string());
                 }
             }
