@@ -1,16 +1,20 @@
 //! Connections to backends: TCP (+ PROXY v2 header) (+ TLS), kept alive in an idle list per
-//! backend between requests ([`upstream`](super::upstream) speaks HTTP/1.1 on them), and the
-//! active health checks that feed the `loadbalancer` state machine.
+//! backend between requests ([`upstream`](super::upstream) speaks HTTP/1.1 on them; the h2
+//! path's [`UpstreamBody`] gives them back), and the active health checks that feed the
+//! `loadbalancer` state machine.
 
 use std::{
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
-use loadbalancer::{Admin, BackendState, StateChange};
+use loadbalancer::{Admin, BackendState, PickGuard, StateChange};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
@@ -21,7 +25,7 @@ use super::{
     metrics::{BackendLabels, Metrics},
     proxy_protocol,
     tcp::Tcp,
-    upstream::{Asks, BodyDecoder, Io, Upstream},
+    upstream::{Asks, BodyDecoder, Io, ResponseHead, Upstream, UpstreamError},
 };
 use crate::config::{self, BackendAddr, Scheme};
 
@@ -265,4 +269,78 @@ async fn check_once(
         }
     }
     Ok(head.status)
+}
+
+/// A backend response body for hyper (the h2 client path): reads from the connection it owns,
+/// gives the connection back to its backend's idle list at the end, and ends the pick's
+/// in-flight count when dropped.
+pub struct UpstreamBody {
+    up: Option<Upstream>,
+    head_reusable: bool,
+    dec: BodyDecoder,
+    home: Option<(Arc<BackendConn>, ProxyHeader)>,
+    _guard: Option<PickGuard<Arc<BackendConn>>>,
+}
+
+impl UpstreamBody {
+    pub fn new(
+        up: Upstream,
+        head: &ResponseHead,
+        home: (Arc<BackendConn>, ProxyHeader),
+        guard: PickGuard<Arc<BackendConn>>,
+    ) -> Self {
+        let mut b = UpstreamBody {
+            up: Some(up),
+            head_reusable: head.reusable,
+            dec: BodyDecoder::new(head.framing),
+            home: Some(home),
+            _guard: Some(guard),
+        };
+        b.release_if_done();
+        b
+    }
+
+    fn release_if_done(&mut self) {
+        if !self.dec.is_done() {
+            return;
+        }
+        if let (Some(up), Some((backend, key))) = (self.up.take(), self.home.take())
+            && self.head_reusable
+            && up.drained()
+        {
+            backend.checkin(up, key);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = UpstreamError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        let this = &mut *self;
+        let Some(up) = this.up.as_mut() else { return Poll::Ready(None) };
+        match std::task::ready!(up.poll_body(cx, &mut this.dec)) {
+            Ok(Some(data)) => {
+                this.release_if_done();
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Ok(None) => {
+                this.release_if_done();
+                Poll::Ready(None)
+            }
+            Err(e) => {
+                this.up = None;
+                Poll::Ready(Some(Err(e)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.dec.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.dec.remaining().map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
 }
