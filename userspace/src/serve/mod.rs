@@ -1,29 +1,25 @@
 //! `rampart serve`: TLS termination and the HTTP reverse proxy.
 //!
-//! Layout: [`runtime`] builds one generation of state from a config; [`listener`] accepts
-//! clients (TLS, redirect); [`h1`] serves HTTP/1.1 clients and hyper serves h2 ones, both
-//! deciding through [`proxy`] (routes, firewall, backend picks); [`upstream`] speaks HTTP/1.1
-//! to backends over the connections [`backend`] opens and keeps, and runs health checks;
-//! [`tls`], [`tcp`] (the socket under rustls), [`timer`] (a connection's timeouts),
-//! [`firewall`], [`proxy_protocol`], [`metrics`]
-//! and [`admin`] (metrics listener and control socket) do one job each. Reloads (SIGHUP,
+//! Layout: this folder holds what every protocol shares; [`http`] is the HTTP reverse proxy.
+//! [`runtime`] builds one generation of state from a config; [`listener`] accepts clients
+//! (TLS, redirect) and hands them to [`http`]; [`tls`], [`tcp`] (the socket under rustls),
+//! [`timer`] (a connection's timeouts), [`proxy_protocol`], [`metrics`] and [`admin`] (metrics
+//! listener and control socket) do one job each. Reloads (SIGHUP,
 //! `rampart reload`) build a new generation and swap it in; a config that fails to load or
 //! build is refused and the running one stays.
 
 pub mod admin;
-pub mod backend;
-pub mod firewall;
-pub mod h1;
+pub mod http;
 pub mod listener;
 pub mod metrics;
-pub mod proxy;
 pub mod proxy_protocol;
 pub mod runtime;
 pub mod tcp;
 pub mod timer;
 pub mod tls;
-pub mod tunnel;
-pub mod upstream;
+
+// admin.rs answers with the proxy's pages and bodies.
+use http::proxy;
 
 use std::{
     collections::HashMap,

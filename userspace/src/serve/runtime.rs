@@ -10,8 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     ServeError,
-    backend::{self, BackendConn},
-    firewall::Firewall,
+    http::{
+        backend::{self, BackendConn},
+        firewall::Firewall,
+    },
     metrics::{BackendLabels, Metrics, RouteCounters},
     tls::{self, CertStore},
 };
@@ -163,7 +165,7 @@ impl Generation {
         };
         self.routes
             .iter()
-            .filter(|r| super::firewall::path_has_prefix(path, &r.path))
+            .filter(|r| super::http::firewall::path_has_prefix(path, &r.path))
             .filter_map(|r| rank(r).map(|k| (k, r.path.len(), r)))
             .max_by_key(|(k, len, _)| (*k, *len))
             .map(|(_, _, r)| r)
