@@ -6,5 +6,6 @@ pub mod fw;
 pub mod netns;
 pub mod paths;
 pub mod pki;
+pub mod probe;
 pub mod serve;
 pub mod xdp;

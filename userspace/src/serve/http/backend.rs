@@ -27,7 +27,10 @@ use super::{
     tcp::Tcp,
     upstream::{Asks, BodyDecoder, Io, ResponseHead, Upstream, UpstreamError},
 };
-use crate::config::{self, BackendAddr, Scheme};
+use crate::{
+    config::{self, BackendAddr, Scheme},
+    probe::{self, Probe, ProbeError},
+};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Bodies sent to backends.
@@ -189,6 +192,31 @@ pub fn publish(metrics: &Metrics, pool: &str, change: Option<StateChange>) {
     }
 }
 
+/// The HTTP health check of one backend: a GET of the pool's health path whose status must be
+/// the expected one.
+pub struct HttpProbe {
+    pub conn: Arc<BackendConn>,
+    pub check: config::PoolHealth,
+    pub host: String,
+    pub header: ProxyHeader,
+}
+
+impl Probe for HttpProbe {
+    type Seen = ();
+
+    fn target(&self) -> String {
+        format!("pool {}: check of {}", self.conn.pool_name, self.conn.addr)
+    }
+
+    async fn probe(&self) -> Result<(), ProbeError> {
+        match check_once(&self.conn, &self.check, &self.host, self.header).await {
+            Ok(status) if status == *self.check.expect.get_ref() => Ok(()),
+            Ok(status) => Err(ProbeError::Failed { target: self.target(), msg: format!("status {status}") }),
+            Err(e) => Err(ProbeError::Failed { target: self.target(), msg: e.to_string() }),
+        }
+    }
+}
+
 /// Active health checks of one backend until `stop` is cancelled.
 pub async fn health_loop(
     pool: Arc<loadbalancer::Pool<Arc<BackendConn>>>,
@@ -202,44 +230,28 @@ pub async fn health_loop(
     let Some(backend) = pool.backend(index) else { return };
     let conn = backend.data().clone();
     let pool_name = conn.pool_name.clone();
-    // Spread the first checks of a pool over one interval so they do not all fire at once.
-    let offset = check.interval.0.mul_f64((index % 8) as f64 / 8.0);
-    tokio::select! {
-        _ = stop.cancelled() => return,
-        _ = tokio::time::sleep(offset) => {}
-    }
-    let mut tick = tokio::time::interval(check.interval.0);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if backend.admin() == Admin::Maint {
-            continue;
-        }
-        let header = if uses_pp { ProxyHeader::Local } else { ProxyHeader::None };
-        let result = tokio::time::timeout(check.timeout.0, check_once(&conn, &check, &host, header)).await;
-        let ok = match result {
-            Ok(Ok(status)) if status == *check.expect.get_ref() => true,
-            Ok(Ok(status)) => {
-                log::debug!("pool {pool_name}: check of {}: status {status}", conn.addr);
-                false
+    let schedule = probe::Schedule {
+        interval: check.interval.0,
+        timeout: check.timeout.0,
+        // Spread the first checks of a pool over one interval so they do not all fire at once.
+        offset: check.interval.0.mul_f64((index % 8) as f64 / 8.0),
+    };
+    let header = if uses_pp { ProxyHeader::Local } else { ProxyHeader::None };
+    let probe = HttpProbe { conn: conn.clone(), check, host, header };
+    probe::run(
+        &probe,
+        schedule,
+        &stop,
+        || backend.admin() != Admin::Maint,
+        |r| {
+            if let Err(e) = &r {
+                log::debug!("{e}");
+                metrics.health_checks_failed.get_or_create(&conn.labels()).inc();
             }
-            Ok(Err(e)) => {
-                log::debug!("pool {pool_name}: check of {}: {e}", conn.addr);
-                false
-            }
-            Err(_) => {
-                log::debug!("pool {pool_name}: check of {}: timed out", conn.addr);
-                false
-            }
-        };
-        if !ok {
-            metrics.health_checks_failed.get_or_create(&conn.labels()).inc();
-        }
-        publish(&metrics, &pool_name, backend.report_check(ok));
-    }
+            publish(&metrics, &pool_name, backend.report_check(r.is_ok()));
+        },
+    )
+    .await;
 }
 
 async fn check_once(
