@@ -2,11 +2,12 @@
 //! says what it saw; [`run`] repeats it every interval with a timeout below the interval and
 //! hands each result to the caller, who feeds `loadbalancer`'s health state machine
 //! (`Backend::report_check`: rise/fall live there, not here). The HTTP probe lives with the
-//! HTTP client code (`serve/http/backend.rs`); protocol-specific probes implement [`Probe`].
+//! HTTP client code (`serve/http/backend.rs`); the MySQL probe is [`MysqlProbe`] (discovery:
+//! read_only, replication state and lag).
 //!
 //! A leaf module: it imports nothing of the daemon.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
@@ -16,6 +17,10 @@ pub enum ProbeError {
     Timeout { target: String, after: Duration },
     #[error("{target}: {msg}")]
     Failed { target: String, msg: String },
+    /// A MySQL server answered something the monitor cannot read (a column missing or of an
+    /// unexpected kind).
+    #[error("{target}: {msg}")]
+    Unreadable { target: String, msg: String },
 }
 
 /// One look at one server.
@@ -76,9 +81,209 @@ pub async fn run<P: Probe>(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// MySQL.
+
+/// What the monitor saw on one MySQL/MariaDB server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MysqlState {
+    /// `@@global.read_only`.
+    pub read_only: bool,
+    /// The replica side of replication, if the server is configured as a replica.
+    pub replication: Option<Replication>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replication {
+    pub io_running: bool,
+    pub sql_running: bool,
+    /// Seconds_Behind_Source / Seconds_Behind_Master; `None` when the server reports NULL
+    /// (replication stopped or not connected).
+    pub lag: Option<Duration>,
+}
+
+impl Replication {
+    /// Reads a `SHOW REPLICA STATUS` / `SHOW SLAVE STATUS` row by column name, accepting both
+    /// MySQL 8's spellings (Replica_*, *_Source) and MariaDB's and MySQL 5.7's (Slave_*, *_Master).
+    pub fn from_columns<'a>(cols: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> Result<Self, String> {
+        let mut io = None;
+        let mut sql = None;
+        let mut lag = None;
+        for (name, value) in cols {
+            match name {
+                "Replica_IO_Running" | "Slave_IO_Running" => io = Some(value),
+                "Replica_SQL_Running" | "Slave_SQL_Running" => sql = Some(value),
+                "Seconds_Behind_Source" | "Seconds_Behind_Master" => lag = Some(value),
+                _ => {}
+            }
+        }
+        let running = |v: Option<Option<&str>>, what: &str| -> Result<bool, String> {
+            match v {
+                // "Connecting" is not running: the replica has no working link to its source.
+                Some(v) => Ok(v.is_some_and(|s| s.eq_ignore_ascii_case("yes"))),
+                None => Err(format!("replication status has no {what} column")),
+            }
+        };
+        let io_running = running(io, "Replica_IO_Running/Slave_IO_Running")?;
+        let sql_running = running(sql, "Replica_SQL_Running/Slave_SQL_Running")?;
+        let lag = match lag {
+            None => return Err("replication status has no Seconds_Behind_Source/Seconds_Behind_Master column".into()),
+            Some(None) => None,
+            Some(Some(s)) if s.eq_ignore_ascii_case("null") => None,
+            Some(Some(s)) => Some(Duration::from_secs(
+                s.trim().parse::<u64>().map_err(|_| format!("replication lag {s:?} is not a number of seconds"))?,
+            )),
+        };
+        Ok(Replication { io_running, sql_running, lag })
+    }
+}
+
+/// The monitor's password, kept out of `Debug` and logs.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Discovery of one MySQL/MariaDB server with the `mysql` crate: `@@global.read_only`, then
+/// `SHOW REPLICA STATUS` (MySQL 8.0.22+, MariaDB 10.5.1+), falling back to `SHOW SLAVE STATUS`.
+/// The crate is blocking: each probe runs on tokio's blocking pool, bounded by the socket
+/// timeouts set from the probe timeout. The monitor connects without TLS.
+#[derive(Clone, Debug)]
+pub struct MysqlProbe {
+    pub addr: SocketAddr,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub timeout: Duration,
+}
+
+impl MysqlProbe {
+    fn query(&self) -> Result<MysqlState, ProbeError> {
+        use mysql::prelude::Queryable;
+        let target = self.target();
+        let failed = |e: mysql::Error| ProbeError::Failed { target: target.clone(), msg: e.to_string() };
+        let opts = mysql::OptsBuilder::new()
+            .ip_or_hostname(Some(self.addr.ip().to_string()))
+            .tcp_port(self.addr.port())
+            .user(Some(self.user.clone()))
+            .pass(self.password.as_ref().map(|p| p.0.clone()))
+            .prefer_socket(false)
+            .tcp_connect_timeout(Some(self.timeout))
+            .read_timeout(Some(self.timeout))
+            .write_timeout(Some(self.timeout));
+        let mut conn = mysql::Conn::new(opts).map_err(failed)?;
+        let ro: Option<mysql::Value> = conn.query_first("SELECT @@global.read_only").map_err(failed)?;
+        let read_only = match ro {
+            Some(mysql::Value::Int(n)) => n != 0,
+            Some(mysql::Value::UInt(n)) => n != 0,
+            Some(mysql::Value::Bytes(b)) => b != b"0" && !b.eq_ignore_ascii_case(b"off"),
+            other => {
+                return Err(ProbeError::Unreadable { target, msg: format!("@@global.read_only is {other:?}") });
+            }
+        };
+        let rows: Vec<mysql::Row> = match conn.query("SHOW REPLICA STATUS") {
+            Ok(r) => r,
+            Err(mysql::Error::MySqlError(_)) => conn.query("SHOW SLAVE STATUS").map_err(failed)?,
+            Err(e) => return Err(failed(e)),
+        };
+        let replication = match rows.first() {
+            None => None,
+            Some(row) => {
+                let cols: Vec<(String, Option<String>)> = row
+                    .columns_ref()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let v = match row.as_ref(i) {
+                            Some(mysql::Value::Bytes(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+                            Some(mysql::Value::Int(n)) => Some(n.to_string()),
+                            Some(mysql::Value::UInt(n)) => Some(n.to_string()),
+                            _ => None,
+                        };
+                        (c.name_str().into_owned(), v)
+                    })
+                    .collect();
+                let r = Replication::from_columns(cols.iter().map(|(n, v)| (n.as_str(), v.as_deref())))
+                    .map_err(|msg| ProbeError::Unreadable { target: target.clone(), msg })?;
+                Some(r)
+            }
+        };
+        Ok(MysqlState { read_only, replication })
+    }
+}
+
+impl Probe for MysqlProbe {
+    type Seen = MysqlState;
+
+    fn target(&self) -> String {
+        self.addr.to_string()
+    }
+
+    async fn probe(&self) -> Result<MysqlState, ProbeError> {
+        let me = self.clone();
+        let target = self.target();
+        tokio::task::spawn_blocking(move || me.query())
+            .await
+            .map_err(|e| ProbeError::Failed { target, msg: format!("monitor task: {e}") })?
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replication_columns_mariadb_and_mysql8() {
+        let mariadb = [
+            ("Slave_IO_State", Some("Waiting for master to send event")),
+            ("Slave_IO_Running", Some("Yes")),
+            ("Slave_SQL_Running", Some("Yes")),
+            ("Seconds_Behind_Master", Some("3")),
+        ];
+        let r = Replication::from_columns(mariadb).unwrap();
+        assert_eq!(r, Replication { io_running: true, sql_running: true, lag: Some(Duration::from_secs(3)) });
+        let mysql8 = [
+            ("Replica_IO_Running", Some("Connecting")),
+            ("Replica_SQL_Running", Some("Yes")),
+            ("Seconds_Behind_Source", None),
+        ];
+        let r = Replication::from_columns(mysql8).unwrap();
+        assert_eq!(r, Replication { io_running: false, sql_running: true, lag: None });
+    }
+
+    #[test]
+    fn replication_columns_missing_or_bad() {
+        let e = Replication::from_columns([("Slave_IO_Running", Some("Yes")), ("Seconds_Behind_Master", None)])
+            .unwrap_err();
+        assert!(e.contains("Slave_SQL_Running"), "{e}");
+        let e = Replication::from_columns([
+            ("Slave_IO_Running", Some("Yes")),
+            ("Slave_SQL_Running", Some("Yes")),
+            ("Seconds_Behind_Master", Some("soon")),
+        ])
+        .unwrap_err();
+        assert!(e.contains("soon"), "{e}");
+    }
+
+    #[test]
+    fn secret_is_not_printed() {
+        let p = MysqlProbe {
+            addr: "127.0.0.1:3306".parse().unwrap(),
+            user: "mon".into(),
+            password: Some(Secret::new("hunter2".into())),
+            timeout: Duration::from_millis(800),
+        };
+        assert!(!format!("{p:?}").contains("hunter2"));
+    }
 
     struct Counting(std::sync::atomic::AtomicU32);
     impl Probe for Counting {

@@ -72,7 +72,7 @@ pub struct Config {
     pub routes: Vec<Route>,
     #[serde(default, rename = "pool")]
     pub pools: Vec<Pool>,
-    /// MySQL routing (roadmap).
+    /// MySQL routing: a read-write port to the primary, a read-only one to replicas.
     #[serde(default)]
     pub mysql: Vec<Mysql>,
 }
@@ -604,6 +604,27 @@ impl Config {
             if !mysql_names.insert(m.name.get_ref().clone()) {
                 c.at(m.name.span(), format!("[[mysql]] {:?} is defined twice", m.name.get_ref()));
             }
+            // The fields after `name` carry no position of their own: errors point at the name.
+            let at = m.name.span();
+            let name = m.name.get_ref();
+            if m.servers.is_empty() {
+                c.at(at.clone(), format!("[[mysql]] {name:?} has no servers"));
+            }
+            let mut seen = HashSet::new();
+            for s in &m.servers {
+                if !seen.insert(s) {
+                    c.at(at.clone(), format!("[[mysql]] {name:?}: server {s} is listed twice"));
+                }
+            }
+            if m.ro_listen == Some(m.rw_listen) {
+                c.at(at.clone(), format!("[[mysql]] {name:?}: rw_listen and ro_listen are both {}", m.rw_listen));
+            }
+            if m.check_interval.0 < Duration::from_millis(100) {
+                c.at(at.clone(), format!("[[mysql]] {name:?}: check_interval must be at least 100ms"));
+            }
+            if m.monitor_user.is_empty() {
+                c.at(at, format!("[[mysql]] {name:?}: monitor_user is empty"));
+            }
         }
     }
 
@@ -702,6 +723,14 @@ impl Config {
                 }
             }
         }
+        for m in &self.mysql {
+            if let Some(f) = &m.monitor_password_file
+                && let Err(e) = std::fs::read(self.resolve(base, f))
+            {
+                // The error names the file, never what is in it.
+                c.at(m.name.span(), format!("monitor_password_file {}: {e}", self.resolve(base, f).display()));
+            }
+        }
         for i in &self.interfaces {
             if let Some(rules) = &i.rules
                 && let Err(e) = crate::fw::rules::parse_file(&self.resolve(base, rules.get_ref()))
@@ -733,9 +762,6 @@ impl Config {
                 self.services.len()
             ));
         }
-        if !self.mysql.is_empty() {
-            v.push(format!("{} [[mysql]] section(s): MySQL routing is not part of this version", self.mysql.len()));
-        }
         v
     }
 
@@ -743,11 +769,12 @@ impl Config {
     pub fn summary(&self) -> String {
         let backends: usize = self.pools.iter().map(|p| p.backends.get_ref().len()).sum();
         format!(
-            "{} https listener(s), {} route(s), {} pool(s) with {} backend(s), admin {}",
+            "{} https listener(s), {} route(s), {} pool(s) with {} backend(s), {} mysql cluster(s), admin {}",
             self.https.len(),
             self.routes.len(),
             self.pools.len(),
             backends,
+            self.mysql.len(),
             self.admin.listen.as_ref().map_or("off".to_string(), |a| a.get_ref().to_string()),
         )
     }
@@ -894,7 +921,30 @@ health = { path = "/healthz", interval = "500ms", expect = 204 }
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../rampart.example.toml")).unwrap();
         let c = parse(&text).unwrap();
         assert!(!c.https.is_empty() && !c.pools.is_empty() && !c.interfaces.is_empty());
-        assert_eq!(c.not_applied_by_serve().len(), 3);
+        assert_eq!(c.not_applied_by_serve().len(), 2);
+        assert_eq!(c.mysql.len(), 1);
+    }
+
+    #[test]
+    fn mysql_sections_are_checked_and_errors_point_at_the_name() {
+        let ok = "[[mysql]]\nname = \"main\"\nrw_listen = \"127.0.0.1:3306\"\nro_listen = \"127.0.0.1:3307\"\n\
+                  servers = [\"10.0.3.41:3306\", \"10.0.3.42:3306\"]\nmonitor_user = \"rampart\"\n";
+        let c = parse(ok).unwrap();
+        assert_eq!(c.mysql[0].check_interval.0, Duration::from_secs(1));
+        assert!(c.not_applied_by_serve().is_empty());
+        let bad = "[[mysql]]\nname = \"main\"\nrw_listen = \"127.0.0.1:3306\"\nro_listen = \"127.0.0.1:3306\"\n\
+                   servers = []\nmonitor_user = \"\"\ncheck_interval = \"10ms\"\n";
+        let e = err(bad);
+        for want in [
+            "has no servers",
+            "rw_listen and ro_listen are both",
+            "check_interval must be at least",
+            "monitor_user is empty",
+        ] {
+            assert!(e.contains(&format!("t.toml:2:8: [[mysql]] \"main\"")) && e.contains(want), "{want}: {e}");
+        }
+        let twice = ok.replace("\"10.0.3.42:3306\"", "\"10.0.3.41:3306\"");
+        assert!(err(&twice).contains("server 10.0.3.41:3306 is listed twice"));
     }
 
     #[test]
