@@ -361,6 +361,11 @@ fn clients_work_on_both_ports_with_tls_sysbench_status_and_metrics() {
         assert_eq!(metric(&m, "rampart_mysql_server_role", &[&pl, "role=\"primary\""]), 1.0, "{m}");
         assert_eq!(metric(&m, "rampart_mysql_server_role", &[&rl, "role=\"replica\""]), 1.0, "{m}");
         assert_eq!(metric(&m, "rampart_mysql_replication_lag_seconds", &[&rl]), 0.0, "{m}");
+        // `rampart status` has the same in its daemon section.
+        let sock = c.dir.path("control.sock");
+        let out = rampart(&["status", "--control-socket", sock.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("mysql main (rw ") && text.contains(&format!("primary {}", c.primary.addr())), "{text}");
         drop(held);
         // The monitor's password never reaches the log.
         assert!(!c.daemon.log_text().contains("monpw"));
