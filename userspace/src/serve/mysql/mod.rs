@@ -216,16 +216,22 @@ impl ClusterRt {
         self.publish(metrics);
     }
 
+    /// The server takes read-only connections (found by address: until this generation's
+    /// first round, the decision is the previous generation's, with its own server list).
+    fn in_read_pool(&self, server: SocketAddr) -> bool {
+        self.read_pool.find(&server.to_string()).is_some_and(|b| b.state().accepts_new())
+    }
+
     /// Sets this cluster's per-server gauges from the last decision.
     pub fn publish(&self, metrics: &MysqlMetrics) {
         let d = self.state.decision();
-        for (i, s) in d.servers.iter().enumerate() {
+        for s in &d.servers {
             let sl = ServerLabels { cluster: self.name.clone(), server: s.addr.to_string() };
             for r in Role::ALL {
                 let rl = RoleLabels { cluster: self.name.clone(), server: s.addr.to_string(), role: r.as_str() };
                 metrics.role.get_or_create(&rl).set(i64::from(r == s.role));
             }
-            let in_read_pool = self.read_pool.backend(i).is_some_and(|b| b.state().accepts_new());
+            let in_read_pool = self.in_read_pool(s.addr);
             metrics.up.get_or_create(&sl).set(i64::from(s.role == Role::Primary || in_read_pool));
             match s.lag {
                 Some(l) => {
@@ -289,12 +295,8 @@ impl ClusterRt {
             }
         };
         s.push_str(&format!("  {primary}; {change}\n"));
-        for (i, v) in d.servers.iter().enumerate() {
-            let health = match self.read_pool.backend(i) {
-                _ if v.role == Role::Primary => "up",
-                Some(b) if b.state().accepts_new() => "up",
-                _ => "down",
-            };
+        for v in &d.servers {
+            let health = if v.role == Role::Primary || self.in_read_pool(v.addr) { "up" } else { "down" };
             s.push_str(&format!(
                 "  {:<22} {:<11} {:<4} lag {:<5} connections {}{}\n",
                 v.addr.to_string(),
