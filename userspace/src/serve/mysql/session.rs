@@ -71,7 +71,9 @@ async fn first_decision(rx: &mut watch::Receiver<Arc<Decision>>, interval: Durat
 }
 
 async fn refuse(shared: &Shared, cluster: &ClusterRt, port: Port, mut client: TcpStream, why: &str) {
-    log::warn!("mysql {}: refused a {} connection: {why}", cluster.name, port.label());
+    // The cluster's state (no primary, split brain) is logged once when it changes, and the
+    // refusals are counted; one line per refused client would flood the log while it lasts.
+    log::debug!("mysql {}: refused a {} connection: {why}", cluster.name, port.label());
     let l = PortLabels { cluster: cluster.name.clone(), port: port.label() };
     shared.metrics.mysql.refused.get_or_create(&l).inc();
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -114,20 +116,16 @@ async fn session(shared: Arc<Shared>, cluster: Arc<ClusterRt>, port: Port, clien
             }
         },
     };
-    let server = match tokio::time::timeout(cluster.probe_timeout(), TcpStream::connect(target)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return refuse(
-                &shared,
-                &cluster,
-                port,
-                client,
-                &format!("cannot reach {target} in cluster {}: {e}", cluster.name),
-            )
-            .await;
-        }
-        Err(_) => {
-            let why = format!("cannot reach {target} in cluster {}: connect timed out", cluster.name);
+    let connected = match tokio::time::timeout(cluster.probe_timeout(), TcpStream::connect(target)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("connect timed out".to_string()),
+    };
+    let server = match connected {
+        Ok(s) => s,
+        Err(e) => {
+            let why = format!("cannot reach {target} in cluster {}: {e}", cluster.name);
+            log::warn!("mysql {}: {why}", cluster.name);
             return refuse(&shared, &cluster, port, client, &why).await;
         }
     };
