@@ -531,6 +531,13 @@ impl Config {
             }
             self.check_https(c, h);
         }
+        for m in &self.mysql {
+            // rw_listen and ro_listen carry no position of their own: errors point at the name.
+            listen(c, &Spanned::new(m.name.span(), m.rw_listen), "a [[mysql]] rw_listen");
+            if let Some(ro) = m.ro_listen {
+                listen(c, &Spanned::new(m.name.span(), ro), "a [[mysql]] ro_listen");
+            }
+        }
 
         let mut pools = HashSet::new();
         for p in &self.pools {
@@ -608,16 +615,13 @@ impl Config {
             let at = m.name.span();
             let name = m.name.get_ref();
             if m.servers.is_empty() {
-                c.at(at.clone(), format!("[[mysql]] {name:?} has no servers"));
+                c.at(at.clone(), format!("[[mysql]] {name:?}: no servers"));
             }
             let mut seen = HashSet::new();
             for s in &m.servers {
                 if !seen.insert(s) {
                     c.at(at.clone(), format!("[[mysql]] {name:?}: server {s} is listed twice"));
                 }
-            }
-            if m.ro_listen == Some(m.rw_listen) {
-                c.at(at.clone(), format!("[[mysql]] {name:?}: rw_listen and ro_listen are both {}", m.rw_listen));
             }
             if m.check_interval.0 < Duration::from_millis(100) {
                 c.at(at.clone(), format!("[[mysql]] {name:?}: check_interval must be at least 100ms"));
@@ -935,14 +939,13 @@ health = { path = "/healthz", interval = "500ms", expect = 204 }
         let bad = "[[mysql]]\nname = \"main\"\nrw_listen = \"127.0.0.1:3306\"\nro_listen = \"127.0.0.1:3306\"\n\
                    servers = []\nmonitor_user = \"\"\ncheck_interval = \"10ms\"\n";
         let e = err(bad);
-        for want in [
-            "has no servers",
-            "rw_listen and ro_listen are both",
-            "check_interval must be at least",
-            "monitor_user is empty",
-        ] {
-            assert!(e.contains(&format!("t.toml:2:8: [[mysql]] \"main\"")) && e.contains(want), "{want}: {e}");
+        for want in ["no servers", "check_interval must be at least", "monitor_user is empty"] {
+            assert!(e.contains(&format!("t.toml:2:8: [[mysql]] \"main\": {want}")), "{want}: {e}");
         }
+        assert!(e.contains("t.toml:2:8: 127.0.0.1:3306 is already used by a [[mysql]] rw_listen"), "{e}");
+        // A cluster's port may not be another listener's either.
+        let clash = format!("[admin]\nlisten = \"127.0.0.1:3307\"\n\n{ok}");
+        assert!(err(&clash).contains("127.0.0.1:3307 is already used by [admin] listen"), "{}", err(&clash));
         let twice = ok.replace("\"10.0.3.42:3306\"", "\"10.0.3.41:3306\"");
         assert!(err(&twice).contains("server 10.0.3.41:3306 is listed twice"));
     }
