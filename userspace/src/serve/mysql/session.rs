@@ -191,3 +191,63 @@ async fn demoted(rx: &mut watch::Receiver<Arc<Decision>>, target: SocketAddr, po
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::timeout;
+
+    use super::*;
+    use crate::serve::mysql::roles::{Role, ServerView};
+
+    fn a(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn decision(primary: Primary, servers: &[u16]) -> Arc<Decision> {
+        let servers = servers
+            .iter()
+            .map(|&p| ServerView { addr: a(p), role: Role::Replica, lag: None, ro_eligible: true, note: None })
+            .collect();
+        Arc::new(Decision { servers, primary, round: 1 })
+    }
+
+    const GRACE: Duration = Duration::from_secs(2);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_demoted_primary_session_closes_after_the_grace_unless_it_comes_back() {
+        let (tx, mut rx) = watch::channel(decision(Primary::One(a(1)), &[1, 2]));
+        let fut = demoted(&mut rx, a(1), Port::ReadWrite, GRACE);
+        tokio::pin!(fut);
+        assert!(timeout(Duration::from_secs(60), &mut fut).await.is_err(), "closed while primary");
+        tx.send_replace(decision(Primary::One(a(2)), &[1, 2]));
+        assert!(timeout(GRACE / 2, &mut fut).await.is_err(), "closed within the grace");
+        // Primary again before the grace ran out: the session stays.
+        tx.send_replace(decision(Primary::One(a(1)), &[1, 2]));
+        assert!(timeout(GRACE * 5, &mut fut).await.is_err(), "closed after coming back");
+        // No primary at all (killed, split brain) counts as demoted too.
+        tx.send_replace(decision(Primary::None, &[1, 2]));
+        let why = timeout(GRACE * 2, &mut fut).await.expect("still open after the grace");
+        assert!(why.contains("no longer the primary") && why.contains("demoted_grace"), "{why}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn read_only_sessions_close_only_when_their_server_or_cluster_goes() {
+        let (tx, mut rx) = watch::channel(decision(Primary::One(a(1)), &[1, 2]));
+        let fut = demoted(&mut rx, a(2), Port::ReadOnly, GRACE);
+        tokio::pin!(fut);
+        // A change of primary is nothing to a read-only session.
+        tx.send_replace(decision(Primary::None, &[1, 2]));
+        assert!(timeout(GRACE * 5, &mut fut).await.is_err());
+        tx.send_replace(decision(Primary::One(a(1)), &[1]));
+        let why = timeout(GRACE * 2, &mut fut).await.expect("open after its server left");
+        assert!(why.contains("removed from the cluster"), "{why}");
+
+        let (tx, mut rx) = watch::channel(decision(Primary::One(a(1)), &[1, 2]));
+        let fut = demoted(&mut rx, a(2), Port::ReadOnly, GRACE);
+        tokio::pin!(fut);
+        assert!(timeout(GRACE, &mut fut).await.is_err());
+        drop(tx);
+        let why = timeout(GRACE * 2, &mut fut).await.expect("open after its cluster left");
+        assert!(why.contains("cluster was removed"), "{why}");
+    }
+}
