@@ -5,5 +5,7 @@ pub mod config;
 pub mod fw;
 pub mod netns;
 pub mod paths;
+pub mod pki;
+pub mod probe;
 pub mod serve;
 pub mod xdp;

@@ -50,10 +50,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: FwCmd,
     },
-    /// What is attached in this scope: mode, program, rules, counters per verdict.
+    /// What is attached in this scope: mode, program, rules, counters per verdict; then the
+    /// running daemon's pools and MySQL clusters, if one answers on its control socket.
     Status {
         #[arg(long)]
         json: bool,
+        /// The daemon's control socket ([admin] control_socket).
+        #[arg(long, default_value = rampart::config::DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
     },
     /// Run the daemon: HTTPS termination and the HTTP reverse proxy.
     Serve {

@@ -1,4 +1,4 @@
-//! The HTTP/1.1 client path of `rampart serve` (`serve/h1.rs`, `serve/upstream.rs`) on the
+//! The HTTP/1.1 client path of `rampart serve` (`serve/http/h1.rs`, `serve/http/upstream.rs`) on the
 //! wire: a raw TLS client writes exact bytes and reads exact answers; a raw TCP backend records
 //! what it received byte for byte and answers from a script chosen by the request path.
 

@@ -41,6 +41,11 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     // A real WebSocket client and server for the daemon's Upgrade test.
     "python3-websockets",
+    // The MySQL router's tests and benchmark: a MariaDB primary and replica (the packages do
+    // not start a server here; the tests start their own), the `mariadb` client, sysbench.
+    "mariadb-server",
+    "mariadb-client",
+    "sysbench",
 ];
 
 /// The bpf-linker release the kernel crate is linked with (its LLVM 22 matches nightly's).

@@ -100,6 +100,9 @@ pub enum Bench {
     /// `rampart serve`: keep-alive requests/s, full handshakes/s and latency against HAProxy and
     /// nginx terminating TLS in front of the same backend.
     Tls,
+    /// `rampart serve`'s MySQL routing: sysbench point selects and read-write transactions
+    /// against MariaDB directly, through rampart and through HAProxy in `mode tcp`.
+    Mysql,
 }
 
 impl Bench {
@@ -107,6 +110,7 @@ impl Bench {
         match self {
             Bench::Fw => "fw-bench",
             Bench::Tls => "tls-bench",
+            Bench::Mysql => "mysql-bench",
         }
     }
 }

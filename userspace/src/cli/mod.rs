@@ -43,7 +43,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             println!("detached {iface}");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Status { json } => output::status(&scope, json),
+        Cmd::Status { json, control_socket } => output::status(&scope, json, &control_socket),
         Cmd::Fw { cmd } => fw(&scope, cmd),
         Cmd::Serve { config } => daemon::serve(&config),
         Cmd::CheckConfig { file } => daemon::check_config(&file),

@@ -1,6 +1,6 @@
 //! What `fw list` and `status` print, as text and as JSON. The JSON shapes are an interface
 //! (tests and scripts read them): add fields, never rename or remove them.
-use std::{collections::BTreeMap, process::ExitCode};
+use std::{collections::BTreeMap, path::Path, process::ExitCode, time::Duration};
 
 use anyhow::Result;
 use rampart::{
@@ -146,6 +146,9 @@ struct StatusJson {
     /// `-n` namespace, `null` for the host.
     netns: Option<String>,
     interfaces: Vec<IfaceJson>,
+    /// The daemon's status text (pools, MySQL clusters), `null` when no daemon answers on the
+    /// control socket.
+    daemon: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -205,7 +208,16 @@ fn iface_status(scope: &Scope, iface: &str) -> Result<IfaceJson> {
     })
 }
 
-pub fn status(scope: &Scope, json: bool) -> Result<ExitCode> {
+/// The running daemon's status text, if one answers on `control_socket` (within 2 s).
+fn daemon_status(control_socket: &Path) -> Option<String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+    rt.block_on(async {
+        let ask = rampart::serve::admin::send_command(control_socket, "status");
+        tokio::time::timeout(Duration::from_secs(2), ask).await.ok()?.ok()
+    })
+}
+
+pub fn status(scope: &Scope, json: bool, control_socket: &Path) -> Result<ExitCode> {
     let ifaces: Vec<IfaceJson> = xdp::attached_ifaces(scope)?
         .into_iter()
         .map(|i| {
@@ -217,7 +229,8 @@ pub fn status(scope: &Scope, json: bool) -> Result<ExitCode> {
         Scope::Netns(n) => Some(n.clone()),
     };
     let broken = ifaces.iter().any(|i| !matches!(i, IfaceJson::Ok { .. }));
-    let out = StatusJson { netns, interfaces: ifaces };
+    let daemon = daemon_status(control_socket);
+    let out = StatusJson { netns, interfaces: ifaces, daemon };
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else if out.interfaces.is_empty() {
@@ -239,6 +252,13 @@ pub fn status(scope: &Scope, json: bool) -> Result<ExitCode> {
                 IfaceJson::Gone { iface, gone, .. } => println!("{iface}: gone: {gone}"),
                 IfaceJson::Broken { iface, error } => println!("{iface}: broken: {error}"),
             }
+        }
+    }
+    if !json {
+        match &out.daemon {
+            None => println!("daemon: no answer on {}", control_socket.display()),
+            Some(text) if text.is_empty() => println!("daemon: running (no pools, no mysql clusters)"),
+            Some(text) => println!("daemon ({}):\n{text}", control_socket.display()),
         }
     }
     // A broken or orphaned attachment is worth a non-zero exit: scripts should notice.

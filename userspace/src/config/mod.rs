@@ -72,7 +72,7 @@ pub struct Config {
     pub routes: Vec<Route>,
     #[serde(default, rename = "pool")]
     pub pools: Vec<Pool>,
-    /// MySQL routing (roadmap).
+    /// MySQL routing: a read-write port to the primary, a read-only one to replicas.
     #[serde(default)]
     pub mysql: Vec<Mysql>,
 }
@@ -531,6 +531,13 @@ impl Config {
             }
             self.check_https(c, h);
         }
+        for m in &self.mysql {
+            // rw_listen and ro_listen carry no position of their own: errors point at the name.
+            listen(c, &Spanned::new(m.name.span(), m.rw_listen), "a [[mysql]] rw_listen");
+            if let Some(ro) = m.ro_listen {
+                listen(c, &Spanned::new(m.name.span(), ro), "a [[mysql]] ro_listen");
+            }
+        }
 
         let mut pools = HashSet::new();
         for p in &self.pools {
@@ -603,6 +610,24 @@ impl Config {
         for m in &self.mysql {
             if !mysql_names.insert(m.name.get_ref().clone()) {
                 c.at(m.name.span(), format!("[[mysql]] {:?} is defined twice", m.name.get_ref()));
+            }
+            // The fields after `name` carry no position of their own: errors point at the name.
+            let at = m.name.span();
+            let name = m.name.get_ref();
+            if m.servers.is_empty() {
+                c.at(at.clone(), format!("[[mysql]] {name:?}: no servers"));
+            }
+            let mut seen = HashSet::new();
+            for s in &m.servers {
+                if !seen.insert(s) {
+                    c.at(at.clone(), format!("[[mysql]] {name:?}: server {s} is listed twice"));
+                }
+            }
+            if m.check_interval.0 < Duration::from_millis(100) {
+                c.at(at.clone(), format!("[[mysql]] {name:?}: check_interval must be at least 100ms"));
+            }
+            if m.monitor_user.is_empty() {
+                c.at(at, format!("[[mysql]] {name:?}: monitor_user is empty"));
             }
         }
     }
@@ -684,10 +709,10 @@ impl Config {
             for e in h.certs.get_ref() {
                 let certs = self.resolve(base, e.cert.get_ref());
                 let key = self.resolve(base, e.key.get_ref());
-                if let Err(err) = crate::serve::tls::load_certified_key(&certs, &key) {
+                if let Err(err) = crate::pki::load_certified_key(&certs, &key) {
                     let span = match &err {
-                        crate::serve::tls::TlsError::Key { .. } => e.key.span(),
-                        crate::serve::tls::TlsError::Read { path, .. } if *path == key => e.key.span(),
+                        crate::pki::PkiError::Key { .. } => e.key.span(),
+                        crate::pki::PkiError::Read { path, .. } if *path == key => e.key.span(),
                         _ => e.cert.span(),
                     };
                     c.at(span, err.to_string());
@@ -697,9 +722,17 @@ impl Config {
         for p in &self.pools {
             if let Some(ca) = &p.ca {
                 let f = self.resolve(base, ca.get_ref());
-                if let Err(e) = crate::serve::tls::load_ca(&f) {
+                if let Err(e) = crate::pki::load_ca(&f) {
                     c.at(ca.span(), e.to_string());
                 }
+            }
+        }
+        for m in &self.mysql {
+            if let Some(f) = &m.monitor_password_file
+                && let Err(e) = std::fs::read(self.resolve(base, f))
+            {
+                // The error names the file, never what is in it.
+                c.at(m.name.span(), format!("monitor_password_file {}: {e}", self.resolve(base, f).display()));
             }
         }
         for i in &self.interfaces {
@@ -733,9 +766,6 @@ impl Config {
                 self.services.len()
             ));
         }
-        if !self.mysql.is_empty() {
-            v.push(format!("{} [[mysql]] section(s): MySQL routing is not part of this version", self.mysql.len()));
-        }
         v
     }
 
@@ -743,11 +773,12 @@ impl Config {
     pub fn summary(&self) -> String {
         let backends: usize = self.pools.iter().map(|p| p.backends.get_ref().len()).sum();
         format!(
-            "{} https listener(s), {} route(s), {} pool(s) with {} backend(s), admin {}",
+            "{} https listener(s), {} route(s), {} pool(s) with {} backend(s), {} mysql cluster(s), admin {}",
             self.https.len(),
             self.routes.len(),
             self.pools.len(),
             backends,
+            self.mysql.len(),
             self.admin.listen.as_ref().map_or("off".to_string(), |a| a.get_ref().to_string()),
         )
     }
@@ -894,7 +925,29 @@ health = { path = "/healthz", interval = "500ms", expect = 204 }
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../rampart.example.toml")).unwrap();
         let c = parse(&text).unwrap();
         assert!(!c.https.is_empty() && !c.pools.is_empty() && !c.interfaces.is_empty());
-        assert_eq!(c.not_applied_by_serve().len(), 3);
+        assert_eq!(c.not_applied_by_serve().len(), 2);
+        assert_eq!(c.mysql.len(), 1);
+    }
+
+    #[test]
+    fn mysql_sections_are_checked_and_errors_point_at_the_name() {
+        let ok = "[[mysql]]\nname = \"main\"\nrw_listen = \"127.0.0.1:3306\"\nro_listen = \"127.0.0.1:3307\"\n\
+                  servers = [\"10.0.3.41:3306\", \"10.0.3.42:3306\"]\nmonitor_user = \"rampart\"\n";
+        let c = parse(ok).unwrap();
+        assert_eq!(c.mysql[0].check_interval.0, Duration::from_secs(1));
+        assert!(c.not_applied_by_serve().is_empty());
+        let bad = "[[mysql]]\nname = \"main\"\nrw_listen = \"127.0.0.1:3306\"\nro_listen = \"127.0.0.1:3306\"\n\
+                   servers = []\nmonitor_user = \"\"\ncheck_interval = \"10ms\"\n";
+        let e = err(bad);
+        for want in ["no servers", "check_interval must be at least", "monitor_user is empty"] {
+            assert!(e.contains(&format!("t.toml:2:8: [[mysql]] \"main\": {want}")), "{want}: {e}");
+        }
+        assert!(e.contains("t.toml:2:8: 127.0.0.1:3306 is already used by a [[mysql]] rw_listen"), "{e}");
+        // A cluster's port may not be another listener's either.
+        let clash = format!("[admin]\nlisten = \"127.0.0.1:3307\"\n\n{ok}");
+        assert!(err(&clash).contains("127.0.0.1:3307 is already used by [admin] listen"), "{}", err(&clash));
+        let twice = ok.replace("\"10.0.3.42:3306\"", "\"10.0.3.41:3306\"");
+        assert!(err(&twice).contains("server 10.0.3.41:3306 is listed twice"));
     }
 
     #[test]

@@ -673,4 +673,30 @@ proto = "udp"
             RefVerdict { action: xdp_action::PASS, rule: None, stat: stat::DEFAULT_ALLOW, frag: None }
         );
     }
+
+    /// The database zone's example rule file (examples/db.rules.toml, shown in the README):
+    /// only the application tier reaches the MySQL ports; the database servers' answers come
+    /// back; nothing else does.
+    #[test]
+    fn example_database_zone_rules() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/db.rules.toml");
+        let rs = crate::fw::rules::parse_file(std::path::Path::new(path)).unwrap();
+        let tcp = |src: &str, sport: u16, dport: u16| PacketFields {
+            family: 4,
+            src: src.parse().unwrap(),
+            dst: "10.0.2.1".parse().unwrap(),
+            proto: 6,
+            sport: Some(sport),
+            dport: Some(dport),
+            frag: Frag::None,
+        };
+        let allowed = |p: PacketFields| verdict_for(&rs, &p).action == Action::Allow.xdp();
+        assert!(allowed(tcp("10.0.1.7", 40000, 3306)), "app tier to the rw port");
+        assert!(allowed(tcp("10.0.1.7", 40000, 3307)), "app tier to the ro port");
+        assert!(allowed(tcp("10.0.3.41", 3306, 51000)), "a database server's answer");
+        assert!(!allowed(tcp("10.0.1.7", 40000, 22)), "app tier to SSH");
+        assert!(!allowed(tcp("10.0.3.41", 40000, 3306)), "a database server opening a connection to the router");
+        assert!(!allowed(tcp("10.0.3.99", 3306, 51000)), "an unknown host posing as a database server");
+        assert!(!allowed(tcp("10.0.2.50", 40000, 3306)), "another host of the zone");
+    }
 }

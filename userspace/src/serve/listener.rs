@@ -26,9 +26,12 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Shared, coarse_ms, h1,
+    Shared, coarse_ms,
+    http::{
+        h1,
+        proxy::{self, ConnCtx, RespBody},
+    },
     metrics::ListenerLabels,
-    proxy::{self, ConnCtx, RespBody},
     proxy_protocol::{self, ProxyHeader},
     tcp::Tcp,
 };
@@ -90,7 +93,7 @@ struct Tracked {
 
 impl Body for Tracked {
     type Data = bytes::Bytes;
-    type Error = super::backend::BoxError;
+    type Error = super::http::backend::BoxError;
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -94,6 +94,7 @@ pub struct Metrics {
     pub cert_expiry: Family<CertLabels, Gauge<f64, AtomicU64>>,
     pub client_connections: Family<ListenerLabels, Gauge>,
     pub config_reloads: Family<ResultLabels, Counter>,
+    pub mysql: std::sync::Arc<super::mysql::metrics::MysqlMetrics>,
 }
 
 impl Default for Metrics {
@@ -117,6 +118,7 @@ impl Metrics {
             cert_expiry: Family::default(),
             client_connections: Family::default(),
             config_reloads: Family::default(),
+            mysql: Default::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests answered, by route, pool and status", m.requests.clone());
@@ -154,6 +156,7 @@ impl Metrics {
         );
         registry.register("client_connections", "Open client connections", m.client_connections.clone());
         registry.register("config_reloads", "Configuration reloads, by result", m.config_reloads.clone());
+        m.mysql.register(&mut registry);
         Metrics { registry, ..m }
     }
 

@@ -1,29 +1,27 @@
-//! `rampart serve`: TLS termination and the HTTP reverse proxy.
+//! `rampart serve`: TLS termination, the HTTP reverse proxy and the MySQL router.
 //!
-//! Layout: [`runtime`] builds one generation of state from a config; [`listener`] accepts
-//! clients (TLS, redirect); [`h1`] serves HTTP/1.1 clients and hyper serves h2 ones, both
-//! deciding through [`proxy`] (routes, firewall, backend picks); [`upstream`] speaks HTTP/1.1
-//! to backends over the connections [`backend`] opens and keeps, and runs health checks;
-//! [`tls`], [`tcp`] (the socket under rustls), [`timer`] (a connection's timeouts),
-//! [`firewall`], [`proxy_protocol`], [`metrics`]
-//! and [`admin`] (metrics listener and control socket) do one job each. Reloads (SIGHUP,
+//! Layout: this folder holds what every protocol shares; [`http`] is the HTTP reverse proxy and
+//! [`mysql`] the MySQL router. [`runtime`] builds one generation of state from a config (HTTP
+//! routes and pools, MySQL clusters: a reload swaps them together); [`listener`] accepts TLS
+//! clients (and redirects) and hands them to [`http`]; [`tls`], [`tcp`] (the socket under rustls),
+//! [`timer`] (a connection's timeouts), [`proxy_protocol`], [`metrics`] and [`admin`] (metrics
+//! listener and control socket) do one job each. Reloads (SIGHUP,
 //! `rampart reload`) build a new generation and swap it in; a config that fails to load or
 //! build is refused and the running one stays.
 
 pub mod admin;
-pub mod backend;
-pub mod firewall;
-pub mod h1;
+pub mod http;
 pub mod listener;
 pub mod metrics;
-pub mod proxy;
+pub mod mysql;
 pub mod proxy_protocol;
 pub mod runtime;
 pub mod tcp;
 pub mod timer;
 pub mod tls;
-pub mod tunnel;
-pub mod upstream;
+
+// admin.rs answers with the proxy's pages and bodies.
+use http::proxy;
 
 use std::{
     collections::HashMap,
@@ -64,6 +62,8 @@ enum Kind {
     Https,
     Redirect,
     Admin,
+    /// A `[[mysql]]` cluster's rw_listen or ro_listen (the cluster is looked up by address).
+    Mysql,
 }
 
 struct Bound {
@@ -183,6 +183,9 @@ impl Shared {
                 Kind::Admin => {
                     tokio::spawn(admin::run_admin(shared, l, stop.clone()));
                 }
+                Kind::Mysql => {
+                    tokio::spawn(mysql::session::run_listener(shared, l, addr, stop.clone()));
+                }
             }
             log::info!("listening on {addr} ({kind:?})");
             bound.insert(addr, Bound { kind, stop });
@@ -200,6 +203,10 @@ fn wanted_listeners(cfg: &Config) -> Vec<(SocketAddr, Kind)> {
     }
     if let Some(a) = &cfg.admin.listen {
         v.push((*a.get_ref(), Kind::Admin));
+    }
+    for m in &cfg.mysql {
+        v.push((m.rw_listen, Kind::Mysql));
+        v.extend(m.ro_listen.map(|a| (a, Kind::Mysql)));
     }
     v
 }

@@ -1,5 +1,5 @@
 //! One generation of the daemon's state, built from one config: routes, pools (balancers and
-//! backend connections), TLS per listener. A reload builds a new generation and swaps it in;
+//! backend connections), TLS per listener, MySQL clusters. A reload builds a new generation and swaps it in;
 //! requests already running keep the Arc of the old one.
 
 use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
@@ -10,9 +10,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     ServeError,
-    backend::{self, BackendConn},
-    firewall::Firewall,
+    http::{
+        backend::{self, BackendConn},
+        firewall::Firewall,
+    },
     metrics::{BackendLabels, Metrics, RouteCounters},
+    mysql::{ClusterRt, session::Port},
     tls::{self, CertStore},
 };
 use crate::config::{self, AdminState, Cidr, Config, Scheme};
@@ -86,7 +89,10 @@ pub struct Generation {
     routes: Vec<RouteRt>,
     pub pools: Vec<Arc<PoolRt>>,
     pub listeners: HashMap<SocketAddr, Arc<ListenerRt>>,
-    /// Cancelled when this generation is replaced: stops its health checks and cert watchers.
+    /// MySQL clusters, in config order.
+    pub mysql: Vec<Arc<ClusterRt>>,
+    /// Cancelled when this generation is replaced: stops its health checks, cert watchers and
+    /// MySQL discovery.
     pub tasks: CancellationToken,
 }
 
@@ -143,7 +149,25 @@ impl Generation {
                 }),
             );
         }
-        Ok(Generation { config: Arc::new(config), routes, pools, listeners, tasks: CancellationToken::new() })
+        let mut mysql = Vec::new();
+        for m in &config.mysql {
+            let old = previous.and_then(|g| g.mysql.iter().find(|o| o.name == *m.name.get_ref()));
+            mysql.push(Arc::new(ClusterRt::build(m, &config, base, old.map(|o| &**o))?));
+        }
+        Ok(Generation { config: Arc::new(config), routes, pools, listeners, mysql, tasks: CancellationToken::new() })
+    }
+
+    /// The MySQL cluster listening on `addr`, and which of its ports that is.
+    pub fn mysql_for(&self, addr: SocketAddr) -> Option<(Arc<ClusterRt>, Port)> {
+        self.mysql.iter().find_map(|c| {
+            if c.cfg.rw_listen == addr {
+                Some((c.clone(), Port::ReadWrite))
+            } else if c.cfg.ro_listen == Some(addr) {
+                Some((c.clone(), Port::ReadOnly))
+            } else {
+                None
+            }
+        })
     }
 
     /// The route for a host (lower case, no port) and path: exact host before wildcard before
@@ -163,7 +187,7 @@ impl Generation {
         };
         self.routes
             .iter()
-            .filter(|r| super::firewall::path_has_prefix(path, &r.path))
+            .filter(|r| super::http::firewall::path_has_prefix(path, &r.path))
             .filter_map(|r| rank(r).map(|k| (k, r.path.len(), r)))
             .max_by_key(|(k, len, _)| (*k, *len))
             .map(|(_, _, r)| r)
@@ -195,6 +219,10 @@ impl Generation {
                     ));
                 }
             }
+        }
+        for c in &self.mysql {
+            c.publish(&metrics.mysql);
+            c.start(metrics.mysql.clone(), self.tasks.clone());
         }
         let stores: Vec<Arc<CertStore>> = self.listeners.values().map(|l| l.certs.clone()).collect();
         let pools = self.pools.clone();
@@ -240,6 +268,9 @@ impl Generation {
                     metrics.backend_up.remove(&l);
                 }
             }
+        }
+        for c in &self.mysql {
+            c.retire_metrics(next.mysql.iter().find(|n| n.name == c.name).map(|n| &**n), &metrics.mysql);
         }
         let keep_certs: std::collections::HashSet<_> =
             next.listeners.values().flat_map(|l| l.certs.cert_labels()).collect();
@@ -290,6 +321,9 @@ impl Generation {
             for b in p.lb.backends() {
                 s.push_str(&format!("  {:<28} {:<6} in-flight {}\n", b.id(), b.state().to_string(), b.in_flight()));
             }
+        }
+        for c in &self.mysql {
+            s.push_str(&c.status());
         }
         s
     }

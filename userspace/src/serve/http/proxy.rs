@@ -17,12 +17,12 @@ use loadbalancer::{HashOn, PickGuard};
 
 use super::{
     Shared,
-    backend::{BackendConn, BoxError, ConnectError, ProxyHeader, ReqBody, publish},
+    backend::{BackendConn, BoxError, ConnectError, ProxyHeader, ReqBody, UpstreamBody, publish},
     firewall::{self, Block},
     metrics::{BlockLabels, PoolLabels, RequestLabels},
     runtime::{ListenerRt, PoolRt, RouteRt},
     timer::Timer,
-    upstream::{self, Asks, Framing, ResponseHead, Upstream, UpstreamBody, UpstreamError},
+    upstream::{self, Asks, Framing, ResponseHead, Upstream, UpstreamError},
 };
 
 pub type RespBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;

@@ -1,16 +1,20 @@
 //! Connections to backends: TCP (+ PROXY v2 header) (+ TLS), kept alive in an idle list per
-//! backend between requests ([`upstream`](super::upstream) speaks HTTP/1.1 on them), and the
-//! active health checks that feed the `loadbalancer` state machine.
+//! backend between requests ([`upstream`](super::upstream) speaks HTTP/1.1 on them; the h2
+//! path's [`UpstreamBody`] gives them back), and the active health checks that feed the
+//! `loadbalancer` state machine.
 
 use std::{
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
-use loadbalancer::{Admin, BackendState, StateChange};
+use loadbalancer::{Admin, BackendState, PickGuard, StateChange};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
@@ -21,9 +25,12 @@ use super::{
     metrics::{BackendLabels, Metrics},
     proxy_protocol,
     tcp::Tcp,
-    upstream::{Asks, BodyDecoder, Io, Upstream},
+    upstream::{Asks, BodyDecoder, Io, ResponseHead, Upstream, UpstreamError},
 };
-use crate::config::{self, BackendAddr, Scheme};
+use crate::{
+    config::{self, BackendAddr, Scheme},
+    probe::{self, Probe, ProbeError},
+};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Bodies sent to backends.
@@ -185,6 +192,31 @@ pub fn publish(metrics: &Metrics, pool: &str, change: Option<StateChange>) {
     }
 }
 
+/// The HTTP health check of one backend: a GET of the pool's health path whose status must be
+/// the expected one.
+pub struct HttpProbe {
+    pub conn: Arc<BackendConn>,
+    pub check: config::PoolHealth,
+    pub host: String,
+    pub header: ProxyHeader,
+}
+
+impl Probe for HttpProbe {
+    type Seen = ();
+
+    fn target(&self) -> String {
+        format!("pool {}: check of {}", self.conn.pool_name, self.conn.addr)
+    }
+
+    async fn probe(&self) -> Result<(), ProbeError> {
+        match check_once(&self.conn, &self.check, &self.host, self.header).await {
+            Ok(status) if status == *self.check.expect.get_ref() => Ok(()),
+            Ok(status) => Err(ProbeError::Failed { target: self.target(), msg: format!("status {status}") }),
+            Err(e) => Err(ProbeError::Failed { target: self.target(), msg: e.to_string() }),
+        }
+    }
+}
+
 /// Active health checks of one backend until `stop` is cancelled.
 pub async fn health_loop(
     pool: Arc<loadbalancer::Pool<Arc<BackendConn>>>,
@@ -198,44 +230,28 @@ pub async fn health_loop(
     let Some(backend) = pool.backend(index) else { return };
     let conn = backend.data().clone();
     let pool_name = conn.pool_name.clone();
-    // Spread the first checks of a pool over one interval so they do not all fire at once.
-    let offset = check.interval.0.mul_f64((index % 8) as f64 / 8.0);
-    tokio::select! {
-        _ = stop.cancelled() => return,
-        _ = tokio::time::sleep(offset) => {}
-    }
-    let mut tick = tokio::time::interval(check.interval.0);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if backend.admin() == Admin::Maint {
-            continue;
-        }
-        let header = if uses_pp { ProxyHeader::Local } else { ProxyHeader::None };
-        let result = tokio::time::timeout(check.timeout.0, check_once(&conn, &check, &host, header)).await;
-        let ok = match result {
-            Ok(Ok(status)) if status == *check.expect.get_ref() => true,
-            Ok(Ok(status)) => {
-                log::debug!("pool {pool_name}: check of {}: status {status}", conn.addr);
-                false
+    let schedule = probe::Schedule {
+        interval: check.interval.0,
+        timeout: check.timeout.0,
+        // Spread the first checks of a pool over one interval so they do not all fire at once.
+        offset: check.interval.0.mul_f64((index % 8) as f64 / 8.0),
+    };
+    let header = if uses_pp { ProxyHeader::Local } else { ProxyHeader::None };
+    let probe = HttpProbe { conn: conn.clone(), check, host, header };
+    probe::run(
+        &probe,
+        schedule,
+        &stop,
+        || backend.admin() != Admin::Maint,
+        |r| {
+            if let Err(e) = &r {
+                log::debug!("{e}");
+                metrics.health_checks_failed.get_or_create(&conn.labels()).inc();
             }
-            Ok(Err(e)) => {
-                log::debug!("pool {pool_name}: check of {}: {e}", conn.addr);
-                false
-            }
-            Err(_) => {
-                log::debug!("pool {pool_name}: check of {}: timed out", conn.addr);
-                false
-            }
-        };
-        if !ok {
-            metrics.health_checks_failed.get_or_create(&conn.labels()).inc();
-        }
-        publish(&metrics, &pool_name, backend.report_check(ok));
-    }
+            publish(&metrics, &pool_name, backend.report_check(r.is_ok()));
+        },
+    )
+    .await;
 }
 
 async fn check_once(
@@ -265,4 +281,78 @@ async fn check_once(
         }
     }
     Ok(head.status)
+}
+
+/// A backend response body for hyper (the h2 client path): reads from the connection it owns,
+/// gives the connection back to its backend's idle list at the end, and ends the pick's
+/// in-flight count when dropped.
+pub struct UpstreamBody {
+    up: Option<Upstream>,
+    head_reusable: bool,
+    dec: BodyDecoder,
+    home: Option<(Arc<BackendConn>, ProxyHeader)>,
+    _guard: Option<PickGuard<Arc<BackendConn>>>,
+}
+
+impl UpstreamBody {
+    pub fn new(
+        up: Upstream,
+        head: &ResponseHead,
+        home: (Arc<BackendConn>, ProxyHeader),
+        guard: PickGuard<Arc<BackendConn>>,
+    ) -> Self {
+        let mut b = UpstreamBody {
+            up: Some(up),
+            head_reusable: head.reusable,
+            dec: BodyDecoder::new(head.framing),
+            home: Some(home),
+            _guard: Some(guard),
+        };
+        b.release_if_done();
+        b
+    }
+
+    fn release_if_done(&mut self) {
+        if !self.dec.is_done() {
+            return;
+        }
+        if let (Some(up), Some((backend, key))) = (self.up.take(), self.home.take())
+            && self.head_reusable
+            && up.drained()
+        {
+            backend.checkin(up, key);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = UpstreamError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        let this = &mut *self;
+        let Some(up) = this.up.as_mut() else { return Poll::Ready(None) };
+        match std::task::ready!(up.poll_body(cx, &mut this.dec)) {
+            Ok(Some(data)) => {
+                this.release_if_done();
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Ok(None) => {
+                this.release_if_done();
+                Poll::Ready(None)
+            }
+            Err(e) => {
+                this.up = None;
+                Poll::Ready(Some(Err(e)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.dec.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.dec.remaining().map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
 }

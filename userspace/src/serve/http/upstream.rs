@@ -1,28 +1,22 @@
 //! HTTP/1.1 as rampart speaks it to backends, and the message framing both directions share:
 //! one connection ([`Upstream`]) writes a request and reads a response head; [`BodyDecoder`]
 //! takes a body out of a read buffer (length, chunked, or until close) without doing IO, so the
-//! HTTP/1 client path (`h1.rs`, async loops) and the h2 client path ([`UpstreamBody`], a polled
-//! body) decode the same way. Connections wait between requests in `BackendConn`'s idle list.
+//! HTTP/1 client path (`h1.rs`, async loops) and the h2 client path (`backend::UpstreamBody`, a
+//! polled body) decode the same way. Connections wait between requests in `BackendConn`'s idle list.
 
 use std::{
     io,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll, Waker},
 };
 
 use bytes::{Buf, Bytes, BytesMut};
-use http_body::{Body, Frame, SizeHint};
-use loadbalancer::PickGuard;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
 };
 
-use super::{
-    backend::{BackendConn, ProxyHeader},
-    tcp::Tcp,
-};
+use super::tcp::Tcp;
 
 /// Largest response head accepted from a backend.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -293,6 +287,12 @@ pub struct Upstream {
 impl Upstream {
     pub fn new(io: Io) -> Self {
         Upstream { io, rbuf: BytesMut::with_capacity(READ_RESERVE), eof: false }
+    }
+
+    /// Nothing is left unread and the backend has not closed: after a response that allows
+    /// keep-alive, the connection can go back to the idle list.
+    pub fn drained(&self) -> bool {
+        !self.eof && self.rbuf.is_empty()
     }
 
     /// Whether an idle connection can carry another request: the backend has sent nothing since
@@ -572,81 +572,6 @@ pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
 }
 
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
-
-/// A backend response body for hyper (the h2 client path): reads from the connection it owns,
-/// gives the connection back to its backend's idle list at the end, and ends the pick's
-/// in-flight count when dropped.
-pub struct UpstreamBody {
-    up: Option<Upstream>,
-    head_reusable: bool,
-    dec: BodyDecoder,
-    home: Option<(Arc<BackendConn>, ProxyHeader)>,
-    _guard: Option<PickGuard<Arc<BackendConn>>>,
-}
-
-impl UpstreamBody {
-    pub fn new(
-        up: Upstream,
-        head: &ResponseHead,
-        home: (Arc<BackendConn>, ProxyHeader),
-        guard: PickGuard<Arc<BackendConn>>,
-    ) -> Self {
-        let mut b = UpstreamBody {
-            up: Some(up),
-            head_reusable: head.reusable,
-            dec: BodyDecoder::new(head.framing),
-            home: Some(home),
-            _guard: Some(guard),
-        };
-        b.release_if_done();
-        b
-    }
-
-    fn release_if_done(&mut self) {
-        if !self.dec.is_done() {
-            return;
-        }
-        if let (Some(up), Some((backend, key))) = (self.up.take(), self.home.take())
-            && self.head_reusable
-            && !up.eof
-            && up.rbuf.is_empty()
-        {
-            backend.checkin(up, key);
-        }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = UpstreamError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
-        let this = &mut *self;
-        let Some(up) = this.up.as_mut() else { return Poll::Ready(None) };
-        match std::task::ready!(up.poll_body(cx, &mut this.dec)) {
-            Ok(Some(data)) => {
-                this.release_if_done();
-                Poll::Ready(Some(Ok(Frame::data(data))))
-            }
-            Ok(None) => {
-                this.release_if_done();
-                Poll::Ready(None)
-            }
-            Err(e) => {
-                this.up = None;
-                Poll::Ready(Some(Err(e)))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.dec.is_done()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.dec.remaining().map_or_else(SizeHint::default, SizeHint::with_exact)
-    }
-}
 
 #[cfg(test)]
 mod tests {
