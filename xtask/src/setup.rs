@@ -41,6 +41,10 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     // A real WebSocket client and server for the daemon's Upgrade test.
     "python3-websockets",
+    // `promtool` (check metrics on a live scrape, check and test the example alert rules) and
+    // a strict OpenMetrics parser for the negotiated exposition: the metrics tests.
+    "prometheus",
+    "python3-prometheus-client",
 ];
 
 /// The bpf-linker release the kernel crate is linked with (its LLVM 22 matches nightly's).
