@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Array, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, NoLabelSet},
@@ -58,6 +58,13 @@ pub enum ViewError {
         path: PathBuf,
         #[source]
         source: Box<MapError>,
+    },
+    #[error("map {map} at {}: batch lookup", path.display())]
+    Sys {
+        map: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("{iface}: its state changed under every one of {tries} reads")]
     Busy { iface: String, tries: u32 },
@@ -160,16 +167,114 @@ impl Maps {
         move |source| ViewError::Map { map, op: "read", path: self.dir.join(map), source: Box::new(source) }
     }
 
+    /// `map[first..first + n]`, summed over CPUs: in batches where the kernel can, else entry by
+    /// entry.
+    fn counters(
+        &self,
+        map: &PerCpuArray<MapData, Counter>,
+        name: &'static str,
+        first: u32,
+        n: u32,
+    ) -> Result<Vec<Counts>> {
+        match batch_counts(map, first, n) {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(source) => {
+                return Err(ViewError::Sys { map: name, path: self.dir.join(name), source });
+            }
+        }
+        (first..first + n).map(|i| map.get(&i, 0).map(|v| sum(&v)).map_err(self.err(name))).collect()
+    }
+
     fn slot_rules(&self, slot: u32) -> Result<Vec<Counts>> {
         let info = self.slots.get(&slot, 0).map_err(self.err(names::SLOTS))?;
-        (info.rule_base..info.rule_base + info.rule_count)
-            .map(|i| self.rule_stats.get(&i, 0).map(|v| sum(&v)).map_err(self.err(names::RULE_STATS)))
-            .collect()
+        self.counters(&self.rule_stats, names::RULE_STATS, info.rule_base, info.rule_count)
     }
 
     fn stats(&self) -> Result<Vec<Counts>> {
-        (0..stat::COUNT).map(|i| self.stats.get(&i, 0).map(|v| sum(&v)).map_err(self.err(names::STATS))).collect()
+        self.counters(&self.stats, names::STATS, 0, stat::COUNT)
     }
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// Entries per lookup batch: bounds the buffer (entries × CPUs × 16 bytes).
+const BATCH: u32 = 4096;
+
+/// `union bpf_attr`, the part `BPF_MAP_LOOKUP_BATCH` reads.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `map[first..first + n]` summed over CPUs with `BPF_MAP_LOOKUP_BATCH`: one system call per
+/// 4,096 entries instead of one each (10,000 rules took about 30 ms entry by entry). `Ok(None)`
+/// when the kernel has no batch lookup for the map.
+fn batch_counts(map: &PerCpuArray<MapData, Counter>, first: u32, n: u32) -> std::io::Result<Option<Vec<Counts>>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let fd = map.map().fd().as_fd().as_raw_fd();
+    let mut out = Vec::with_capacity(n as usize);
+    let mut keys = vec![0u32; BATCH.min(n) as usize];
+    // Per-CPU values come as one value per possible CPU, each rounded up to 8 bytes (Counter
+    // is 16).
+    let mut values = vec![Counter::default(); keys.len() * cpus];
+    while (out.len() as u32) < n {
+        let want = BATCH.min(n - out.len() as u32);
+        let next = first + out.len() as u32;
+        // The kernel continues after the key in `in_batch`; none: from the first key.
+        let prev = next.checked_sub(1);
+        let in_batch = prev.unwrap_or(0);
+        let mut out_batch = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: if prev.is_some() { &in_batch as *const u32 as u64 } else { 0 },
+            out_batch: &mut out_batch as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: want,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: the buffers hold `want` keys and `want × cpus` values of the map's sizes and
+        // live through the call; the kernel reads `size_of::<BatchAttr>()` bytes of `attr`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        let got = attr.count as usize;
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // The end of the map: what was asked for may still all be there.
+                Some(libc::ENOENT) if got == want as usize => {}
+                // 524 = ENOTSUPP, the kernel-internal code some map types return.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(524) if out.is_empty() => return Ok(None),
+                _ => return Err(e),
+            }
+        }
+        if got != want as usize || keys[..got].iter().enumerate().any(|(i, k)| *k != next + i as u32) {
+            return Err(std::io::Error::other(format!(
+                "batch lookup from key {next} returned {got} of {want} entries, not in order"
+            )));
+        }
+        out.extend(
+            values[..got * cpus]
+                .chunks(cpus)
+                .map(|per_cpu| per_cpu.iter().fold(Counts::default(), |a, c| a + Counts::from(*c))),
+        );
+    }
+    Ok(Some(out))
 }
 
 /// Reads the counters of the firewall attached to `iface` in `scope`, without its lock.
