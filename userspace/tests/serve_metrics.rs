@@ -307,3 +307,51 @@ fn example_dashboard_and_rules_use_exported_metrics() {
         }
     });
 }
+
+/// A reload keeps the counts of the backends and routes that stay (no reset for `rate()` to
+/// see), and the series of a backend the new configuration drops leave `/metrics`.
+#[test]
+fn reload_keeps_counts_and_retires_removed_backends() {
+    isolated(|| async move {
+        let site = Site::new("metrics-reload");
+        let (listen, admin) = (free_addr(), free_addr());
+        let (a_addr, b_addr) = (free_addr(), free_addr());
+        let _a = TestBackend::start("a", a_addr).await;
+        let _b = TestBackend::start("b", b_addr).await;
+        let pools = |backends: &str| {
+            format!(
+                "[[route]]\npath = \"/a\"\npool = \"pa\"\n\n[[route]]\npath = \"/b\"\npool = \"pb\"\n\n\
+                 [[pool]]\nname = \"pa\"\nbackends = [\"{a_addr}\"]\n\n[[pool]]\nname = \"pb\"\nbackends = [{backends}]\n"
+            )
+        };
+        let cfg = site.config(listen, admin, "", &pools(&format!("\"{b_addr}\"")));
+        let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
+        let get = |path: &str| {
+            let c = curl_https(listen, "site.test", path, &site.ca_file, &["--http1.1"]);
+            assert_eq!(c.status, 200, "{path}: {c:?}");
+        };
+        for _ in 0..3 {
+            get("/a/x");
+            get("/b/x");
+        }
+        let (a, b) = (format!("backend=\"{a_addr}\""), format!("backend=\"{b_addr}\""));
+        let requests = |m: &str, backend: &str| metric(m, "rampart_http_backend_requests_total", &[backend]);
+
+        // pb loses its backend b (to a); pa keeps a.
+        site.dir.replace("rampart.toml", &site.config_text(listen, admin, "", &pools(&format!("\"{a_addr}\""))));
+        let sock = site.dir.path("control.sock");
+        let out = rampart(&["reload", "--control-socket", sock.to_str().unwrap()]);
+        assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+        d.wait_log("configuration reloaded");
+        get("/a/x");
+        get("/b/x");
+        let m = scrape(admin, None).body;
+        assert_eq!(metric(&m, "rampart_http_backend_requests_total", &["pool=\"pa\"", &a]), 4.0, "{m}");
+        assert_eq!(metric(&m, "rampart_http_backend_requests_total", &["pool=\"pb\"", &a]), 1.0, "{m}");
+        assert!(!m.contains(&b), "backend b left pb, yet its series stay:\n{m}");
+        assert_eq!(requests(&m, &a), 5.0, "{m}");
+        assert_eq!(metric(&m, "rampart_http_request_duration_seconds_count", &["route=\"*/a\""]), 4.0, "{m}");
+        assert_eq!(metric(&m, "rampart_http_request_duration_seconds_count", &["route=\"*/b\""]), 4.0, "{m}");
+        assert_promtool_clean(&m);
+    });
+}
