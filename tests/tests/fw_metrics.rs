@@ -161,12 +161,10 @@ fn firewall_counters_exact_in_metrics_without_the_lock() {
         thread::sleep(Duration::from_millis(50));
     }
 
-    // Someone holds the interface's lock (a long `fw load`, say): the scrape does not wait for it.
+    // Someone holds the interface's lock (a long `fw load`, say): the scrape does not wait for
+    // it (a `fw` command waits for the lock without end; `get` gives up after 10 s and fails).
     let lock = rampart::fw::state::lock(&scope, SERVER_IF).expect("take the lock");
-    let t0 = Instant::now();
-    let m = get(&net, admin, "/metrics").expect("scrape");
-    // Far below a `fw` command's wait for the lock (forever): the read did not block on it.
-    assert!(t0.elapsed() < Duration::from_secs(5), "scrape took {:?} while the lock was held", t0.elapsed());
+    let m = get(&net, admin, "/metrics").expect("scrape while the interface's lock is held");
     drop(lock);
     let iface = |extra: &[&str]| {
         let mut l = vec![format!("netns=\"{}\"", net.server), format!("iface=\"{SERVER_IF}\"")];

