@@ -3,7 +3,9 @@
 //! and status class; latency histograms count what they observed; process figures and build
 //! info are there; the classic text passes `promtool check metrics`, and the OpenMetrics text
 //! (sent to a scraper that asks for it as Prometheus does) passes the OpenMetrics parser of
-//! Python's prometheus_client. Both carry the same figures.
+//! Python's prometheus_client. Both carry the same figures, and a real Prometheus server
+//! (Debian's) scrapes and stores them. The examples in examples/monitoring/ pass promtool and use
+//! only exported names; a reload keeps counts.
 
 mod serve_support;
 
@@ -352,5 +354,92 @@ fn reload_keeps_counts_and_retires_removed_backends() {
         assert_eq!(metric(&m, "rampart_http_request_duration_seconds_count", &["route=\"*/a\""]), 4.0, "{m}");
         assert_eq!(metric(&m, "rampart_http_request_duration_seconds_count", &["route=\"*/b\""]), 4.0, "{m}");
         assert_promtool_clean(&m);
+    });
+}
+
+/// A Prometheus server (Debian's, from the package setup installs), killed on drop.
+struct PrometheusServer(std::process::Child);
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The value of the one series a PromQL query returns, if it returns one.
+fn query_one(prom: std::net::SocketAddr, q: &str) -> Option<String> {
+    let c = curl(&format!("http://{prom}/api/v1/query"), &["--get", "--data-urlencode", &format!("query={q}")]);
+    let v: serde_json::Value = serde_json::from_str(&c.body).ok()?;
+    let r = v["data"]["result"].as_array()?;
+    (r.len() == 1).then(|| r[0]["value"][1].as_str().map(str::to_string)).flatten()
+}
+
+/// A real Prometheus scrapes the daemon, negotiates OpenMetrics (its metadata shows what only
+/// OpenMetrics carries) and stores the figures: the target is up with no scrape error, and the
+/// per-backend counter reads what was sent.
+#[test]
+fn real_prometheus_scrapes_the_daemon() {
+    let prometheus = std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("prometheus")).find(|p| p.is_file()))
+        .unwrap_or_else(|| panic!("prometheus not found on PATH: run `cargo xtask setup` (Debian's prometheus)"));
+    isolated(move || async move {
+        let site = Site::new("metrics-prometheus");
+        let (listen, admin, backend, prom) = (free_addr(), free_addr(), free_addr(), free_addr());
+        let _b = TestBackend::start("b", backend).await;
+        let cfg = site.config(listen, admin, "", &one_pool(backend));
+        let _d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
+        for _ in 0..3 {
+            let c = curl_https(listen, "site.test", "/x", &site.ca_file, &[]);
+            assert_eq!(c.status, 200, "{c:?}");
+        }
+        let conf = site.dir.write(
+            "prometheus.yml",
+            &format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: rampart\n    static_configs:\n      - targets: [\"{admin}\"]\n"
+            ),
+        );
+        let log = std::fs::File::create(site.dir.path("prometheus.log")).unwrap();
+        let _p = PrometheusServer(
+            Command::new(prometheus)
+                .arg(format!("--config.file={}", conf.display()))
+                .arg(format!("--storage.tsdb.path={}", site.dir.path("tsdb").display()))
+                .arg(format!("--web.listen-address={prom}"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start prometheus"),
+        );
+        let q = format!("rampart_http_backend_requests_total{{backend=\"{backend}\",code=\"2xx\"}}");
+        let stored = eventually(300, || query_one(prom, &q).as_deref() == Some("3")).await;
+        let targets = curl(&format!("http://{prom}/api/v1/targets"), &[]).body;
+        assert!(
+            stored,
+            "Prometheus never stored 3 for {q}; targets: {targets}\nits log:\n{}",
+            std::fs::read_to_string(site.dir.path("prometheus.log")).unwrap_or_default()
+        );
+        assert_eq!(query_one(prom, "up{job=\"rampart\"}").as_deref(), Some("1"), "{targets}");
+        assert!(targets.contains("\"lastError\":\"\""), "{targets}");
+        // Metadata only OpenMetrics carries (an `info` type, a UNIT): Prometheus asked for it and
+        // got it.
+        let meta = curl(&format!("http://{prom}/api/v1/metadata"), &[]).body;
+        assert!(meta.contains("\"rampart_build\":[{\"type\":\"info\""), "{meta}");
+        assert!(meta.contains("\"unit\":\"seconds\""), "{meta}");
+        let version = String::from_utf8(rampart(&["--version"]).stdout).unwrap();
+        let version = version.trim().strip_prefix("rampart ").unwrap().to_string();
+        assert_eq!(
+            query_one(prom, &format!("rampart_build_info{{version=\"{version}\"}}")).as_deref(),
+            Some("1"),
+            "{targets}"
+        );
+        assert_eq!(
+            query_one(
+                prom,
+                &format!("rampart_http_backend_first_byte_duration_seconds_count{{backend=\"{backend}\"}}")
+            )
+            .as_deref(),
+            Some("3")
+        );
     });
 }
