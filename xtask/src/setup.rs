@@ -46,6 +46,10 @@ const APT_PACKAGES: &[&str] = &[
     "mariadb-server",
     "mariadb-client",
     "sysbench",
+    // `promtool` (check metrics on a live scrape, check and test the example alert rules) and
+    // a strict OpenMetrics parser for the negotiated exposition: the metrics tests.
+    "prometheus",
+    "python3-prometheus-client",
 ];
 
 /// The bpf-linker release the kernel crate is linked with (its LLVM 22 matches nightly's).

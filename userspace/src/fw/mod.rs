@@ -5,8 +5,10 @@
 //! - [`reference`]: the plain-Rust classifier that *is* the spec; tests compare the kernel to it.
 //! - [`tables`]: writes a compiled slot into the pinned maps and flips the active slot.
 //! - [`state`]: what `rampart` remembers about an attached interface (rules, ids, counters).
+//! - [`view`]: a read-only, lock-free view of an interface's counters, for scrapers.
 pub mod compile;
 pub mod reference;
 pub mod rules;
 pub mod state;
 pub mod tables;
+pub mod view;

@@ -12,7 +12,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Shared, proxy};
+use super::{Shared, exposition, proxy};
 
 pub async fn run_admin(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
     loop {
@@ -31,7 +31,7 @@ pub async fn run_admin(shared: Arc<Shared>, listener: TcpListener, stop: Cancell
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(admin_response(&shared, &req)) }
+                async move { Ok::<_, Infallible>(admin_response(shared, &req).await) }
             });
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
@@ -40,9 +40,17 @@ pub async fn run_admin(shared: Arc<Shared>, listener: TcpListener, stop: Cancell
     }
 }
 
-fn admin_response<B>(shared: &Shared, req: &Request<B>) -> Response<proxy::RespBody> {
+async fn admin_response<B>(shared: Arc<Shared>, req: &Request<B>) -> Response<proxy::RespBody> {
     let (ctype, body) = match req.uri().path() {
-        "/metrics" => ("application/openmetrics-text; version=1.0.0; charset=utf-8", shared.metrics.encode()),
+        "/metrics" => {
+            let format = exposition::negotiate(req.headers().get(header::ACCEPT).map(HeaderValue::as_bytes));
+            // A scrape reads the firewall's maps (system calls): off the async workers.
+            let shared = shared.clone();
+            match tokio::task::spawn_blocking(move || shared.metrics.encode(format)).await {
+                Ok(body) => (format.content_type(), body),
+                Err(_) => return proxy::error_page(StatusCode::INTERNAL_SERVER_ERROR, "The scrape failed."),
+            }
+        }
         "/healthz" => ("text/plain; charset=utf-8", "ok\n".to_string()),
         "/" => ("text/plain; charset=utf-8", shared.current().status()),
         _ => return proxy::error_page(StatusCode::NOT_FOUND, "Try /metrics or /."),

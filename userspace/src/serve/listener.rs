@@ -213,6 +213,7 @@ async fn serve_tls_conn(
     };
     let labels = ListenerLabels { listener: lrt.name.clone() };
     let acceptor = tokio_rustls::TlsAcceptor::from(lrt.tls.clone());
+    let t0 = std::time::Instant::now();
     let tls = match tokio::time::timeout(lrt.client_header_timeout, acceptor.accept(Tcp(tcp))).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -225,6 +226,7 @@ async fn serve_tls_conn(
         }
     };
     shared.metrics.tls_handshakes.get_or_create(&labels).inc();
+    lrt.stats.handshake.since(t0);
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let ctx = Arc::new(ConnCtx { trusted: lrt.is_trusted(client.ip()), listener: lrt.clone(), client, local });
     if !h2 {

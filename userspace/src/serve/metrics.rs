@@ -1,10 +1,20 @@
-//! The daemon's Prometheus metrics (`rampart_*`), served on the [admin] listener's `/metrics`.
+//! The daemon's Prometheus metrics (`rampart_*`, and `process_*`), served on the [admin]
+//! listener's `/metrics` in the format the scraper negotiates ([`exposition`]).
 //!
 //! Labels are bounded: routes, pools, backends, listeners and certificates come from the config;
-//! statuses are HTTP codes; no per-client or per-URL label.
+//! statuses are HTTP codes or classes; interfaces and rules come from what is attached; no
+//! per-client or per-URL label. Besides the families below, one collector per stage writes its
+//! figures at scrape time: [`HttpCollector`] (per backend, route and listener),
+//! [`FwCollector`] (the XDP firewall's per-CPU maps), [`ProcessCollector`] and [`BuildInfo`].
 
-use std::sync::{RwLock, atomic::AtomicU64};
+use std::sync::{Arc, RwLock, atomic::AtomicU64};
 
+use super::{
+    exposition::{self, Format},
+    process::{BuildInfo, ProcessCollector},
+    stats::{HttpCollector, HttpStats},
+};
+use crate::fw::view::FwCollector;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -95,6 +105,8 @@ pub struct Metrics {
     pub client_connections: Family<ListenerLabels, Gauge>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub mysql: std::sync::Arc<super::mysql::metrics::MysqlMetrics>,
+    /// Per backend, route and listener handles (see `stats`).
+    pub http: Arc<HttpStats>,
 }
 
 impl Default for Metrics {
@@ -105,7 +117,13 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("rampart");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector::default()));
+        let registry = root.sub_registry_with_prefix("rampart");
+        let http = Arc::new(HttpStats::default());
+        registry.register_collector(Box::new(BuildInfo));
+        registry.register_collector(Box::new(HttpCollector(http.clone())));
+        registry.register_collector(Box::new(FwCollector));
         let m = Metrics {
             requests: Family::default(),
             backend_up: Family::default(),
@@ -119,6 +137,7 @@ impl Metrics {
             client_connections: Family::default(),
             config_reloads: Family::default(),
             mysql: Default::default(),
+            http,
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests answered, by route, pool and status", m.requests.clone());
@@ -156,15 +175,18 @@ impl Metrics {
         );
         registry.register("client_connections", "Open client connections", m.client_connections.clone());
         registry.register("config_reloads", "Configuration reloads, by result", m.config_reloads.clone());
-        m.mysql.register(&mut registry);
-        Metrics { registry, ..m }
+        m.mysql.register(registry);
+        Metrics { registry: root, ..m }
     }
 
-    /// The text exposition format.
-    pub fn encode(&self) -> String {
+    /// Every figure, in `format`. Reads the firewall's maps: call it off the async workers.
+    pub fn encode(&self, format: Format) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Classic => exposition::to_classic(&out),
+        }
     }
 }

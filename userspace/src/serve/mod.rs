@@ -4,18 +4,22 @@
 //! [`mysql`] the MySQL router. [`runtime`] builds one generation of state from a config (HTTP
 //! routes and pools, MySQL clusters: a reload swaps them together); [`listener`] accepts TLS
 //! clients (and redirects) and hands them to [`http`]; [`tls`], [`tcp`] (the socket under rustls),
-//! [`timer`] (a connection's timeouts), [`proxy_protocol`], [`metrics`] and [`admin`] (metrics
-//! listener and control socket) do one job each. Reloads (SIGHUP,
+//! [`timer`] (a connection's timeouts), [`proxy_protocol`], [`metrics`] (with [`stats`],
+//! [`process`] and [`exposition`]) and [`admin`] (metrics listener and control socket) do one job
+//! each. Reloads (SIGHUP,
 //! `rampart reload`) build a new generation and swap it in; a config that fails to load or
 //! build is refused and the running one stays.
 
 pub mod admin;
+pub mod exposition;
 pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod mysql;
+pub mod process;
 pub mod proxy_protocol;
 pub mod runtime;
+pub mod stats;
 pub mod tcp;
 pub mod timer;
 pub mod tls;
@@ -140,7 +144,8 @@ impl Shared {
         }
         let notes = config.not_applied_by_serve();
         let path = self.config_path.clone();
-        let g = Generation::build(config, &path, Some(&old), &self.tls_shared).map_err(|e| e.to_string())?;
+        let g = Generation::build(config, &path, Some(&old), &self.tls_shared, &self.metrics.http)
+            .map_err(|e| e.to_string())?;
         let fresh = bind_new(bound, &g.config).map_err(|e| e.to_string())?;
         let g = Arc::new(g);
         self.generation.store(g.clone());
@@ -261,8 +266,8 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     }
     let tls_shared = TlsShared::default();
     let control_path = config.admin.control_socket.clone();
-    let g = Arc::new(Generation::build(config, config_path, None, &tls_shared)?);
     let metrics = Arc::new(Metrics::new());
+    let g = Arc::new(Generation::build(config, config_path, None, &tls_shared, &metrics.http)?);
     let shared = Arc::new(Shared {
         config_path: config_path.to_path_buf(),
         generation: ArcSwap::new(g.clone()),

@@ -16,6 +16,7 @@ use super::{
     },
     metrics::{BackendLabels, Metrics, RouteCounters},
     mysql::{ClusterRt, session::Port},
+    stats::{HttpStats, ListenerStats, RouteStats},
     tls::{self, CertStore},
 };
 use crate::config::{self, AdminState, Cidr, Config, Scheme};
@@ -39,6 +40,8 @@ pub struct RouteRt {
     pub firewall: Option<Firewall>,
     /// This route's request counters by status.
     pub requests: RouteCounters,
+    /// This route's request durations.
+    pub stats: Arc<RouteStats>,
 }
 
 /// What a TLS listener needs per connection.
@@ -51,6 +54,7 @@ pub struct ListenerRt {
     pub client_header_timeout: Duration,
     pub idle_timeout: Duration,
     pub tunnel_timeout: Duration,
+    pub stats: Arc<ListenerStats>,
 }
 
 impl ListenerRt {
@@ -97,18 +101,20 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// Builds a generation; pools take over the health state of same-named pools of `previous`.
+    /// Builds a generation; pools take over the health state of same-named pools of `previous`;
+    /// backends, routes and listeners take their figures' handles from `http`.
     pub fn build(
         config: Config,
         config_path: &Path,
         previous: Option<&Generation>,
         tls_shared: &TlsShared,
+        http: &HttpStats,
     ) -> Result<Generation, ServeError> {
         let base = config_path.parent().unwrap_or(Path::new("."));
         let mut pools: Vec<Arc<PoolRt>> = Vec::new();
         for p in &config.pools {
             let old = previous.and_then(|g| g.pools.iter().find(|o| o.name == p.name()));
-            pools.push(Arc::new(build_pool(p, &config, base, old.map(|o| &*o.lb))?));
+            pools.push(Arc::new(build_pool(p, &config, base, old.map(|o| &*o.lb), http)?));
         }
         let by_name: HashMap<&str, &Arc<PoolRt>> = pools.iter().map(|p| (p.name.as_str(), p)).collect();
         let mut routes = Vec::new();
@@ -121,6 +127,7 @@ impl Generation {
             let label = format!("{}{}", host.as_deref().unwrap_or("*"), path);
             routes.push(RouteRt {
                 requests: RouteCounters::new(&label, &pool.name),
+                stats: http.route(&label, &pool.name),
                 label,
                 host,
                 path,
@@ -138,6 +145,7 @@ impl Generation {
             listeners.insert(
                 addr,
                 Arc::new(ListenerRt {
+                    stats: http.listener(&name),
                     name,
                     tls,
                     certs,
@@ -281,6 +289,10 @@ impl Generation {
                 }
             }
         }
+        let backends = keep.into_iter().map(|l| (l.pool, l.backend)).collect();
+        let routes = next.routes.iter().map(|r| (r.stats.route.clone(), r.stats.pool.clone())).collect();
+        let listeners = next.listeners.values().map(|l| l.name.clone()).collect();
+        metrics.http.retain(&backends, &routes, &listeners);
     }
 
     /// Sets a backend's admin state at run time (`rampart backend`): it lasts until the next
@@ -329,7 +341,13 @@ impl Generation {
     }
 }
 
-fn build_pool(p: &config::Pool, config: &Config, base: &Path, old: Option<&LbPool>) -> Result<PoolRt, ServeError> {
+fn build_pool(
+    p: &config::Pool,
+    config: &Config,
+    base: &Path,
+    old: Option<&LbPool>,
+    http: &HttpStats,
+) -> Result<PoolRt, ServeError> {
     let backends = p.backends.get_ref();
     let tls = if backends.iter().any(|b| b.addr.scheme == Scheme::Https) {
         if !p.tls_verify {
@@ -346,7 +364,8 @@ fn build_pool(p: &config::Pool, config: &Config, base: &Path, old: Option<&LbPoo
     };
     let mut specs = Vec::new();
     for b in backends {
-        let conn = BackendConn::new(p, b.addr, tls.as_ref()).map_err(ServeError::Config)?;
+        let mut conn = BackendConn::new(p, b.addr, tls.as_ref()).map_err(ServeError::Config)?;
+        conn.stats = http.backend(p.name(), &b.addr.to_string());
         specs.push(BackendSpec::new(b.addr.to_string(), Arc::new(conn)).with_weight(b.weight));
     }
     let health = match &p.health {

@@ -182,8 +182,8 @@ pub struct BackendState {
 }
 
 /// A small HTTP/1.1 backend. Answers `/healthz` with the configured status, `/slow?ms=N` after N
-/// milliseconds, anything else at once; the body names the backend and echoes the forwarding
-/// headers it received.
+/// milliseconds, a path ending in `/status?code=N` with status N, anything else at once (200);
+/// the body names the backend and echoes the forwarding headers it received.
 pub struct TestBackend {
     pub addr: SocketAddr,
     pub name: String,
@@ -313,9 +313,14 @@ async fn answer(
         peer.ip(),
         pp.map(|p| p.to_string()).unwrap_or_default(),
     );
+    let status = match req.uri().query().and_then(|q| q.strip_prefix("code=")) {
+        Some(code) if path.ends_with("/status") => http::StatusCode::from_bytes(code.as_bytes()).unwrap(),
+        _ => http::StatusCode::OK,
+    };
     let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
     let text = format!("{head}body_len={body}\n");
     let mut r = Response::new(Full::new(Bytes::from(text)));
+    *r.status_mut() = status;
     r.headers_mut().insert("x-backend", http::HeaderValue::from_str(name).unwrap());
     r
 }

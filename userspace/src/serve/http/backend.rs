@@ -24,6 +24,7 @@ use super::{
     coarse_ms,
     metrics::{BackendLabels, Metrics},
     proxy_protocol,
+    stats::BackendStats,
     tcp::Tcp,
     upstream::{Asks, BodyDecoder, Io, ResponseHead, Upstream, UpstreamError},
 };
@@ -73,6 +74,8 @@ pub struct BackendConn {
     idle_timeout: Duration,
     max_idle: usize,
     idle: Mutex<Vec<Idle>>,
+    /// This backend's figures; the generation's build puts the registered handle here.
+    pub stats: Arc<BackendStats>,
 }
 
 impl std::fmt::Debug for BackendConn {
@@ -103,6 +106,7 @@ impl BackendConn {
             idle_timeout: pool.idle_timeout.0,
             max_idle: pool.max_idle,
             idle: Mutex::new(Vec::new()),
+            stats: Arc::new(BackendStats::new(pool.name(), &addr.to_string())),
         })
     }
 

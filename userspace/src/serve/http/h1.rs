@@ -18,6 +18,7 @@ use super::{
     Shared,
     proxy::{self, ConnCtx, Forwarding, Outcome, RequestBody, SendError},
     runtime::RouteRt,
+    stats::Timing,
     timer::Timer,
     tunnel,
     upstream::{
@@ -472,6 +473,8 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await;
     };
+    // Observed when this function returns: the answer's last byte is written by then.
+    let timing = Timing::start(&*route.stats);
     let pool = route.pool.clone();
     let xff = || {
         hdrs.iter().filter(|h| slice(raw, h.name).eq_ignore_ascii_case(b"x-forwarded-for")).map(|h| slice(raw, h.value))
@@ -608,7 +611,11 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(
                 Next::Linger
             }
         }
-        Outcome::Response(x) if x.head.status == 101 => switch(shared, ctx, route, c, out, x, idle).await,
+        Outcome::Response(x) if x.head.status == 101 => {
+            // A tunnel's time is not a request's.
+            timing.cancel();
+            switch(shared, ctx, route, c, out, x, idle).await
+        }
         Outcome::Response(x) => relay(shared, route, c, out, x, line.minor, keep, idle).await,
     }
 }

@@ -13,4 +13,4 @@ pub mod upstream;
 
 // The shared parts of the daemon the HTTP modules use, named here once so that their
 // `use super::…` lines read the same as before the move into `http/`.
-use super::{Shared, coarse_ms, metrics, proxy_protocol, runtime, tcp, timer};
+use super::{Shared, coarse_ms, metrics, proxy_protocol, runtime, stats, tcp, timer};

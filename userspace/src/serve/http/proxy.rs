@@ -6,7 +6,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -21,6 +21,7 @@ use super::{
     firewall::{self, Block},
     metrics::{BlockLabels, PoolLabels, RequestLabels},
     runtime::{ListenerRt, PoolRt, RouteRt},
+    stats::Timing,
     timer::Timer,
     upstream::{self, Asks, Framing, ResponseHead, Upstream, UpstreamError},
 };
@@ -283,6 +284,7 @@ pub async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incomin
         count_unrouted(&shared, StatusCode::NOT_FOUND);
         return error_page(StatusCode::NOT_FOUND, "No route for this host and path.");
     };
+    let timing = Timing::start(route.stats.clone());
     let pool = route.pool.clone();
     let client = effective_client(&ctx, req.headers().get_all(&X_FORWARDED_FOR).iter().map(HeaderValue::as_bytes));
     let declared = req
@@ -371,7 +373,14 @@ pub async fn handle(shared: Arc<Shared>, ctx: Arc<ConnCtx>, req: Request<Incomin
         Outcome::Error { status, detail } => error_page(status, detail),
     };
     route.requests.inc(&shared.metrics, r.status().as_u16());
-    r
+    // The request's time ends when hyper is done with the body (sent, or the stream reset).
+    r.map(|b| {
+        b.map_frame(move |f| {
+            let _ = &timing;
+            f
+        })
+        .boxed()
+    })
 }
 
 /// A hyper response streaming a backend's answer.
@@ -637,12 +646,17 @@ async fn attempt<B: RequestBody>(
             Some(u) => u,
             None => {
                 fresh = true;
+                let t0 = Instant::now();
                 match bc.connect(header).await {
-                    Ok(u) => u,
+                    Ok(u) => {
+                        bc.stats.connect.since(t0);
+                        u
+                    }
                     Err(e) => return Attempt::NotSent(e.to_string(), matches!(e, ConnectError::Timeout { .. })),
                 }
             }
         };
+        let sent_at = Instant::now();
         let sent = body.timer().within(response_timeout, up.send(head)).await;
         if let Err(e) = sent.unwrap_or_else(|t| Err(t.into())) {
             if !fresh && body.replayable() {
@@ -680,7 +694,10 @@ async fn attempt<B: RequestBody>(
                     format!("backend {} sent no response within {response_timeout:?}", bc.addr),
                 );
             }
-            Ok(Ok(h)) => return Attempt::Response(h, up),
+            Ok(Ok(h)) => {
+                bc.stats.first_byte.since(sent_at);
+                return Attempt::Response(h, up);
+            }
             // A kept-alive connection the backend closed just as it was reused: nothing was
             // processed, so a request that can be replayed goes out again on a new connection.
             Ok(Err(UpstreamError::Closed { empty: true })) if !fresh && body.replayable() && idempotent => {
@@ -714,6 +731,7 @@ pub async fn exchange<B: RequestBody>(
         let bc = guard.data().clone();
         match attempt(&bc, header, head, body, idempotent, asks, pool.cfg.response_timeout.0).await {
             Attempt::Response(head, up) => {
+                bc.stats.count(head.status);
                 if pool.passive {
                     publish(&shared.metrics, &pool.name, guard.report_live_success());
                 }
@@ -741,6 +759,7 @@ pub async fn exchange<B: RequestBody>(
                 }
             }
             Attempt::Failed(status, msg) => {
+                bc.stats.count(status.as_u16());
                 log::warn!("pool {}: {msg}", pool.name);
                 let backend_fault = status == StatusCode::BAD_GATEWAY || status == StatusCode::GATEWAY_TIMEOUT;
                 if pool.passive && backend_fault {

@@ -42,6 +42,8 @@ pub struct MysqlMetrics {
     pub up: Family<ServerLabels, Gauge>,
     pub lag: Family<ServerLabels, Gauge<f64, AtomicU64>>,
     pub connections: Family<ServerLabels, Gauge>,
+    /// Servers that are writable (`read_only` off): 1 is healthy, 0 no primary, 2+ split brain.
+    pub writable_primaries: Family<ClusterLabels, Gauge>,
     pub primary_changes: Family<ClusterLabels, Counter>,
     pub last_primary_change: Family<ClusterLabels, Gauge<f64, AtomicU64>>,
     pub refused: Family<PortLabels, Counter>,
@@ -61,6 +63,11 @@ impl MysqlMetrics {
             self.lag.clone(),
         );
         registry.register("mysql_connections", "Open client connections to the server", self.connections.clone());
+        registry.register(
+            "mysql_writable_primaries",
+            "Writable servers in the cluster: 1 is healthy, 0 means no primary, more means split brain",
+            self.writable_primaries.clone(),
+        );
         registry.register("mysql_primary_changes", "Changes of the cluster's primary", self.primary_changes.clone());
         registry.register(
             "mysql_last_primary_change_timestamp_seconds",

@@ -225,6 +225,9 @@ impl ClusterRt {
     /// Sets this cluster's per-server gauges from the last decision.
     pub fn publish(&self, metrics: &MysqlMetrics) {
         let d = self.state.decision();
+        let writable = d.servers.iter().filter(|s| matches!(s.role, Role::Primary | Role::Writable)).count();
+        let cl = ClusterLabels { cluster: self.name.clone() };
+        metrics.writable_primaries.get_or_create(&cl).set(writable as i64);
         for s in &d.servers {
             let sl = ServerLabels { cluster: self.name.clone(), server: s.addr.to_string() };
             for r in Role::ALL {
@@ -267,6 +270,7 @@ impl ClusterRt {
             let l = ClusterLabels { cluster: self.name.clone() };
             metrics.primary_changes.remove(&l);
             metrics.last_primary_change.remove(&l);
+            metrics.writable_primaries.remove(&l);
         }
     }
 
