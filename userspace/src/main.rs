@@ -50,6 +50,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: FwCmd,
     },
+    /// The XDP L4 balancer on an attached interface: services (VIP:PORT/PROTO) and backends.
+    Lb {
+        /// The interface (may be left out when exactly one is attached in this scope).
+        #[arg(long, value_name = "IF", global = true)]
+        iface: Option<String>,
+        #[command(subcommand)]
+        cmd: LbCmd,
+    },
     /// What is attached in this scope: mode, program, rules, counters per verdict; then the
     /// running daemon's pools and MySQL clusters, if one answers on its control socket.
     Status {
@@ -159,6 +167,58 @@ enum FwCmd {
         #[command(subcommand)]
         op: SetOp,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LbCmd {
+    /// Add or delete a service.
+    Service {
+        #[command(subcommand)]
+        op: LbServiceOp,
+    },
+    /// Add, delete, drain or re-admit a service's backend.
+    Backend {
+        #[command(subcommand)]
+        op: LbBackendOp,
+    },
+    /// Every service and backend: state, weight, packets, bytes, new flows, and their rates
+    /// since the last `lb list`.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LbServiceOp {
+    /// A new service with no backends (its packets are dropped until one is added).
+    Add {
+        /// VIP:PORT/PROTO, e.g. 203.0.113.10:443/tcp or [2001:db8::10]:53/udp.
+        service: String,
+        /// Maglev table size: a prime well above the backend count.
+        #[arg(long, value_name = "N", default_value_t = loadbalancer::DEFAULT_TABLE_SIZE)]
+        table_size: u32,
+    },
+    /// Delete a service: its packets go on to the stack as any other.
+    Delete { service: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LbBackendOp {
+    /// Add a backend (same address family as the service).
+    Add {
+        service: String,
+        addr: String,
+        /// Relative share of new flows.
+        #[arg(long, value_name = "W", default_value_t = 100)]
+        weight: u32,
+    },
+    /// Delete a backend: its flows are hashed again onto the others.
+    Delete { service: String, addr: String },
+    /// No new flows; flows already in the connection table stay until they end.
+    Drain { service: String, addr: String },
+    /// Take new flows again after a drain.
+    Ready { service: String, addr: String },
 }
 
 #[derive(Subcommand, Debug)]

@@ -2,8 +2,10 @@
 //!
 //! An attached interface is these things, and nothing else (detach removes exactly them):
 //! - `/sys/fs/bpf/rampart/<scope>/<iface>/link`: the pinned BPF link (the program stays attached
-//!   while it exists), and one pin per map (`rampart_common::fw::map_names::ALL`);
-//! - `/run/rampart/<scope>/<iface>/state.json` and `lock` (see [`crate::fw::state`]).
+//!   while it exists), and one pin per map (`rampart_common::fw::map_names::ALL` and
+//!   `rampart_common::lb::map_names::ALL`);
+//! - `/run/rampart/<scope>/<iface>/state.json` and `lock` (see [`crate::fw::state`]), and
+//!   `lb.json` once services are configured (see [`crate::lb::state`]).
 use std::{
     ffi::CString,
     fs, io,
@@ -17,7 +19,10 @@ use aya::{
         links::{FdLink, LinkError, PinnedLink},
     },
 };
-use rampart_common::fw::{PROGRAM_NAME, map_names};
+use rampart_common::{
+    fw::{PROGRAM_NAME, map_names},
+    lb::map_names as lb_map_names,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -26,6 +31,10 @@ use crate::{
         rules::{Action, RuleSet},
         state::{self, FwState, StateError},
         tables::{FwTables, TablesError},
+    },
+    lb::{
+        self,
+        tables::{LbTables, LbTablesError},
     },
     paths::{self, Scope},
 };
@@ -138,6 +147,12 @@ pub enum XdpError {
         iface: String,
         #[source]
         source: Box<TablesError>,
+    },
+    #[error("{iface}: the balancer's maps")]
+    Lb {
+        iface: String,
+        #[source]
+        source: Box<LbTablesError>,
     },
     #[error(transparent)]
     State(#[from] StateError),
@@ -283,6 +298,8 @@ fn attach_claimed(
         .load(FIREWALL_OBJ)
         .map_err(|source| XdpError::Load { iface: iface.to_string(), source: Box::new(source) })?;
     let mut tables = FwTables::from_ebpf(&mut ebpf).map_err(tables_err)?;
+    let lb_err = |source| XdpError::Lb { iface: iface.to_string(), source: Box::new(source) };
+    let mut lb = LbTables::from_ebpf(&mut ebpf).map_err(lb_err)?;
     let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
         .ok_or_else(|| XdpError::Program {
@@ -299,6 +316,9 @@ fn attach_claimed(
         rules.unwrap_or_else(|| RuleSet { default: Action::Allow, sets: Default::default(), rules: Vec::new() });
     let report = tables.install(&rules).map_err(tables_err)?;
     tables.pin_all(pin_dir).map_err(tables_err)?;
+    // The balancer stage: its settings, no services yet (`rampart lb`, `attach --config`).
+    lb.set_config(&lb::state::default_config()).map_err(lb_err)?;
+    lb.pin_all(pin_dir).map_err(lb_err)?;
 
     let (used, link_id) = match mode {
         AttachMode::Native | AttachMode::Skb => {
@@ -375,10 +395,10 @@ pub fn detach(scope: &Scope, iface: &str) -> Result<()> {
 fn remove_all(scope: &Scope, iface: &str) -> Result<()> {
     let pin_dir = scope.pin_dir(iface);
     let state_dir = scope.state_dir(iface);
-    let names = std::iter::once(LINK_PIN).chain(map_names::ALL);
+    let names = std::iter::once(LINK_PIN).chain(map_names::ALL).chain(lb_map_names::ALL);
     remove_dir_with(&pin_dir, names)?;
     remove_empty_parents(&pin_dir, Path::new(paths::BPFFS_ROOT))?;
-    remove_dir_with(&state_dir, state::FILES.iter().copied())?;
+    remove_dir_with(&state_dir, state::FILES.iter().chain(&lb::state::FILES).copied())?;
     remove_empty_parents(&state_dir, Path::new(paths::RUN_ROOT))?;
     Ok(())
 }
@@ -531,7 +551,7 @@ mod tests {
         let r = attach(&scope, "rpa", mode, None).expect("attach");
         assert_eq!(r.mode, want);
         assert!(xdp_on(&lab));
-        for name in std::iter::once(LINK_PIN).chain(map_names::ALL) {
+        for name in std::iter::once(LINK_PIN).chain(map_names::ALL).chain(lb_map_names::ALL) {
             assert!(scope.pin_dir("rpa").join(name).exists(), "{name}");
         }
         assert_eq!(attached_ifaces(&scope).unwrap(), vec!["rpa".to_string()]);

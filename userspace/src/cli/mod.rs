@@ -1,5 +1,6 @@
 //! The commands behind `rampart`'s arguments.
 mod daemon;
+mod lb;
 mod output;
 
 use std::{path::Path, process::ExitCode};
@@ -45,6 +46,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Status { json, control_socket } => output::status(&scope, json, &control_socket),
         Cmd::Fw { cmd } => fw(&scope, cmd),
+        Cmd::Lb { iface, cmd } => lb::run(&scope, pick_iface(&scope, iface)?, cmd),
         Cmd::Serve { config } => daemon::serve(&config),
         Cmd::CheckConfig { file } => daemon::check_config(&file),
         Cmd::Reload { control_socket } => daemon::reload(&control_socket),
