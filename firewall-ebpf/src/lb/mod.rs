@@ -21,7 +21,9 @@ use rampart_common::{
     },
 };
 
-use self::maps::{LB_BACKEND_STATS, LB_BACKENDS, LB_CONFIG, LB_CONNTRACK, LB_RING, LB_SERVICE_STATS, LB_STATS, LB_VIPS};
+use self::maps::{
+    LB_BACKEND_STATS, LB_BACKENDS, LB_CONFIG, LB_CONNTRACK, LB_RING, LB_SERVICE_STATS, LB_STATS, LB_VIPS,
+};
 use crate::{
     count,
     parse::{Frag, Packet},
@@ -179,9 +181,8 @@ pub extern "C" fn rampart_lb_choose(raw: *mut xdp_md, meta: u64) -> u64 {
 fn flow_of(ctx: &XdpContext, l3: usize, l4: usize, proto: u8, v6: bool) -> Option<FlowKey> {
     let ports = at(ctx, l4, 4)?;
     // SAFETY: 4 bytes bounds-checked above.
-    let (sport, dport) = unsafe {
-        (u16::from_be_bytes([*ports, *ports.add(1)]), u16::from_be_bytes([*ports.add(2), *ports.add(3)]))
-    };
+    let (sport, dport) =
+        unsafe { (u16::from_be_bytes([*ports, *ports.add(1)]), u16::from_be_bytes([*ports.add(2), *ports.add(3)])) };
     let (family, src, dst) = addrs(ctx, l3, v6)?;
     Some(FlowKey { src, dst, sport, dport, proto, family, _pad: 0 })
 }
@@ -243,12 +244,7 @@ pub extern "C" fn rampart_lb_encap6(raw: *mut xdp_md, choice: u64) -> u64 {
 
 /// Adds a packet (and a new flow) to a per-CPU [`LbCounter`](rampart_common::lb::LbCounter).
 #[inline(always)]
-fn add_lb(
-    map: &aya_ebpf::maps::PerCpuArray<rampart_common::lb::LbCounter>,
-    index: u32,
-    bytes: u64,
-    new_flow: bool,
-) {
+fn add_lb(map: &aya_ebpf::maps::PerCpuArray<rampart_common::lb::LbCounter>, index: u32, bytes: u64, new_flow: bool) {
     if let Some(c) = map.get_ptr_mut(index) {
         // SAFETY: a per-CPU slot; XDP does not preempt itself on one CPU.
         unsafe {
@@ -327,8 +323,26 @@ unsafe fn write_ipv4(p: *mut u8, tot_len: u16, proto: u8, src: u64, dst: u64) {
     let csum = fold(sum).to_be_bytes();
     let (s, d) = (src.to_ne_bytes(), dst.to_ne_bytes());
     let hdr: [u8; 20] = [
-        0x45, 0, len[0], len[1], 0, 0, 0x40, 0, DEFAULT_TTL, proto, csum[0], csum[1], s[0], s[1], s[2], s[3], d[0],
-        d[1], d[2], d[3],
+        0x45,
+        0,
+        len[0],
+        len[1],
+        0,
+        0,
+        0x40,
+        0,
+        DEFAULT_TTL,
+        proto,
+        csum[0],
+        csum[1],
+        s[0],
+        s[1],
+        s[2],
+        s[3],
+        d[0],
+        d[1],
+        d[2],
+        d[3],
     ];
     // SAFETY: the caller guarantees the bytes.
     unsafe { core::ptr::write_unaligned(p as *mut [u8; 20], hdr) };
@@ -371,9 +385,8 @@ unsafe fn write_eth(p: *mut u8, dst: &[u8; 6], src: &[u8; 6], ethertype: u16) {
 #[inline(always)]
 fn next_hop(ctx: &XdpContext, params: &mut FibParams, bytes: u64) -> Result<u32, i64> {
     // SAFETY: the params struct is ours, of the size passed.
-    let rc = unsafe {
-        bpf_fib_lookup(ctx.ctx as *mut _, params as *mut _, core::mem::size_of::<FibParams>() as i32, 0)
-    };
+    let rc =
+        unsafe { bpf_fib_lookup(ctx.ctx as *mut _, params as *mut _, core::mem::size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(params.ifindex),
         BPF_FIB_LKUP_RET_FRAG_NEEDED | BPF_FIB_LKUP_RET_NO_NEIGH => Err(rc),
@@ -504,7 +517,9 @@ fn encap_v6(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u3
 fn macs(ctx: &XdpContext) -> Option<([u8; 6], [u8; 6])> {
     let p = at(ctx, 0, ETH_HLEN)?;
     // SAFETY: 14 bytes bounds-checked above.
-    unsafe { Some((core::ptr::read_unaligned(p as *const [u8; 6]), core::ptr::read_unaligned(p.add(6) as *const [u8; 6]))) }
+    unsafe {
+        Some((core::ptr::read_unaligned(p as *const [u8; 6]), core::ptr::read_unaligned(p.add(6) as *const [u8; 6])))
+    }
 }
 
 /// Cuts the frame to `keep` bytes and grows its head by `grow`: what is left of the original
@@ -576,7 +591,9 @@ fn icmp4_too_big(ctx: &XdpContext, mtu: u16, bytes: u64) -> u32 {
         let addrs = word(quote.add(12)).to_ne_bytes();
         let client = u64::from_ne_bytes([addrs[0], addrs[1], addrs[2], addrs[3], 0, 0, 0, 0]);
         let vip = u64::from_ne_bytes([addrs[4], addrs[5], addrs[6], addrs[7], 0, 0, 0, 0]);
-        let sum = sum_bytes(quote, ICMP4_QUOTE as u32) + ((ICMP_DEST_UNREACH as u64) << 8 | ICMP_FRAG_NEEDED as u64) + mtu as u64;
+        let sum = sum_bytes(quote, ICMP4_QUOTE as u32)
+            + ((ICMP_DEST_UNREACH as u64) << 8 | ICMP_FRAG_NEEDED as u64)
+            + mtu as u64;
         let c = fold(sum).to_be_bytes();
         let m = mtu.to_be_bytes();
         write_eth(p, &client_mac, &our_mac, ETH_P_IP);

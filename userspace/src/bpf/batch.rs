@@ -66,7 +66,13 @@ pub struct BatchAttr {
 
 /// One batch syscall over `count` keys (and values). Ok, or the error and how many entries the
 /// kernel had processed.
-pub fn batch(cmd: libc::c_long, fd: BorrowedFd<'_>, keys: &[u8], values: Option<&[u8]>, count: usize) -> io::Result<()> {
+pub fn batch(
+    cmd: libc::c_long,
+    fd: BorrowedFd<'_>,
+    keys: &[u8],
+    values: Option<&[u8]>,
+    count: usize,
+) -> io::Result<()> {
     let mut attr = BatchAttr {
         keys: keys.as_ptr() as u64,
         values: values.map_or(0, |v| v.as_ptr() as u64),

@@ -153,11 +153,7 @@ fn list(scope: &Scope, lb: &Balancer, json: bool) -> Result<()> {
                     .collect(),
             })
             .collect(),
-        events: stat::NAMES
-            .iter()
-            .zip(lb.tables().stats()?)
-            .map(|(n, c)| (*n, c.packets))
-            .collect(),
+        events: stat::NAMES.iter().zip(lb.tables().stats()?).map(|(n, c)| (*n, c.packets)).collect(),
     };
     let next = Last {
         at_ms: now_ms,

@@ -21,7 +21,8 @@ use std::{
 
 use loadbalancer::{Maglev, MaglevBackend, MaglevError};
 use rampart_common::lb::{
-    BACKEND_LIVE, BackendInfo, FAMILY_V4, FAMILY_V6, LbConfig, LbCounter, MAX_BACKENDS, MAX_SERVICES, RING_ENTRIES, VipInfo, VipKey,
+    BACKEND_LIVE, BackendInfo, FAMILY_V4, FAMILY_V6, LbConfig, LbCounter, MAX_BACKENDS, MAX_SERVICES, RING_ENTRIES,
+    VipInfo, VipKey,
 };
 use serde::{Deserialize, Serialize};
 
@@ -240,11 +241,7 @@ impl Service {
     }
 
     fn no_backend(&self, addr: IpAddr) -> LbError {
-        LbError::NoBackend {
-            service: self.id,
-            addr,
-            known: self.backends.iter().map(|b| b.addr.to_string()).collect(),
-        }
+        LbError::NoBackend { service: self.id, addr, known: self.backends.iter().map(|b| b.addr.to_string()).collect() }
     }
 }
 
@@ -408,7 +405,8 @@ pub fn sync(t: &mut LbTables, old: &LbState, new: &LbState) -> Result<(), LbTabl
         }
     }
     for s in &new.services {
-        let family_words = |b: &Backend| BackendInfo { addr: addr_words(b.addr), service: s.index, flags: BACKEND_LIVE };
+        let family_words =
+            |b: &Backend| BackendInfo { addr: addr_words(b.addr), service: s.index, flags: BACKEND_LIVE };
         let before = old_by_id.get(&s.id).filter(|o| o.index == s.index && o.ring_base == s.ring_base);
         for b in &s.backends {
             let was = before.and_then(|o| o.backends.iter().find(|x| x.id == b.id));
@@ -417,11 +415,13 @@ pub fn sync(t: &mut LbTables, old: &LbState, new: &LbState) -> Result<(), LbTabl
                 t.set_backend(b.id, &family_words(b))?;
             }
         }
-        let table = s.table().map_err(|e| LbTablesError::Batch(crate::bpf::batch::BatchError::Sys {
-            map: rampart_common::lb::map_names::RING,
-            op: "build the Maglev table",
-            source: io::Error::other(e.to_string()),
-        }))?;
+        let table = s.table().map_err(|e| {
+            LbTablesError::Batch(crate::bpf::batch::BatchError::Sys {
+                map: rampart_common::lb::map_names::RING,
+                op: "build the Maglev table",
+                source: io::Error::other(e.to_string()),
+            })
+        })?;
         match before {
             Some(o) => {
                 let old_table = o.table().map(|m| m.table().to_vec()).unwrap_or_default();
@@ -437,7 +437,10 @@ pub fn sync(t: &mut LbTables, old: &LbState, new: &LbState) -> Result<(), LbTabl
             None => {
                 t.zero_service_counters(s.index)?;
                 t.write_ring(s.ring_base, table.table())?;
-                t.set_vip(&s.vip_key(), &VipInfo { service: s.index, ring_base: s.ring_base, ring_size: s.table_size, _pad: 0 })?;
+                t.set_vip(
+                    &s.vip_key(),
+                    &VipInfo { service: s.index, ring_base: s.ring_base, ring_size: s.table_size, _pad: 0 },
+                )?;
             }
         }
     }
@@ -482,8 +485,11 @@ impl Balancer {
     pub fn open(scope: &Scope, iface: &str) -> Result<Self> {
         let lock = fw_state::lock(scope, iface)?;
         let state = load(scope, iface)?;
-        let tables = LbTables::from_pins(&scope.pin_dir(iface))
-            .map_err(|source| LbError::Tables { iface: iface.to_string(), undone: true, source })?;
+        let tables = LbTables::from_pins(&scope.pin_dir(iface)).map_err(|source| LbError::Tables {
+            iface: iface.to_string(),
+            undone: true,
+            source,
+        })?;
         Ok(Balancer { scope: scope.clone(), iface: iface.to_string(), _lock: lock, state, tables })
     }
 
@@ -568,7 +574,14 @@ mod tests {
     fn service_ids_parse_and_print() {
         assert_eq!(sid("203.0.113.10:443/tcp").to_string(), "203.0.113.10:443/tcp");
         assert_eq!(sid("[2001:db8::1]:53/udp").to_string(), "[2001:db8::1]:53/udp");
-        for bad in ["203.0.113.10:443", "203.0.113.10/tcp", "203.0.113.10:0/tcp", "0.0.0.0:80/tcp", "x:80/tcp", "1.2.3.4:80/sctp"] {
+        for bad in [
+            "203.0.113.10:443",
+            "203.0.113.10/tcp",
+            "203.0.113.10:0/tcp",
+            "0.0.0.0:80/tcp",
+            "x:80/tcp",
+            "1.2.3.4:80/sctp",
+        ] {
             assert!(matches!(bad.parse::<ServiceId>(), Err(LbError::BadService(_))), "{bad}");
         }
     }

@@ -144,9 +144,7 @@ impl LbTables {
     }
 
     pub fn set_backend(&mut self, id: u32, b: &BackendInfo) -> Result<()> {
-        self.backends
-            .set(id, b, 0)
-            .map_err(|source| LbTablesError::Map { map: names::BACKENDS, op: "write", source })
+        self.backends.set(id, b, 0).map_err(|source| LbTablesError::Map { map: names::BACKENDS, op: "write", source })
     }
 
     pub fn backend(&self, id: u32) -> Result<BackendInfo> {
@@ -162,9 +160,11 @@ impl LbTables {
     /// one position, so it sees the old backend or the new one.
     pub fn write_ring_deltas(&mut self, base: u32, deltas: &[(u32, u32)]) -> Result<()> {
         for &(pos, id) in deltas {
-            self.ring
-                .set(base + pos, id, 0)
-                .map_err(|source| LbTablesError::Map { map: names::RING, op: "write", source })?;
+            self.ring.set(base + pos, id, 0).map_err(|source| LbTablesError::Map {
+                map: names::RING,
+                op: "write",
+                source,
+            })?;
         }
         Ok(())
     }
@@ -172,9 +172,7 @@ impl LbTables {
     /// The table of the service at `base`, as the kernel holds it.
     pub fn ring(&self, base: u32, size: u32) -> Result<Vec<u32>> {
         (base..base + size)
-            .map(|i| {
-                self.ring.get(&i, 0).map_err(|source| LbTablesError::Map { map: names::RING, op: "read", source })
-            })
+            .map(|i| self.ring.get(&i, 0).map_err(|source| LbTablesError::Map { map: names::RING, op: "read", source }))
             .collect()
     }
 
