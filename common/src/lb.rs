@@ -31,7 +31,7 @@ use crate::map_type;
 
 /// Services (VIP:port/proto) one interface balances.
 pub const MAX_SERVICES: u32 = 256;
-/// Backends over all services; ids index `LB_BACKENDS` and `LB_BACKEND_STATS`.
+/// Backends over all services; ids index `LB_BACKENDS` and `LB_BE_STATS`.
 pub const MAX_BACKENDS: u32 = 4096;
 /// Positions in `LB_RING`, shared by every service's Maglev table (each takes a contiguous run
 /// of its `table_size`): room for 64 tables of the default 65,537.
@@ -55,10 +55,19 @@ pub mod map_names {
     pub const BACKENDS: &str = "LB_BACKENDS";
     pub const RING: &str = "LB_RING";
     pub const CONNTRACK: &str = "LB_CONNTRACK";
-    pub const SERVICE_STATS: &str = "LB_SERVICE_STATS";
-    pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+    pub const SERVICE_STATS: &str = "LB_SVC_STATS";
+    pub const BACKEND_STATS: &str = "LB_BE_STATS";
     pub const STATS: &str = "LB_STATS";
     pub const ALL: [&str; 8] = [CONFIG, VIPS, BACKENDS, RING, CONNTRACK, SERVICE_STATS, BACKEND_STATS, STATS];
+    // The kernel keeps 15 bytes of a map's name (BPF_OBJ_NAME_LEN): longer names would not be
+    // found by name in `bpftool map` or by tests.
+    const _: () = {
+        let mut i = 0;
+        while i < ALL.len() {
+            assert!(ALL[i].len() <= 15);
+            i += 1;
+        }
+    };
 }
 
 /// Address family values in keys: 4 or 6, as `Packet::family`.
@@ -83,7 +92,7 @@ map_type!(VipKey, 24);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipInfo {
-    /// Index in `LB_SERVICE_STATS`; also what a backend's [`BackendInfo::service`] names.
+    /// Index in `LB_SVC_STATS`; also what a backend's [`BackendInfo::service`] names.
     pub service: u32,
     /// The service's Maglev table: `LB_RING[ring_base .. ring_base + ring_size]`.
     pub ring_base: u32,
@@ -157,7 +166,7 @@ pub struct LbConfig {
 }
 map_type!(LbConfig, 24);
 
-/// Per-CPU counters of a service (`LB_SERVICE_STATS`) or backend (`LB_BACKEND_STATS`).
+/// Per-CPU counters of a service (`LB_SVC_STATS`) or backend (`LB_BE_STATS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LbCounter {

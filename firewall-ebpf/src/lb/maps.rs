@@ -34,9 +34,9 @@ pub static LB_RING: Array<u32> = Array::with_max_entries(RING_ENTRIES, 0);
 pub static LB_CONNTRACK: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
 #[map]
-pub static LB_SERVICE_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+pub static LB_SVC_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 #[map]
-pub static LB_BACKEND_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static LB_BE_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 /// What happened to service packets (`rampart_common::lb::stat`).
 #[map]
 pub static LB_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(stat::COUNT, 0);

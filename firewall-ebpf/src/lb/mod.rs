@@ -21,9 +21,7 @@ use rampart_common::{
     },
 };
 
-use self::maps::{
-    LB_BACKEND_STATS, LB_BACKENDS, LB_CONFIG, LB_CONNTRACK, LB_RING, LB_SERVICE_STATS, LB_STATS, LB_VIPS,
-};
+use self::maps::{LB_BACKENDS, LB_BE_STATS, LB_CONFIG, LB_CONNTRACK, LB_RING, LB_STATS, LB_SVC_STATS, LB_VIPS};
 use crate::{
     count,
     parse::{Frag, Packet},
@@ -129,7 +127,7 @@ pub extern "C" fn rampart_lb_choose(raw: *mut xdp_md, meta: u64) -> u64 {
     let Some(vip) = (unsafe { LB_VIPS.get(&vip_key) }) else {
         return choice::NOT_A_SERVICE;
     };
-    add_lb(&LB_SERVICE_STATS, vip.service, bytes, false);
+    add_lb(&LB_SVC_STATS, vip.service, bytes, false);
     // The encapsulation moves the Ethernet header as a fixed 14 bytes, and a fragment's later
     // pieces could not follow its first: such packets are not balanced.
     if l3 != ETH_HLEN || meta & meta::FRAGMENT != 0 {
@@ -158,7 +156,7 @@ pub extern "C" fn rampart_lb_choose(raw: *mut xdp_md, meta: u64) -> u64 {
         if udp && entry.seen != now {
             let _ = LB_CONNTRACK.insert(&flow, &FlowValue { backend: entry.backend, seen: now }, 0);
         }
-        add_lb(&LB_BACKEND_STATS, entry.backend, bytes, false);
+        add_lb(&LB_BE_STATS, entry.backend, bytes, false);
         return forward(entry.backend);
     }
     // ring_size is a prime (never 0); checked_rem keeps a panic path out of the program.
@@ -171,8 +169,8 @@ pub extern "C" fn rampart_lb_choose(raw: *mut xdp_md, meta: u64) -> u64 {
         return xdp_action::XDP_DROP as u64;
     }
     let _ = LB_CONNTRACK.insert(&flow, &FlowValue { backend: id, seen: now }, 0);
-    add_lb(&LB_SERVICE_STATS, vip.service, 0, true);
-    add_lb(&LB_BACKEND_STATS, id, bytes, true);
+    add_lb(&LB_SVC_STATS, vip.service, 0, true);
+    add_lb(&LB_BE_STATS, id, bytes, true);
     forward(id)
 }
 
@@ -380,6 +378,29 @@ unsafe fn write_eth(p: *mut u8, dst: &[u8; 6], src: &[u8; 6], ethertype: u16) {
     }
 }
 
+/// The Ethernet header of a frame whose head just grew by `grown` bytes (the original header
+/// now starts there): the FIB's MACs when the next hop is known; else the original MACs, so
+/// the stack still takes the frame as addressed to this host and forwards it. The EtherType
+/// stays: the outer header is of the inner's family.
+///
+/// # Safety
+/// `p..p + grown + 14` must be inside the frame.
+#[inline(always)]
+unsafe fn keep_or_set_macs(p: *mut u8, grown: usize, resolved: bool, params: &FibParams) {
+    // SAFETY: the caller guarantees the bytes; the two ranges do not overlap (grown >= 20).
+    unsafe {
+        if resolved {
+            core::ptr::write_unaligned(p as *mut [u8; 6], params.dmac);
+            core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], params.smac);
+        } else {
+            let old = core::ptr::read_unaligned(p.add(grown) as *const [u8; 12]);
+            core::ptr::write_unaligned(p as *mut [u8; 12], old);
+        }
+        let t = core::ptr::read_unaligned(p.add(grown + 12) as *const [u8; 2]);
+        core::ptr::write_unaligned(p.add(12) as *mut [u8; 2], t);
+    }
+}
+
 /// The next hop towards `params`' destination. `Err(action)`: the packet's fate when there is
 /// none usable (the counters are updated).
 #[inline(always)]
@@ -446,7 +467,7 @@ fn encap_v4(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u3
     };
     // SAFETY: 34 bytes bounds-checked above.
     unsafe {
-        write_eth(p, &params.dmac, &params.smac, ETH_P_IP);
+        keep_or_set_macs(p, IPV4_HLEN, hop.is_ok(), &params);
         write_ipv4(p.add(ETH_HLEN), outer_len as u16, IPPROTO_IPIP, src, dst);
     }
     match hop {
@@ -500,7 +521,7 @@ fn encap_v6(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u3
     };
     // SAFETY: 54 bytes bounds-checked above.
     unsafe {
-        write_eth(p, &params.dmac, &params.smac, ETH_P_IPV6);
+        keep_or_set_macs(p, IPV6_HLEN, hop.is_ok(), &params);
         write_ipv6(p.add(ETH_HLEN), inner_len as u16, IPPROTO_IPV6, hash, &src, &backend.addr);
     }
     match hop {
@@ -512,7 +533,7 @@ fn encap_v6(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u3
     }
 }
 
-/// The frame's two MACs, to answer the sender.
+/// The frame's two MACs (destination, source), to answer the sender.
 #[inline(always)]
 fn macs(ctx: &XdpContext) -> Option<([u8; 6], [u8; 6])> {
     let p = at(ctx, 0, ETH_HLEN)?;
@@ -574,7 +595,7 @@ unsafe fn word(p: *const u8) -> u64 {
 
 #[inline(always)]
 fn icmp4_too_big(ctx: &XdpContext, mtu: u16, bytes: u64) -> u32 {
-    let Some((client_mac, our_mac)) = macs(ctx) else {
+    let Some((our_mac, client_mac)) = macs(ctx) else {
         return xdp_action::XDP_DROP;
     };
     if !reshape(ctx, ETH_HLEN + ICMP4_QUOTE, IPV4_HLEN + ICMP_HLEN, bytes) {
@@ -607,7 +628,7 @@ fn icmp4_too_big(ctx: &XdpContext, mtu: u16, bytes: u64) -> u32 {
 
 #[inline(always)]
 fn icmp6_too_big(ctx: &XdpContext, mtu: u32, bytes: u64) -> u32 {
-    let Some((client_mac, our_mac)) = macs(ctx) else {
+    let Some((our_mac, client_mac)) = macs(ctx) else {
         return xdp_action::XDP_DROP;
     };
     if !reshape(ctx, ETH_HLEN + ICMP6_QUOTE, IPV6_HLEN + ICMP_HLEN, bytes) {

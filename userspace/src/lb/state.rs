@@ -181,7 +181,7 @@ pub enum Health {
 pub struct Backend {
     pub addr: IpAddr,
     pub weight: u32,
-    /// Index in `LB_BACKENDS` / `LB_BACKEND_STATS`.
+    /// Index in `LB_BACKENDS` / `LB_BE_STATS`.
     pub id: u32,
     pub admin: Admin,
     pub health: Health,
@@ -199,7 +199,7 @@ pub struct Service {
     pub id: ServiceId,
     /// Maglev table size (a prime).
     pub table_size: u32,
-    /// Index in `LB_SERVICE_STATS`.
+    /// Index in `LB_SVC_STATS`.
     pub index: u32,
     /// First position of its table in `LB_RING`.
     pub ring_base: u32,
