@@ -637,7 +637,10 @@ async fn attempt<B: RequestBody>(
             Some(u) => u,
             None => {
                 fresh = true;
-                match bc.connect(header).await {
+                // Boxed: a new backend connection is rare on the keep-alive path and costs a TCP
+                // (and maybe TLS) handshake anyway, while its 1.5 KiB future inline would size
+                // the state of every client connection, idle ones too.
+                match Box::pin(bc.connect(header)).await {
                     Ok(u) => u,
                     Err(e) => return Attempt::NotSent(e.to_string(), matches!(e, ConnectError::Timeout { .. })),
                 }
