@@ -742,7 +742,7 @@ fn flood_section(
          packet, so a saturated receiver should run the calibration at {expected:.2}× the minimal program's rate; \
          measured {measured:.2}× (per round: {}). {}\n",
         if valid {
-            "the flood saturates, the run is valid"
+            "valid run, the flood tells the calibration program from the minimal one"
         } else {
             "INVALID RUN: the flood does not tell the programs apart"
         },
@@ -750,7 +750,8 @@ fn flood_section(
         floors.minimal_ns,
         ratios.iter().map(|r| format!("{r:.2}×")).collect::<Vec<_>>().join(", "),
         if valid {
-            "Receivers that cost less than the calibration's extra work are told apart only to that resolution."
+            "The rates tell receivers apart to about the calibration's extra cost; smaller differences show in the \
+             last columns, each XDP program's own cost under the flood."
         } else {
             "The run is invalid unless the calibration is slower than the minimal program in every round, by at least \
              half the slow-down its extra cost predicts: the rates below do not measure the receivers."
