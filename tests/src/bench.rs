@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+use crate::tls_bench::procs::CpuSample;
+
 /// Runs a command, returns stdout; fails with its stderr.
 pub fn sh(cmd: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
@@ -139,9 +141,19 @@ impl Flood {
         Ok(me)
     }
 
-    /// Floods `frame` (destination MAC rewritten to the receiver's) for `seconds` and returns
-    /// the receiver's processed packets per second, read through `count` before and after.
-    pub fn measure(&self, frame: &[u8], seconds: u64, mut count: impl FnMut() -> Result<u64>) -> Result<f64> {
+    /// Floods `frame` (destination MAC rewritten to the receiver's) from `senders` trafgen
+    /// processes (one per CPU) for `seconds`, after half a second of flood not measured, and
+    /// returns what the receiver processed, read through `count` before and after, with how busy
+    /// each CPU was meanwhile. On veth the receiving program runs in the softirq of the CPU that
+    /// sent, so senders on every CPU keep every CPU busy with sending and receiving: the rate is
+    /// then bounded by the whole per-packet cost, of which the receiving program is a part.
+    pub fn measure(
+        &self,
+        frame: &[u8],
+        seconds: f64,
+        senders: usize,
+        mut count: impl FnMut() -> Result<u64>,
+    ) -> Result<FloodSample> {
         let mut frame = frame.to_vec();
         frame[..6].copy_from_slice(&self.rx_mac);
         frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
@@ -150,22 +162,26 @@ impl Flood {
         fs::write(&conf, format!("{{ {} }}\n", bytes.join(", ")))?;
         // Bounded by count as well as by the kill below (trafgen ignores SIGTERM mid-flood).
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.tx_ns, "trafgen", "--dev", &self.tx_if, "--conf", conf.to_str().unwrap(), "--cpus", "1", "-n", "200000000", "--no-sock-mem", "--qdisc-path"])
+            .args(["netns", "exec", &self.tx_ns, "trafgen", "--dev", &self.tx_if, "--conf", conf.to_str().unwrap()])
+            .args(["--cpus", &senders.max(1).to_string(), "-n", "500000000", "--no-sock-mem", "--qdisc-path"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("starting trafgen")?;
         thread::sleep(Duration::from_millis(500));
-        let r = (|| -> Result<f64> {
+        let r = (|| -> Result<FloodSample> {
             let c0 = count()?;
+            let cpu0 = CpuSample::now();
             let t0 = Instant::now();
-            thread::sleep(Duration::from_secs(seconds));
+            thread::sleep(Duration::from_secs_f64(seconds));
             let c1 = count()?;
+            let cpu1 = CpuSample::now();
             let dt = t0.elapsed().as_secs_f64();
             if std::env::var_os("RAMPART_BENCH_DEBUG").is_some() {
                 eprintln!("{}: counter {c0} -> {c1} in {dt:.2} s", self.rx_ns);
             }
-            Ok((c1.saturating_sub(c0)) as f64 / dt)
+            let packets = c1.saturating_sub(c0);
+            Ok(FloodSample { pps: packets as f64 / dt, busy: cpu0.busy_since(&cpu1) })
         })();
         let _ = Command::new("ip").args(["netns", "pids", &self.tx_ns]).output().map(|o| {
             for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
@@ -175,11 +191,29 @@ impl Flood {
         let _ = child.kill();
         let _ = child.wait();
         let _ = fs::remove_file(&conf);
-        let pps = r?;
-        if pps <= 0.0 {
+        let sample = r?;
+        if sample.pps <= 0.0 {
             bail!("the receiver in {} processed no packets", self.rx_ns);
         }
-        Ok(pps)
+        Ok(sample)
+    }
+}
+
+/// One flood measurement.
+#[derive(Clone, Debug)]
+pub struct FloodSample {
+    /// Packets per second the receiver processed.
+    pub pps: f64,
+    /// How busy each CPU was (%), from /proc/stat.
+    pub busy: Vec<f64>,
+}
+
+impl FloodSample {
+    /// CPU time the machine spent per packet processed (ns): all CPUs' busy time over the
+    /// packets, so sending, the stack and the receiving program together.
+    pub fn cpu_ns_per_packet(&self) -> f64 {
+        let cores: f64 = self.busy.iter().sum::<f64>() / 100.0;
+        if self.pps > 0.0 { cores * 1e9 / self.pps } else { 0.0 }
     }
 }
 
@@ -233,4 +267,224 @@ pub fn xdp_filter_hits(addr: [u8; 4]) -> Result<u64> {
     // With BTF, bpftool puts the decoded values under "formatted" (raw bytes under "values").
     let values = v["formatted"]["values"].as_array().context("no formatted values in bpftool's output")?;
     Ok(values.iter().filter_map(|c| c["value"].as_u64()).map(|x| x >> 6).sum())
+}
+
+/// BPF run-time statistics (each program's run count and time), on while this lives: the
+/// kernel turns them off when the descriptor BPF_ENABLE_STATS returned closes, also if the
+/// process dies. They add two clock reads per run to every program alike.
+pub struct BpfStats {
+    /// Holding it open is what keeps the statistics on.
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl BpfStats {
+    pub fn enable() -> Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        // union bpf_attr: enable_stats.type = BPF_STATS_RUN_TIME (0), the rest zero.
+        let attr = [0u8; 128];
+        // SAFETY: the attribute buffer is valid for its whole length.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_ENABLE_STATS, attr.as_ptr(), attr.len() as u32) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("BPF_ENABLE_STATS");
+        }
+        // SAFETY: the kernel returned a new descriptor we own.
+        Ok(Self { _fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) } })
+    }
+
+    /// (run time ns, runs) of program `id` so far.
+    pub fn of(&self, id: u32) -> Result<(u64, u64)> {
+        let out = sh("bpftool", &["prog", "show", "id", &id.to_string(), "-j"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        // bpftool leaves both out while they are zero.
+        Ok((v["run_time_ns"].as_u64().unwrap_or(0), v["run_cnt"].as_u64().unwrap_or(0)))
+    }
+}
+
+/// The round's order of `n` contenders: A B C, then B C A, then C A B, … so that no contender is
+/// always first (on a warming or drifting machine) or always after the same one.
+pub fn rotation(n: usize, round: usize) -> Vec<usize> {
+    (0..n).map(|i| (i + round) % n).collect()
+}
+
+/// What a packet filter rule set asks of xdp-filter, to choose its `-f` features.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct XdpFilterNeeds {
+    pub ipv4: bool,
+    pub ipv6: bool,
+    pub tcp_ports: bool,
+    pub udp_ports: bool,
+    pub ethernet: bool,
+}
+
+impl XdpFilterNeeds {
+    /// The `-f` list: only what the rules use, as xdp-filter(8) says ("the fewer features are
+    /// enabled, the better the performance"); it loads the smallest build that covers it.
+    pub fn features(&self) -> String {
+        let mut f = Vec::new();
+        for (on, name) in [
+            (self.tcp_ports, "tcp"),
+            (self.udp_ports, "udp"),
+            (self.ipv6, "ipv6"),
+            (self.ipv4, "ipv4"),
+            (self.ethernet, "ethernet"),
+        ] {
+            if on {
+                f.push(name);
+            }
+        }
+        f.join(",")
+    }
+
+    /// The program xdp-filter 1.3 must load for these features with policy allow (its
+    /// `progs[]` table: the first build whose features cover the request).
+    pub fn expected_program(&self) -> &'static str {
+        let ip = self.ipv4 || self.ipv6;
+        match (self.tcp_ports, self.udp_ports, ip, self.ethernet) {
+            (false, true, false, false) => "xdpfilt_alw_udp",
+            (true, false, false, false) => "xdpfilt_alw_tcp",
+            (false, false, _, false) => "xdpfilt_alw_ip",
+            (false, false, false, true) => "xdpfilt_alw_eth",
+            _ => "xdpfilt_alw_all",
+        }
+    }
+}
+
+/// The XDP program attached to an interface, as the kernel reports it, and the one a test run
+/// must measure: the program itself, or the component behind libxdp's dispatcher.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttachedXdp {
+    pub id: u32,
+    pub name: String,
+    /// "native", "skb" or "offload".
+    pub mode: &'static str,
+    /// When `name` is libxdp's dispatcher: the component programs (id, name).
+    pub components: Vec<(u32, String)>,
+}
+
+impl AttachedXdp {
+    /// Reads `ip -d -j link show IF` in namespace `ns`, and `xdp-loader status IF` when the
+    /// program there is libxdp's dispatcher.
+    pub fn of(ns: &str, iface: &str) -> Result<Self> {
+        let out = sh("ip", &["-n", ns, "-d", "-j", "link", "show", "dev", iface])?;
+        let mut me = Self::parse_link(&out).with_context(|| format!("no XDP program on {iface} in {ns}"))?;
+        if me.name == "xdp_dispatcher" {
+            let status = sh("nsenter", &[&format!("--net=/run/netns/{ns}"), "xdp-loader", "status", iface])?;
+            me.components = parse_xdp_loader_components(&status);
+        }
+        Ok(me)
+    }
+
+    fn parse_link(json: &str) -> Option<Self> {
+        let v: serde_json::Value = serde_json::from_str(json).ok()?;
+        let xdp = &v.as_array()?.first()?["xdp"];
+        let prog = &xdp["prog"];
+        let mode = match xdp["mode"].as_u64()? {
+            1 => "native",
+            2 => "skb",
+            3 => "offload",
+            _ => "multiple",
+        };
+        Some(Self {
+            id: prog["id"].as_u64()? as u32,
+            name: prog["name"].as_str()?.to_string(),
+            mode,
+            components: Vec::new(),
+        })
+    }
+
+    /// The program a test run measures: the one whose name starts with `prefix`, attached
+    /// directly or as the dispatcher's only such component.
+    pub fn program(&self, prefix: &str) -> Result<(u32, &str)> {
+        if self.name.starts_with(prefix) {
+            return Ok((self.id, &self.name));
+        }
+        let found: Vec<&(u32, String)> = self.components.iter().filter(|(_, n)| n.starts_with(prefix)).collect();
+        match found.as_slice() {
+            [(id, name)] => Ok((*id, name)),
+            _ => bail!(
+                "{} (id {}) is attached, with components {:?}: not one `{prefix}*` program",
+                self.name,
+                self.id,
+                self.components
+            ),
+        }
+    }
+
+    /// One line for the report: what runs, in which mode, through the dispatcher or not.
+    pub fn describe(&self) -> String {
+        if self.components.is_empty() {
+            format!("`{}` (id {}), {} mode, attached directly (no libxdp dispatcher)", self.name, self.id, self.mode)
+        } else {
+            let c: Vec<String> = self.components.iter().map(|(id, n)| format!("`{n}` (id {id})")).collect();
+            format!(
+                "libxdp's dispatcher `{}` (id {}), {} mode, running {}",
+                self.name,
+                self.id,
+                self.mode,
+                c.join(", ")
+            )
+        }
+    }
+}
+
+/// The components under a dispatcher in `xdp-loader status` output: lines `=> PRIO NAME ID TAG …`.
+fn parse_xdp_loader_components(status: &str) -> Vec<(u32, String)> {
+    status
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            if w.next()? != "=>" {
+                return None;
+            }
+            let _prio = w.next()?;
+            let name = w.next()?.to_string();
+            let id = w.next()?.parse().ok()?;
+            Some((id, name))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_puts_each_contender_first_once() {
+        assert_eq!(rotation(3, 0), [0, 1, 2]);
+        assert_eq!(rotation(3, 1), [1, 2, 0]);
+        assert_eq!(rotation(3, 2), [2, 0, 1]);
+        assert_eq!(rotation(3, 3), [0, 1, 2]);
+    }
+
+    #[test]
+    fn xdp_filter_gets_the_smallest_build() {
+        let addr = XdpFilterNeeds { ipv4: true, ..Default::default() };
+        assert_eq!(addr.features(), "ipv4");
+        assert_eq!(addr.expected_program(), "xdpfilt_alw_ip");
+        let port = XdpFilterNeeds { udp_ports: true, ..Default::default() };
+        assert_eq!(port.expected_program(), "xdpfilt_alw_udp");
+        let both = XdpFilterNeeds { ipv4: true, udp_ports: true, tcp_ports: true, ..Default::default() };
+        assert_eq!(both.features(), "tcp,udp,ipv4");
+        assert_eq!(both.expected_program(), "xdpfilt_alw_all");
+    }
+
+    #[test]
+    fn finds_the_attached_program_and_dispatcher_components() {
+        let direct = r#"[{"ifname":"rbrx0","xdp":{"mode":1,"prog":{"id":140,"name":"xdpfilt_alw_ip","tag":"6c"},"attached":[]}}]"#;
+        let a = AttachedXdp::parse_link(direct).unwrap();
+        assert_eq!((a.id, a.name.as_str(), a.mode), (140, "xdpfilt_alw_ip", "native"));
+        assert_eq!(a.program("xdpfilt_").unwrap(), (140, "xdpfilt_alw_ip"));
+        assert!(AttachedXdp::parse_link(r#"[{"ifname":"rbrx0"}]"#).is_none());
+
+        let status = "CURRENT XDP PROGRAM STATUS:\n\nInterface        Prio  Program name      Mode     ID   Tag               Chain actions\n\
+            --------------------------------------------------------------------------------------\n\
+            rbrx0                  xdp_dispatcher    native   59   d51e469e988d81da\n \
+            =>              50     xdpfilt_alw_ip            68   6c368739f9d2d2ce  XDP_PASS\n";
+        let mut d = AttachedXdp { id: 59, name: "xdp_dispatcher".into(), mode: "native", components: Vec::new() };
+        d.components = parse_xdp_loader_components(status);
+        assert_eq!(d.components, [(68, "xdpfilt_alw_ip".to_string())]);
+        assert_eq!(d.program("xdpfilt_").unwrap(), (68, "xdpfilt_alw_ip"));
+        assert!(d.program("rampart").is_err());
+    }
 }

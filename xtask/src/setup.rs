@@ -22,10 +22,11 @@ const APT_PACKAGES: &[&str] = &[
     // measures ours and the peers' per-packet cost with it.
     "bpftool",
     // The peers the benchmark compares against: xdp-filter (xdp-tools), nftables netdev ingress
-    // and iptables raw PREROUTING.
+    // and iptables raw PREROUTING, the latter also with an ipset `hash:net` as its experts use.
     "xdp-tools",
     "nftables",
     "iptables",
+    "ipset",
     // trafgen floods a veth for the benchmark (netsniff-ng).
     "netsniff-ng",
     // `kill`, `sysctl`, `pgrep`: stopping floods and tuning namespaces in tests and benchmarks.

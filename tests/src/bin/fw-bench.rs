@@ -1,11 +1,18 @@
-//! `cargo xtask bench fw`: rampart's XDP firewall beside its peers, one run, same packets.
+//! `cargo xtask bench fw`: rampart's XDP firewall beside its peers, one run, same packets, the
+//! contenders alternating within rounds (A B C, B C A, …) and every figure a median over the
+//! rounds with its spread.
 //!
 //! 1. ns per packet (BPF_PROG_TEST_RUN through `bpftool prog run`, the same tool for every
-//!    program): the minimal XDP program, rampart at 10 / 1,000 / 10,000 rules and with a
-//!    1,000,000-prefix set, xdp-filter at 10 / 1,000 / 10,000 addresses.
-//! 2. packets per second a receiving veth processes under a trafgen flood: minimal program,
-//!    rampart, xdp-filter, nftables (netdev ingress), iptables (raw PREROUTING), each with the
-//!    1,000-rule set and the flood packet matching its last rule.
+//!    program): the minimal XDP program and the calibration program (minimal plus a fixed extra
+//!    cost), rampart at 10 / 1,000 / 10,000 rules and with a 1,000,000-prefix set, xdp-filter at
+//!    10 / 1,000 / 10,000 addresses, loaded with the smallest feature set that covers them
+//!    (`-f ipv4`) and test-run through the program attached to its interface.
+//! 2. packets per second a receiving veth processes under a trafgen flood from senders on every
+//!    CPU: minimal, calibration, rampart, xdp-filter, nftables (netdev ingress: linear rules, and
+//!    a named interval set), iptables (raw PREROUTING: linear rules, and an ipset `hash:net`),
+//!    each with the 1,000-rule set and the flood packet matching its last rule. The flood counts
+//!    only if it tells the calibration program from the minimal one; otherwise the report says
+//!    the run is invalid and the binary fails.
 //!
 //! Everything runs in network namespaces this binary creates and removes (also on failure).
 
@@ -25,13 +32,44 @@ use aya::{
     maps::{PerCpuArray, PerCpuValues},
     programs::{Xdp, XdpMode},
 };
+use clap::Parser;
 use rampart::{
-    bpf::{FIREWALL_OBJ, MINIMAL_OBJ},
+    bpf::{CALIBRATION_OBJ, FIREWALL_OBJ, MINIMAL_OBJ},
     fw::{rules, tables::FwTables},
     netns::NetnsGuard,
 };
 use rampart_common::{Counter, fw::stat};
-use rampart_tests::bench::{Flood, Table, run_bpftool, sh, udp4_frame, xdp_filter_hits};
+use rampart_tests::{
+    bench::{
+        AttachedXdp, BpfStats, Flood, FloodSample, Table, XdpFilterNeeds, rotation, run_bpftool, sh, udp4_frame,
+        xdp_filter_hits,
+    },
+    tls_bench::report::{median, min_max, thousands},
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "fw-bench", about = "rampart's XDP firewall beside xdp-filter, nftables and iptables, one run")]
+struct Args {
+    /// Smoke run: 2 rounds, 100,000 test-run repeats, 1 s floods (proves the rig works; the
+    /// figures mean nothing).
+    #[arg(long)]
+    quick: bool,
+    /// Only the flood section (the calibration's test-run cost is still measured).
+    #[arg(long)]
+    flood_only: bool,
+    /// Rounds; the contenders' order rotates each round [default: 5; quick: 2].
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// BPF_PROG_TEST_RUN repeats per measurement [default: 10,000,000; quick: 100,000].
+    #[arg(long)]
+    repeat: Option<u32>,
+    /// Seconds each flood measurement lasts [default: 3; quick: 1].
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// trafgen sender processes, one per CPU [default: every CPU].
+    #[arg(long)]
+    senders: Option<usize>,
+}
 
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -40,29 +78,29 @@ fn udp(src: [u8; 4]) -> Vec<u8> {
     udp4_frame(MAC_A, MAC_B, src, [198, 51, 100, 1], 40000, 9999)
 }
 
-/// Frames: one no rule matches (default allow), one the last deny rule matches.
-struct Probe {
-    name: &'static str,
-    frame: Vec<u8>,
-}
+const NO_MATCH: &str = "no match → default";
+const LAST_RULE: &str = "last rule matches";
 
-fn probes(last_src: [u8; 4]) -> Vec<Probe> {
-    vec![
-        Probe {
-            name: "no match → default",
-            frame: udp([192, 0, 2, 1]),
-        },
-        Probe {
-            name: "last rule matches",
-            frame: udp(last_src),
-        },
-    ]
+/// Frames: one no rule matches (default allow), one the last deny rule matches.
+fn probes(last_src: [u8; 4]) -> [(&'static str, Vec<u8>); 2] {
+    [(NO_MATCH, udp([192, 0, 2, 1])), (LAST_RULE, udp(last_src))]
 }
 
 /// The source prefix of deny rule `i`: 10.a.b.0/24, a different /24 per rule.
 fn rule_net(i: u32) -> [u8; 4] {
     [10, (i >> 8) as u8, (i & 0xff) as u8, 0]
 }
+
+/// The address xdp-filter is given for rule `i` (it matches whole addresses, not prefixes).
+fn rule_addr(i: u32) -> [u8; 4] {
+    let mut a = rule_net(i);
+    a[3] = 1;
+    a
+}
+
+/// xdp-filter's rule set for the rows: source addresses only, so `-f ipv4`.
+const XF_NEEDS: XdpFilterNeeds =
+    XdpFilterNeeds { ipv4: true, ipv6: false, tcp_ports: false, udp_ports: false, ethernet: false };
 
 /// A rule file of `n` rules rampart's way: CIDRs, port ranges and order that xdp-filter cannot
 /// express. Every fourth rule is an allow with a TCP port range, the others deny a /24.
@@ -99,7 +137,7 @@ fn rampart_big_set(dir: &Path) -> Result<(String, [u8; 4])> {
     Ok((text, last))
 }
 
-/// rampart loaded (not attached) with a rule set: its program id for `bpftool prog run`.
+/// rampart loaded with a rule set: its program id for `bpftool prog run`, or attached.
 struct Rampart {
     ebpf: Ebpf,
     tables: FwTables,
@@ -136,29 +174,39 @@ impl Rampart {
     }
 }
 
-/// The minimal program: parse, count, drop.
-struct Minimal {
+/// The minimal program (parse, count, drop) or the calibration program (the same plus a fixed
+/// extra cost); both count dropped packets in slot 0 of their per-CPU map.
+struct Floor {
     ebpf: Ebpf,
+    prog: &'static str,
+    map: &'static str,
 }
 
-impl Minimal {
-    fn load() -> Result<Self> {
-        let mut ebpf = Ebpf::load(MINIMAL_OBJ)?;
-        let prog: &mut Xdp = ebpf.program_mut("xdp_minimal").context("program")?.try_into()?;
-        prog.load()?;
-        Ok(Self { ebpf })
+impl Floor {
+    fn minimal() -> Result<Self> {
+        Self::load(MINIMAL_OBJ, "xdp_minimal", "MINIMAL_COUNT")
+    }
+    fn calibration() -> Result<Self> {
+        Self::load(CALIBRATION_OBJ, "xdp_calibration", "CALIBRATION_COUNT")
+    }
+    fn load(obj: &[u8], prog: &'static str, map: &'static str) -> Result<Self> {
+        let mut ebpf = Ebpf::load(obj)?;
+        let p: &mut Xdp = ebpf.program_mut(prog).context("program")?.try_into()?;
+        p.load()?;
+        Ok(Self { ebpf, prog, map })
     }
     fn prog_id(&self) -> Result<u32> {
-        let prog: &Xdp = self.ebpf.program("xdp_minimal").context("program")?.try_into()?;
+        let prog: &Xdp = self.ebpf.program(self.prog).context("program")?.try_into()?;
         Ok(prog.info()?.id())
     }
-    fn attach(&mut self, iface: &str) -> Result<()> {
-        let prog: &mut Xdp = self.ebpf.program_mut("xdp_minimal").context("program")?.try_into()?;
+    fn attach(&mut self, ns: &str, iface: &str) -> Result<()> {
+        let prog: &mut Xdp = self.ebpf.program_mut(self.prog).context("program")?.try_into()?;
+        let _g = NetnsGuard::enter(ns)?;
         prog.attach(iface, XdpMode::Driver)?;
         Ok(())
     }
     fn processed(&self) -> Result<u64> {
-        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map("MINIMAL_COUNT").context("map")?)?;
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map(self.map).context("map")?)?;
         let v: PerCpuValues<u64> = map.get(&0, 0)?;
         Ok(v.iter().sum())
     }
@@ -169,12 +217,36 @@ impl Minimal {
 struct XdpFilter {
     ns: String,
     iface: String,
+    /// What the kernel has attached to the interface.
+    attached: AttachedXdp,
 }
 
 impl XdpFilter {
-    fn load(ns: &str, iface: &str, addrs: &[[u8; 4]], port: Option<u16>) -> Result<Self> {
-        let me = Self { ns: ns.into(), iface: iface.into() };
-        me.run(&["load", "-m", "native", "-p", "allow", "-f", "ipv4,udp,tcp", iface])?;
+    /// Loads it with the features `needs` asks for, fills its address map, and checks that
+    /// libxdp loaded the build those features select (a heavier build would flatter rampart).
+    fn load(ns: &str, iface: &str, needs: XdpFilterNeeds, addrs: &[[u8; 4]]) -> Result<Self> {
+        let run = |args: &[&str]| {
+            let mut full = vec![format!("--net=/run/netns/{ns}"), "xdp-filter".into()];
+            full.extend(args.iter().map(|s| s.to_string()));
+            let refs: Vec<&str> = full.iter().map(|s| s.as_str()).collect();
+            sh("nsenter", &refs)
+        };
+        run(&["load", "-m", "native", "-p", "allow", "-f", &needs.features(), iface])?;
+        // From here on Drop unloads it.
+        let mut me = Self {
+            ns: ns.into(),
+            iface: iface.into(),
+            attached: AttachedXdp { id: 0, name: String::new(), mode: "", components: Vec::new() },
+        };
+        me.attached = AttachedXdp::of(ns, iface)?;
+        let (_, name) = me.attached.program("xdpfilt_")?;
+        if name != needs.expected_program() {
+            bail!(
+                "xdp-filter -f {} loaded {name}, not {}: the comparison would not be fair",
+                needs.features(),
+                needs.expected_program()
+            );
+        }
         // One process per entry is slow (~ms each); bpftool batch writes straight to its map.
         let mut batch = String::new();
         for a in addrs {
@@ -188,202 +260,553 @@ impl XdpFilter {
             let _ = fs::remove_file(&f);
             r?;
         }
-        if let Some(p) = port {
-            me.run(&["port", "-m", "dst", "-p", "udp", &p.to_string()])?;
-        }
         Ok(me)
     }
-    fn run(&self, args: &[&str]) -> Result<String> {
-        let mut full = vec!["--net=/run/netns/".to_string() + &self.ns, "xdp-filter".into()];
-        full.extend(args.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = full.iter().map(|s| s.as_str()).collect();
-        sh("nsenter", &refs)
-    }
+    /// The program to test-run: found through the interface, never by name among all loaded.
     fn prog_id(&self) -> Result<u32> {
-        let out = sh("bpftool", &["prog", "show", "-j"])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["name"].as_str().is_some_and(|n| n.starts_with("xdpfilt_")))
-            .and_then(|p| p["id"].as_u64())
-            .map(|id| id as u32)
-            .context("xdp-filter's program not found in `bpftool prog show`")
+        Ok(self.attached.program("xdpfilt_")?.0)
     }
 }
 
 impl Drop for XdpFilter {
     fn drop(&mut self) {
-        let _ = self.run(&["unload", &self.iface.clone(), "--all"]);
-        let _ = self.run(&["unload", &self.iface.clone()]);
+        let net = format!("--net=/run/netns/{}", self.ns);
+        let _ = sh("nsenter", &[&net, "xdp-filter", "unload", &self.iface, "--all"]);
+        let _ = sh("nsenter", &[&net, "xdp-filter", "unload", &self.iface]);
         let _ = fs::remove_dir_all("/sys/fs/bpf/xdp-filter");
     }
 }
 
-fn testrun_section(dir: &Path, repeat: u32, out: &mut String) -> Result<()> {
-    let mut table = Table::new(&["program", "rules", "probe", "ns/packet", "× minimal", "× xdp-filter"]);
-    let minimal = Minimal::load()?;
-    let min_probe = udp([192, 0, 2, 1]);
-    let min_ns = run_bpftool(minimal.prog_id()?, &min_probe, repeat)?;
-    table.row(vec!["minimal XDP_DROP".into(), "-".into(), "udp".into(), format!("{min_ns:.1}"), "1.00".into(), String::new()]);
+/// One test-run measurement slot: a program on a probe frame.
+struct Item {
+    program: &'static str,
+    rules: String,
+    probe: &'static str,
+    id: u32,
+    frame: Vec<u8>,
+}
 
-    // xdp-filter needs an interface: a throwaway namespace with a dummy-free veth pair.
-    let net = Flood::new("xf")?;
-    let mut xf_ns = Vec::new();
-    for n in [10u32, 1_000, 10_000] {
-        let addrs: Vec<[u8; 4]> = (0..n).map(|i| { let mut a = rule_net(i); a[3] = 1; a }).collect();
-        let last = *addrs.last().unwrap();
-        let xf = XdpFilter::load(&net.rx_ns, &net.rx_if, &addrs, None)?;
-        let id = xf.prog_id()?;
-        let mut per = Vec::new();
-        for p in probes(last) {
-            let ns = run_bpftool(id, &p.frame, repeat)?;
-            per.push(ns);
-            table.row(vec!["xdp-filter".into(), format!("{n} addresses"), p.name.into(), format!("{ns:.1}"), format!("{:.2}", ns / min_ns), "1.00".into()]);
+/// ns per packet of every item, one measurement per item per round, the items' order rotated
+/// each round (all of a group are loaded together, so the rotation covers them all).
+fn run_group(items: &[Item], rounds: usize, repeat: u32) -> Result<Vec<Vec<f64>>> {
+    let mut ns = vec![Vec::with_capacity(rounds); items.len()];
+    for round in 0..rounds {
+        for i in rotation(items.len(), round) {
+            ns[i].push(run_bpftool(items[i].id, &items[i].frame, repeat)?);
         }
-        xf_ns.push(per);
+    }
+    Ok(ns)
+}
+
+/// "median (min–max)".
+fn spread(v: &[f64], fmt: impl Fn(f64) -> String) -> String {
+    let (lo, hi) = min_max(v);
+    format!("{} ({}–{})", fmt(median(v.to_vec())), fmt(lo), fmt(hi))
+}
+
+/// Per-round ratios a[i] / b[i].
+fn paired(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x / y).filter(|r| r.is_finite()).collect()
+}
+
+/// The test-run section's results that the flood section needs.
+struct Floors {
+    minimal_ns: f64,
+    calibration_ns: f64,
+}
+
+/// The minimal and calibration programs alone, alternating: the calibration's extra cost.
+fn floor_group(rounds: usize, repeat: u32) -> Result<(Vec<Item>, Vec<Vec<f64>>)> {
+    let (minimal, calibration) = (Floor::minimal()?, Floor::calibration()?);
+    let frame = udp([192, 0, 2, 1]);
+    let items = vec![
+        Item {
+            program: "minimal XDP_DROP",
+            rules: "-".into(),
+            probe: "udp",
+            id: minimal.prog_id()?,
+            frame: frame.clone(),
+        },
+        Item {
+            program: "calibration (minimal + fixed extra work)",
+            rules: "-".into(),
+            probe: "udp",
+            id: calibration.prog_id()?,
+            frame,
+        },
+    ];
+    let ns = run_group(&items, rounds, repeat)?;
+    Ok((items, ns))
+}
+
+fn testrun_section(dir: &Path, rounds: usize, repeat: u32, out: &mut String) -> Result<Floors> {
+    let mut table = Table::new(&[
+        "program",
+        "rules",
+        "probe",
+        "ns/packet: median (min–max)",
+        "× minimal",
+        "rampart ÷ xdp-filter: median (min–max)",
+    ]);
+    let mut loaded = Vec::new();
+    // Each row: the items measured together, their ns per round, and which item is the
+    // minimal program of the group.
+    let (floor_items, floor_ns) = floor_group(rounds, repeat)?;
+    let floors = Floors { minimal_ns: median(floor_ns[0].clone()), calibration_ns: median(floor_ns[1].clone()) };
+    for (it, ns) in floor_items.iter().zip(&floor_ns) {
+        table.row(vec![
+            it.program.into(),
+            it.rules.clone(),
+            it.probe.into(),
+            spread(ns, |x| format!("{x:.1}")),
+            format!("{:.2}", median(paired(ns, &floor_ns[0]))),
+            String::new(),
+        ]);
+    }
+
+    let minimal = Floor::minimal()?;
+    let min_item = |rules: &str| -> Result<Item> {
+        Ok(Item {
+            program: "minimal XDP_DROP",
+            rules: rules.into(),
+            probe: "udp",
+            id: minimal.prog_id()?,
+            frame: udp([192, 0, 2, 1]),
+        })
+    };
+    // xdp-filter needs an interface: a throwaway pair of namespaces joined by a veth.
+    let net = Flood::new("xf")?;
+    for n in [10u32, 1_000, 10_000] {
+        let addrs: Vec<[u8; 4]> = (0..n).map(rule_addr).collect();
+        let last = rule_addr(n - 1);
+        let xf = XdpFilter::load(&net.rx_ns, &net.rx_if, XF_NEEDS, &addrs)?;
+        loaded.push(format!("{} addresses: `xdp-filter load -m native -p allow -f {}` → {}", thousands(n as f64), XF_NEEDS.features(), xf.attached.describe()));
+        let rp = Rampart::load(&rampart_rules(n), dir)?;
+        let mut items = vec![min_item(&format!("- (in the {} group)", thousands(n as f64)))?];
+        for (probe, frame) in probes(last) {
+            items.push(Item { program: "xdp-filter", rules: format!("{} addresses", thousands(n as f64)), probe, id: xf.prog_id()?, frame });
+        }
+        for (probe, frame) in probes(last) {
+            items.push(Item { program: "rampart", rules: format!("{} rules", thousands(n as f64)), probe, id: rp.prog_id()?, frame });
+        }
+        let ns = run_group(&items, rounds, repeat)?;
+        for (k, (it, v)) in items.iter().zip(&ns).enumerate() {
+            // Items 1, 2: xdp-filter's probes; 3, 4: rampart's, in the same probe order.
+            let vs_xf = if k >= 3 {
+                let r = paired(v, &ns[k - 2]);
+                spread(&r, |x| format!("{x:.2}×"))
+            } else {
+                String::new()
+            };
+            let vs_min = if k == 0 { "1.00".into() } else { format!("{:.2}", median(paired(v, &ns[0]))) };
+            table.row(vec![it.program.into(), it.rules.clone(), it.probe.into(), spread(v, |x| format!("{x:.1}")), vs_min, vs_xf]);
+        }
         drop(xf);
     }
     drop(net);
 
-    for (k, n) in [10u32, 1_000, 10_000].into_iter().enumerate() {
-        let mut last = rule_net(n - 1);
-        last[3] = 1;
-        let rp = Rampart::load(&rampart_rules(n), dir)?;
-        let id = rp.prog_id()?;
-        for (j, p) in probes(last).into_iter().enumerate() {
-            let ns = run_bpftool(id, &p.frame, repeat)?;
-            table.row(vec!["rampart".into(), format!("{n} rules"), p.name.into(), format!("{ns:.1}"), format!("{:.2}", ns / min_ns), format!("{:.2}", ns / xf_ns[k][j])]);
-        }
-    }
     let (text, last) = rampart_big_set(dir)?;
     let t0 = Instant::now();
     let rp = Rampart::load(&text, dir)?;
     let load_s = t0.elapsed().as_secs_f64();
-    let id = rp.prog_id()?;
-    for p in probes(last) {
-        let ns = run_bpftool(id, &p.frame, repeat)?;
-        table.row(vec!["rampart".into(), "3 rules + 1,000,000-prefix set".into(), p.name.into(), format!("{ns:.1}"), format!("{:.2}", ns / min_ns), String::new()]);
+    let mut items = vec![min_item("- (in the set group)")?];
+    for (probe, frame) in probes(last) {
+        items.push(Item {
+            program: "rampart",
+            rules: "3 rules + 1,000,000-prefix set".into(),
+            probe,
+            id: rp.prog_id()?,
+            frame,
+        });
     }
-    writeln!(out, "### ns per packet (BPF_PROG_TEST_RUN via `bpftool prog run`, repeat {repeat})\n")?;
+    let ns = run_group(&items, rounds, repeat)?;
+    for (it, v) in items.iter().zip(&ns).skip(1) {
+        table.row(vec![
+            it.program.into(),
+            it.rules.clone(),
+            it.probe.into(),
+            spread(v, |x| format!("{x:.1}")),
+            format!("{:.2}", median(paired(v, &ns[0]))),
+            String::new(),
+        ]);
+    }
+
+    writeln!(
+        out,
+        "### ns per packet (BPF_PROG_TEST_RUN via `bpftool prog run`, repeat {}, {rounds} rounds)\n",
+        thousands(repeat as f64)
+    )?;
+    writeln!(
+        out,
+        "Each group of rows was loaded together and measured in {rounds} rounds, the programs' order rotated each \
+         round; figures are medians over the rounds with their range. \"× minimal\" and \"rampart ÷ xdp-filter\" are \
+         medians of each round's ratio between programs measured in the same round.\n"
+    )?;
     out.push_str(&table.markdown());
+    writeln!(
+        out,
+        "\nWhat xdp-filter loaded (found through the interface: `ip -d link show`, and `xdp-loader status` for libxdp's dispatcher):\n"
+    )?;
+    for l in &loaded {
+        writeln!(out, "- {l}")?;
+    }
+    writeln!(
+        out,
+        "\nrampart: `{}` loaded with its tables filled, test-run by its id.",
+        rampart_common::fw::PROGRAM_NAME
+    )?;
     writeln!(out, "\nLoading the 1,000,000-prefix rule set (parse + compile + map writes) took {load_s:.1} s.\n")?;
-    Ok(())
+    Ok(floors)
 }
 
 const FLOOD_RULES: u32 = 1_000;
 
-fn flood_section(dir: &Path, seconds: u64, out: &mut String) -> Result<()> {
-    let mut table = Table::new(&["receiver", "rules", "packets/s processed", "× minimal"]);
-    let mut last = rule_net(FLOOD_RULES - 1);
-    last[3] = 1;
-    let frame = udp(last);
-    let mut results: Vec<(String, String, f64)> = Vec::new();
+/// One receiver of the flood: its own pair of namespaces, what it runs, and how to read how
+/// many packets it processed. `count` owns what was loaded and is dropped before `net`.
+struct Receiver {
+    name: String,
+    rules: String,
+    loaded: String,
+    /// The XDP program that processes the flood (for its run-time statistics).
+    prog: Option<u32>,
+    count: Box<dyn FnMut() -> Result<u64>>,
+    /// What must stay loaded besides what `count` holds (xdp-filter, unloaded on drop).
+    _guard: Option<XdpFilter>,
+    net: Flood,
+}
 
-    {
-        let net = Flood::new("min")?;
-        let mut m = Minimal::load()?;
-        {
-            let _g = NetnsGuard::enter(&net.rx_ns)?;
-            m.attach(&net.rx_if)?;
-        }
-        let pps = net.measure(&frame, seconds, || m.processed())?;
-        results.push(("minimal XDP_DROP".into(), "-".into(), pps));
+fn nft_count(ns: &str) -> Result<u64> {
+    let o = sh("ip", &["netns", "exec", ns, "nft", "-j", "list", "table", "netdev", "rbench"])?;
+    rampart_tests::bench::nft_counter_packets(&o)
+}
+
+fn ipt_count(ns: &str) -> Result<u64> {
+    let o = sh("ip", &["netns", "exec", ns, "iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"])?;
+    rampart_tests::bench::iptables_packets(&o)
+}
+
+fn run_stdin(ns: &str, cmd: &[&str], input: &[u8]) -> Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", cmd[0]))?;
+    child.stdin.take().context("stdin")?.write_all(input)?;
+    let o = child.wait_with_output()?;
+    if !o.status.success() {
+        bail!("{} failed: {}", cmd.join(" "), String::from_utf8_lossy(&o.stderr).trim());
+    }
+    Ok(())
+}
+
+fn receivers(dir: &Path) -> Result<Vec<Receiver>> {
+    let mut v = Vec::new();
+    let n = FLOOD_RULES;
+    let nets: Vec<String> = (0..n)
+        .map(|i| {
+            let [a, b, c, _] = rule_net(i);
+            format!("{a}.{b}.{c}.0/24")
+        })
+        .collect();
+    let xdp = |net: &Flood| AttachedXdp::of(&net.rx_ns, &net.rx_if).map(|a| (a.describe(), Some(a.id)));
+
+    for calibration in [false, true] {
+        let net = Flood::new(if calibration { "cal" } else { "min" })?;
+        let mut f = if calibration { Floor::calibration()? } else { Floor::minimal()? };
+        f.attach(&net.rx_ns, &net.rx_if)?;
+        let name = if calibration { "calibration (minimal + fixed extra work)" } else { "minimal XDP_DROP" };
+        let (loaded, prog) = xdp(&net)?;
+        v.push(Receiver {
+            name: name.into(),
+            rules: "-".into(),
+            loaded,
+            prog,
+            count: Box::new(move || f.processed()),
+            _guard: None,
+            net,
+        });
     }
     {
         let net = Flood::new("rp")?;
-        let mut rp = Rampart::load(&rampart_rules(FLOOD_RULES), dir)?;
+        let mut rp = Rampart::load(&rampart_rules(n), dir)?;
         rp.attach(&net.rx_ns, &net.rx_if)?;
-        let pps = net.measure(&frame, seconds, || rp.processed())?;
-        results.push(("rampart (native XDP)".into(), format!("{FLOOD_RULES} CIDR rules"), pps));
+        let (loaded, prog) = xdp(&net)?;
+        v.push(Receiver {
+            name: "rampart".into(),
+            rules: format!("{} CIDR rules", thousands(n as f64)),
+            loaded,
+            prog,
+            count: Box::new(move || rp.processed()),
+            _guard: None,
+            net,
+        });
     }
     {
         let net = Flood::new("xf")?;
-        let addrs: Vec<[u8; 4]> = (0..FLOOD_RULES).map(|i| { let mut a = rule_net(i); a[3] = 1; a }).collect();
-        let xf = XdpFilter::load(&net.rx_ns, &net.rx_if, &addrs, None)?;
+        let addrs: Vec<[u8; 4]> = (0..n).map(rule_addr).collect();
+        let xf = XdpFilter::load(&net.rx_ns, &net.rx_if, XF_NEEDS, &addrs)?;
+        let loaded =
+            format!("`xdp-filter load -m native -p allow -f {}` → {}", XF_NEEDS.features(), xf.attached.describe());
         // Its own per-entry hit counter: the flood packet's source is the last address.
-        let pps = net.measure(&frame, seconds, || xdp_filter_hits(last))?;
-        results.push(("xdp-filter (native XDP)".into(), format!("{FLOOD_RULES} addresses"), pps));
-        drop(xf);
+        let last = rule_addr(n - 1);
+        v.push(Receiver {
+            name: "xdp-filter".into(),
+            rules: format!("{} addresses", thousands(n as f64)),
+            loaded,
+            prog: Some(xf.prog_id()?),
+            count: Box::new(move || xdp_filter_hits(last)),
+            _guard: Some(xf),
+            net,
+        });
     }
     {
         let net = Flood::new("nft")?;
         let mut script = format!("table netdev rbench {{\n chain ingress {{ type filter hook ingress device \"{}\" priority -500; policy accept;\n", net.rx_if);
-        for i in 0..FLOOD_RULES {
-            let [a, b, c, _] = rule_net(i);
-            if i == FLOOD_RULES - 1 {
-                writeln!(script, "  ip saddr {a}.{b}.{c}.0/24 counter drop")?;
-            } else {
-                writeln!(script, "  ip saddr {a}.{b}.{c}.0/24 drop")?;
-            }
+        for (i, p) in nets.iter().enumerate() {
+            let counter = if i + 1 == nets.len() { "counter " } else { "" };
+            writeln!(script, "  ip saddr {p} {counter}drop")?;
         }
         script.push_str(" }\n}\n");
-        let f = dir.join("nft.conf");
-        fs::write(&f, script)?;
-        sh("ip", &["netns", "exec", &net.rx_ns, "nft", "-f", f.to_str().unwrap()])?;
+        run_stdin(&net.rx_ns, &["nft", "-f", "-"], script.as_bytes())?;
         let ns = net.rx_ns.clone();
-        let pps = net.measure(&frame, seconds, || {
-            let o = sh("ip", &["netns", "exec", &ns, "nft", "-j", "list", "table", "netdev", "rbench"])?;
-            rampart_tests::bench::nft_counter_packets(&o)
-        })?;
-        results.push(("nftables (netdev ingress)".into(), format!("{FLOOD_RULES} rules, linear"), pps));
+        v.push(Receiver {
+            name: "nftables, linear rules".into(),
+            prog: None,
+            rules: format!("{} rules", thousands(n as f64)),
+            loaded: format!("table netdev, ingress chain at priority -500, {} rules `ip saddr A.B.C.0/24 drop` (the last with a counter)", thousands(n as f64)),
+            count: Box::new(move || nft_count(&ns)),
+            _guard: None,
+            net,
+        });
+    }
+    {
+        let net = Flood::new("nfs")?;
+        let script = format!(
+            "table netdev rbench {{\n set blocked {{ type ipv4_addr; flags interval; elements = {{ {} }} }}\n \
+             chain ingress {{ type filter hook ingress device \"{}\" priority -500; policy accept;\n  ip saddr @blocked counter drop\n }}\n}}\n",
+            nets.join(", "),
+            net.rx_if
+        );
+        run_stdin(&net.rx_ns, &["nft", "-f", "-"], script.as_bytes())?;
+        let ns = net.rx_ns.clone();
+        v.push(Receiver {
+            name: "nftables, named interval set".into(),
+            prog: None,
+            rules: format!("1 rule, set of {} prefixes", thousands(n as f64)),
+            loaded: format!("table netdev, ingress chain at priority -500, `set blocked {{ type ipv4_addr; flags interval }}` of {} /24s, one rule `ip saddr @blocked counter drop`", thousands(n as f64)),
+            count: Box::new(move || nft_count(&ns)),
+            _guard: None,
+            net,
+        });
     }
     {
         let net = Flood::new("ipt")?;
         let mut rules = String::from("*raw\n:PREROUTING ACCEPT [0:0]\n");
-        for i in 0..FLOOD_RULES {
-            let [a, b, c, _] = rule_net(i);
-            writeln!(rules, "-A PREROUTING -s {a}.{b}.{c}.0/24 -j DROP")?;
+        for p in &nets {
+            writeln!(rules, "-A PREROUTING -s {p} -j DROP")?;
         }
         rules.push_str("COMMIT\n");
-        let f = dir.join("ipt.rules");
-        fs::write(&f, rules)?;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &net.rx_ns, "iptables-restore"])
-            .stdin(Stdio::piped())
-            .spawn()?;
-        child.stdin.take().unwrap().write_all(&fs::read(&f)?)?;
-        if !child.wait()?.success() {
-            bail!("iptables-restore failed");
-        }
+        run_stdin(&net.rx_ns, &["iptables-restore"], rules.as_bytes())?;
         let ns = net.rx_ns.clone();
-        let pps = net.measure(&frame, seconds, || {
-            let o = sh("ip", &["netns", "exec", &ns, "iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"])?;
-            rampart_tests::bench::iptables_packets(&o)
-        })?;
-        results.push(("iptables (raw PREROUTING)".into(), format!("{FLOOD_RULES} rules, linear"), pps));
+        v.push(Receiver {
+            name: "iptables, linear rules".into(),
+            prog: None,
+            rules: format!("{} rules", thousands(n as f64)),
+            loaded: format!(
+                "raw table, PREROUTING, {} rules `-s A.B.C.0/24 -j DROP` ({})",
+                thousands(n as f64),
+                sh("iptables", &["-V"])?.trim()
+            ),
+            count: Box::new(move || ipt_count(&ns)),
+            _guard: None,
+            net,
+        });
     }
-    let min_pps = results[0].2;
-    for (name, rules, pps) in &results {
-        table.row(vec![name.clone(), rules.clone(), format!("{pps:.0}"), format!("{:.2}", pps / min_pps)]);
+    {
+        let net = Flood::new("ips")?;
+        let mut set = String::from("create rbench-blocked hash:net family inet maxelem 65536\n");
+        for p in &nets {
+            writeln!(set, "add rbench-blocked {p}")?;
+        }
+        // ipset's sets belong to the network namespace, so this one goes with the namespace.
+        run_stdin(&net.rx_ns, &["ipset", "restore"], set.as_bytes())?;
+        let rules =
+            "*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -m set --match-set rbench-blocked src -j DROP\nCOMMIT\n";
+        run_stdin(&net.rx_ns, &["iptables-restore"], rules.as_bytes())?;
+        let ns = net.rx_ns.clone();
+        v.push(Receiver {
+            name: "iptables + ipset hash:net".into(),
+            prog: None,
+            rules: format!("1 rule, set of {} prefixes", thousands(n as f64)),
+            loaded: format!("`ipset create rbench-blocked hash:net` of {} /24s, raw PREROUTING `-m set --match-set rbench-blocked src -j DROP` ({})", thousands(n as f64), sh("ipset", &["--version"])?.trim()),
+            count: Box::new(move || ipt_count(&ns)),
+            _guard: None,
+            net,
+        });
     }
-    writeln!(out, "### Flood: packets/s processed by the receiving veth ({seconds} s per contender, trafgen on one core, flood packet matches the last rule)\n")?;
+    Ok(v)
+}
+
+/// The flood section. Returns whether it was valid (the calibration measured slower).
+fn flood_section(
+    dir: &Path,
+    floors: &Floors,
+    rounds: usize,
+    seconds: f64,
+    senders: usize,
+    out: &mut String,
+) -> Result<bool> {
+    let mut last = rule_net(FLOOD_RULES - 1);
+    last[3] = 1;
+    let frame = udp(last);
+    let mut rx = receivers(dir)?;
+    let stats = BpfStats::enable()?;
+    let mut samples: Vec<Vec<FloodSample>> = vec![Vec::new(); rx.len()];
+    // Per XDP receiver and round: the program's own ns per run over the flood.
+    let mut prog_ns: Vec<Vec<f64>> = vec![Vec::new(); rx.len()];
+    for round in 0..rounds {
+        for i in rotation(rx.len(), round) {
+            let r = &mut rx[i];
+            let before = r.prog.map(|id| stats.of(id)).transpose()?;
+            let s = r
+                .net
+                .measure(&frame, seconds, senders, &mut r.count)
+                .with_context(|| format!("flooding {}", r.name))?;
+            if let (Some(id), Some((t0, n0))) = (r.prog, before) {
+                let (t1, n1) = stats.of(id)?;
+                if n1 > n0 {
+                    prog_ns[i].push((t1 - t0) as f64 / (n1 - n0) as f64);
+                }
+            }
+            eprintln!("fw-bench: round {}/{rounds}: {}: {:.0} packets/s", round + 1, r.name, s.pps);
+            samples[i].push(s);
+        }
+    }
+    drop(stats);
+    let pps: Vec<Vec<f64>> = samples.iter().map(|v| v.iter().map(|s| s.pps).collect()).collect();
+    let (min_pps, cal_pps) = (&pps[0], &pps[1]);
+
+    let mut table = Table::new(&[
+        "receiver",
+        "rules",
+        "packets/s: median (min–max)",
+        "× minimal",
+        "CPUs busy",
+        "CPU ns per packet (all CPUs)",
+        "XDP program's own ns per packet in the flood: median (min–max)",
+        "× xdp-filter's",
+    ]);
+    let xf_prog_ns = rx.iter().position(|r| r.name == "xdp-filter").map(|k| prog_ns[k].clone()).unwrap_or_default();
+    for (k, r) in rx.iter().enumerate() {
+        let busy: Vec<f64> =
+            samples[k].iter().map(|s| s.busy.iter().sum::<f64>() / s.busy.len().max(1) as f64).collect();
+        let cpu_ns: Vec<f64> = samples[k].iter().map(FloodSample::cpu_ns_per_packet).collect();
+        table.row(vec![
+            r.name.clone(),
+            r.rules.clone(),
+            spread(&pps[k], thousands),
+            format!("{:.2}", median(paired(&pps[k], min_pps))),
+            format!("{:.0}%", median(busy)),
+            format!("{:.0}", median(cpu_ns)),
+            if prog_ns[k].is_empty() { "-".into() } else { spread(&prog_ns[k], |x| format!("{x:.1}")) },
+            if prog_ns[k].is_empty() || xf_prog_ns.is_empty() {
+                String::new()
+            } else {
+                format!("{:.2}", median(paired(&prog_ns[k], &xf_prog_ns)))
+            },
+        ]);
+    }
+
+    // The calibration: its extra cost per packet is known from the test run; with every CPU
+    // busy, each packet's whole CPU cost bounds the rate, so that extra cost must show.
+    let extra_ns = floors.calibration_ns - floors.minimal_ns;
+    let min_cpu_ns = median(samples[0].iter().map(FloodSample::cpu_ns_per_packet).collect());
+    let expected = if min_cpu_ns > 0.0 { min_cpu_ns / (min_cpu_ns + extra_ns) } else { 1.0 };
+    let ratios = paired(cal_pps, min_pps);
+    let measured = median(ratios.clone());
+    let slower_every_round = ratios.iter().all(|&r| r < 1.0);
+    // Half the slow-down the extra cost predicts must show, and in every round.
+    let valid = slower_every_round && measured <= 1.0 - (1.0 - expected) / 2.0;
+
+    writeln!(
+        out,
+        "### Flood: packets/s the receiving veth processed ({rounds} rounds of {seconds} s per receiver, order rotated each round; \
+         trafgen on {senders} CPU(s); the flood packet matches the last rule)\n"
+    )?;
+    writeln!(
+        out,
+        "**Calibration: {}.** The calibration program costs {extra_ns:.1} ns more per packet than the minimal one \
+         (test run: {:.1} against {:.1} ns). With the minimal program the machine spent {min_cpu_ns:.0} ns of CPU per \
+         packet, so a saturated receiver should run the calibration at {expected:.2}× the minimal program's rate; \
+         measured {measured:.2}× (per round: {}). {}\n",
+        if valid {
+            "valid run, the flood tells the calibration program from the minimal one"
+        } else {
+            "INVALID RUN: the flood does not tell the programs apart"
+        },
+        floors.calibration_ns,
+        floors.minimal_ns,
+        ratios.iter().map(|r| format!("{r:.2}×")).collect::<Vec<_>>().join(", "),
+        if valid {
+            "The rates tell receivers apart to about the calibration's extra cost; smaller differences show in the \
+             last columns, each XDP program's own cost under the flood."
+        } else {
+            "The run is invalid unless the calibration is slower than the minimal program in every round, by at least \
+             half the slow-down its extra cost predicts: the rates below do not measure the receivers."
+        }
+    )?;
     out.push_str(&table.markdown());
-    Ok(())
+    writeln!(
+        out,
+        "\n\"× minimal\": median of each round's ratio to the minimal program's rate. \"CPUs busy\": the mean over all \
+         CPUs (/proc/stat), median over the rounds; \"CPU ns per packet\": all CPUs' busy time over the packets the \
+         receiver processed (sending, the stack and the receiver together). \"XDP program's own ns per packet\": the \
+         kernel's run-time statistics of the receiving program (BPF_ENABLE_STATS: run time ÷ runs over each flood, \
+         which adds two clock reads per run to every program alike), so the receiver's own cost under real traffic, \
+         undiluted by the sender's; \"× xdp-filter's\": median of the rounds' ratios.\n\nWhat each receiver ran:\n"
+    )?;
+    for r in &rx {
+        writeln!(out, "- {}: {}", r.name, r.loaded)?;
+    }
+    writeln!(out)?;
+    Ok(valid)
 }
 
 fn main() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("fw-bench needs root (BPF_PROG_TEST_RUN, XDP attach, network namespaces)");
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let repeat = if quick { 100_000 } else { 10_000_000 };
-    let seconds = if quick { 1 } else { 5 };
+    let args = Args::parse();
+    let q = args.quick;
+    let rounds = args.rounds.unwrap_or(if q { 2 } else { 5 }).max(1);
+    let repeat = args.repeat.unwrap_or(if q { 100_000 } else { 10_000_000 });
+    let seconds = args.seconds.unwrap_or(if q { 1.0 } else { 3.0 });
+    let senders = args.senders.unwrap_or_else(|| thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let dir: PathBuf = std::env::temp_dir().join(format!("fw-bench-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
     let mut out = String::new();
-    writeln!(out, "## fw: {}\n", rampart_tests::bench::machine())?;
-    let flood_only = args.iter().any(|a| a == "--flood-only");
+    writeln!(
+        out,
+        "## fw: {}{}\n",
+        rampart_tests::bench::machine(),
+        if q { " (quick smoke run, figures not meaningful)" } else { "" }
+    )?;
     let r = (|| {
-        if !flood_only {
-            testrun_section(&dir, repeat, &mut out)?;
-            thread::sleep(Duration::from_millis(200));
-        }
-        flood_section(&dir, seconds, &mut out)
+        let floors = if args.flood_only {
+            let (_, ns) = floor_group(rounds, repeat)?;
+            Floors { minimal_ns: median(ns[0].clone()), calibration_ns: median(ns[1].clone()) }
+        } else {
+            testrun_section(&dir, rounds, repeat, &mut out)?
+        };
+        thread::sleep(Duration::from_millis(200));
+        flood_section(&dir, &floors, rounds, seconds, senders, &mut out)
     })();
     let _ = fs::remove_dir_all(&dir);
     println!("{out}");
-    r
+    if !r? {
+        bail!("the flood did not tell the calibration program from the minimal one: the run is invalid");
+    }
+    Ok(())
 }
-

@@ -90,6 +90,10 @@ struct Args {
     /// Keep the scratch directory (configs, logs) and print where it is.
     #[arg(long)]
     keep: bool,
+    /// Idle TLS keep-alive connections each contender holds, after the rounds, to measure its
+    /// memory per connection (0: skip) [default: 5,000; quick: 1,000].
+    #[arg(long, value_name = "N")]
+    idle_connections: Option<usize>,
     /// Let idle CPUs halt, as they do outside the bench. By default the bench holds
     /// /dev/cpu_dma_latency at 0 so that idle CPUs poll: a halted vCPU's wake-up adds its delay to
     /// every request that finds it idle, and more often to the contender that uses less CPU.
@@ -119,6 +123,10 @@ fn main() -> anyhow::Result<()> {
         (args.duration.unwrap_or(3), args.warmup.unwrap_or(1), args.rounds.unwrap_or(9))
     };
     let (duration, warmup) = (Duration::from_secs(duration.max(1)), Duration::from_secs(warmup));
+    let idle_connections = args.idle_connections.unwrap_or(if args.quick { 1_000 } else { 5_000 });
+    // The client holds every idle connection in this process, and the contenders inherit its
+    // limit: both need a descriptor per connection and then some.
+    raise_fd_limit(idle_connections + 1024).context("the idle-connection measurement")?;
     let quiet_wait = Duration::from_secs(args.quiet_wait.unwrap_or(if args.quick { 0 } else { 120 }));
     let kinds: Vec<Kind> = args
         .only
@@ -203,6 +211,7 @@ fn main() -> anyhow::Result<()> {
         cpus: &server_cpus,
         rampart_bin: rampart_bin.as_deref().unwrap_or(Path::new("rampart")),
         limit: limit.as_ref(),
+        max_clients: idle_connections,
     };
     let mut servers: Vec<Server> = Vec::new();
     for &k in &kinds {
@@ -233,6 +242,7 @@ fn main() -> anyhow::Result<()> {
             setup: format!("{} ({procs} process(es), {threads} thread(s) in all)", s.setup),
             negotiated_openssl,
             rounds: Vec::new(),
+            idle: None,
         });
     }
 
@@ -343,6 +353,35 @@ fn main() -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
 
+    // Memory per idle connection, after the rounds, so that each contender's allocator has
+    // already grown to its working size and what the connections add stands out.
+    if idle_connections > 0 {
+        for idx in 0..servers.len() {
+            let s = &mut servers[idx];
+            let label = &results[idx].label;
+            eprintln!("tls-bench: {label}: opening {idle_connections} idle TLS keep-alive connections");
+            let m = s.without_budget(|s| {
+                let rss_before_kib = s.rss_kib();
+                let held = clients::open_idle(tls_client.config.clone(), s.addr, idle_connections, args.connections)?;
+                std::thread::sleep(Duration::from_secs(1));
+                s.proc.check_alive()?;
+                let m = report::IdleMemory {
+                    connections: held.open,
+                    rss_before_kib,
+                    rss_after_kib: s.rss_kib(),
+                    processes: s.pids().len(),
+                    open_seconds: held.seconds,
+                };
+                drop(held);
+                Ok(m)
+            })?;
+            eprintln!("tls-bench:   {:.1} KiB per connection", m.per_connection_kib());
+            results[idx].idle = Some(m);
+            // Let it close them all before the next contender is measured.
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
     // Sanity: every contender served requests and handshakes, all full handshakes.
     let mut failed = Vec::new();
     for c in &results {
@@ -374,10 +413,13 @@ fn main() -> anyhow::Result<()> {
             percent: l.percent,
             stall_ms: l.period_us.saturating_sub(l.quota_us) as f64 / 1000.0,
         }),
-        tls: "one ECDSA P-256 certificate generated for the run (rcgen), served by every contender; \
-              clients offer only TLS 1.3, TLS_AES_128_GCM_SHA256 and X25519, so every contender \
-              negotiates the same (see \"Setup\")"
-            .into(),
+        tls: format!(
+            "one ECDSA P-256 certificate generated for the run (rcgen), served by every contender; \
+             clients offer only TLS 1.3, TLS_AES_128_GCM_SHA256 and X25519, so every contender \
+             negotiates the same (see \"Setup\"); HAProxy and nginx use Debian's OpenSSL {} (the system \
+             libssl3 they are linked against), rampart uses rustls with aws-lc-rs (built into its binary)",
+            contenders::openssl_version()
+        ),
         backend: format!(
             "nginx {} on 127.0.0.1 (same CPUs as the clients), 1 worker, serving a 100-byte static file at {PATH} \
              over HTTP/1.1 keep-alive; every contender proxies to it with keep-alive connections and adds \
@@ -565,6 +607,31 @@ fn with_usage<T>(
 
 /// Waits (at most `within`) until no CPU is more than 15% busy over half a second: other work on
 /// a shared machine would skew the measurement. Returns a warning when it never got quiet.
+/// Raises this process's soft RLIMIT_NOFILE to at least `need` (up to the hard limit).
+fn raise_fd_limit(need: usize) -> anyhow::Result<()> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write or read the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    let need = need as libc::rlim_t;
+    if lim.rlim_cur >= need {
+        return Ok(());
+    }
+    if lim.rlim_max < need {
+        bail!(
+            "needs {need} open files, but the hard limit (ulimit -Hn) is {}; use --idle-connections with fewer",
+            lim.rlim_max
+        );
+    }
+    lim.rlim_cur = need;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+    }
+    Ok(())
+}
+
 fn wait_for_quiet(within: Duration) -> Option<String> {
     let deadline = Instant::now() + within;
     let mut said = false;

@@ -784,6 +784,76 @@ async fn paced_connection(
     }
 }
 
+/// `n` TLS keep-alive connections, each after one checked request, held open and idle until
+/// dropped (then all close). The runtime stays with them so that their sockets stay registered.
+pub struct IdleConnections {
+    pub open: usize,
+    pub seconds: f64,
+    conns: Vec<Tls>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Drop for IdleConnections {
+    fn drop(&mut self) {
+        let conns = std::mem::take(&mut self.conns);
+        self.rt.block_on(async move { drop(conns) });
+    }
+}
+
+/// Opens `n` connections to `addr`, `concurrency` at a time: TCP connect, a full TLS 1.3
+/// handshake, one `GET PATH` whose response is checked as in the fixed-rate client, then the
+/// connection is kept open and left idle. Fails on the first connection that does not serve.
+pub fn open_idle(
+    cfg: Arc<ClientConfig>,
+    addr: SocketAddr,
+    n: usize,
+    concurrency: usize,
+) -> Result<IdleConnections, BenchError> {
+    assert_loopback(addr)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::io("tokio runtime", e))?;
+    let started = Instant::now();
+    let request: Arc<[u8]> = format!("GET {PATH} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes().into();
+    let connector = tokio_rustls::TlsConnector::from(cfg);
+    let conns = rt.block_on(async {
+        let next = Arc::new(AtomicU64::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..concurrency.max(1) {
+            let (next, connector, request) = (next.clone(), connector.clone(), request.clone());
+            tasks.spawn(async move {
+                let mut mine = Vec::new();
+                let mut buf = Vec::new();
+                while next.fetch_add(1, Ordering::Relaxed) < n as u64 {
+                    let one = async {
+                        let mut tls = connect(&connector, addr).await?;
+                        exchange(&mut tls, &request, &mut buf).await?;
+                        Ok::<_, &'static str>(tls)
+                    };
+                    match tokio::time::timeout(Duration::from_secs(10), one).await {
+                        Ok(Ok(tls)) => mine.push(tls),
+                        Ok(Err(e)) => return Err(format!("connection {}: {e}", mine.len())),
+                        Err(_) => return Err("connection: no response within 10 s".to_string()),
+                    }
+                }
+                Ok(mine)
+            });
+        }
+        let mut all = Vec::with_capacity(n);
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Ok(v)) => all.extend(v),
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(format!("client task: {e}")),
+            }
+        }
+        Ok(all)
+    });
+    let conns = conns.map_err(|e| BenchError::Msg(format!("opening {n} idle connections to {addr}: {e}")))?;
+    Ok(IdleConnections { open: conns.len(), seconds: started.elapsed().as_secs_f64(), conns, rt })
+}
+
 async fn connect(connector: &tokio_rustls::TlsConnector, addr: SocketAddr) -> Result<Tls, &'static str> {
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|_| "connect")?;
     let _ = tcp.set_nodelay(true);

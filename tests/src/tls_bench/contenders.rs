@@ -95,6 +95,18 @@ impl Server {
         result
     }
 
+    /// The server's process and all its descendants (nginx's workers).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.proc.pid()];
+        pids.extend(descendants(self.proc.pid()));
+        pids
+    }
+
+    /// Resident set size of all its processes summed, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.pids().into_iter().filter_map(super::procs::rss_kib).sum()
+    }
+
     /// Threads of the server's processes (for the report): (processes, threads).
     pub fn threads(&self) -> (usize, usize) {
         let mut pids = vec![self.proc.pid()];
@@ -218,6 +230,9 @@ pub struct Setup<'a> {
     pub rampart_bin: &'a Path,
     /// The CPU budget; each contender gets a cgroup of its own with it.
     pub limit: Option<&'a CpuLimit>,
+    /// Client connections each contender must hold at once (the idle-memory measurement);
+    /// HAProxy's maxconn and nginx's worker_connections are raised to fit them.
+    pub max_clients: usize,
 }
 
 /// Starts one contender terminating TLS with the bench certificate and proxying to the
@@ -278,12 +293,13 @@ fn start_rampart(setup: &Setup, addr: SocketAddr, cgroup: Option<&Cgroup>) -> Re
 }
 
 fn start_haproxy(setup: &Setup, addr: SocketAddr, cgroup: Option<&Cgroup>) -> Result<Server, BenchError> {
-    let Setup { work, cert, backend, threads, cpus, .. } = *setup;
+    let Setup { work, cert, backend, threads, cpus, max_clients, .. } = *setup;
     let dir = work.sub("haproxy")?;
+    let maxconn = (max_clients + 1024).max(4096);
     let mut conf = String::new();
     let _ = write!(
         conf,
-        "global\n  nbthread {threads}\n  maxconn 4096\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n\n\
+        "global\n  nbthread {threads}\n  maxconn {maxconn}\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n\n\
          defaults\n  mode http\n  http-reuse always\n  option forwardfor\n  timeout connect 5s\n  \
          timeout client 300s\n  timeout server 300s\n  timeout http-keep-alive 300s\n\n\
          frontend bench\n  bind {addr} ssl crt {crt} alpn h2,http/1.1 ssl-min-ver TLSv1.2\n  \
@@ -314,10 +330,12 @@ fn start_haproxy(setup: &Setup, addr: SocketAddr, cgroup: Option<&Cgroup>) -> Re
 }
 
 fn start_nginx_proxy(setup: &Setup, addr: SocketAddr, cgroup: Option<&Cgroup>) -> Result<Server, BenchError> {
-    let Setup { work, cert, backend, threads, cpus, .. } = *setup;
+    let Setup { work, cert, backend, threads, cpus, max_clients, .. } = *setup;
     let dir = work.sub("nginx")?;
+    // Each client connection and each backend connection counts.
+    let worker_connections = (2 * max_clients + 1024).max(8192);
     let conf = format!(
-        "daemon off;\nworker_processes {threads};\npid {d}/nginx.pid;\nevents {{ worker_connections 8192; }}\n\
+        "daemon off;\nworker_processes {threads};\npid {d}/nginx.pid;\nevents {{ worker_connections {worker_connections}; }}\n\
          http {{\n  access_log off;\n{paths}  tcp_nodelay on;\n  keepalive_requests 1000000;\n  \
          keepalive_timeout 300s;\n  ssl_protocols TLSv1.2 TLSv1.3;\n  ssl_session_cache shared:SSL:10m;\n  \
          ssl_session_tickets on;\n\

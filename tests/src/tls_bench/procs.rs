@@ -232,6 +232,12 @@ pub fn tree_ticks(root: u32) -> u64 {
     own + descendants(root).iter().filter_map(|p| all.get(p)).map(|s| s.1).sum::<u64>()
 }
 
+/// VmRSS of a process, KiB (None when it is gone).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
+}
+
 pub fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

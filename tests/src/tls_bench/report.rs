@@ -123,6 +123,32 @@ pub struct Contender {
     pub setup: String,
     pub negotiated_openssl: String,
     pub rounds: Vec<Round>,
+    /// Memory of idle keep-alive connections, when measured.
+    pub idle: Option<IdleMemory>,
+}
+
+/// What a contender's processes held in memory with `connections` idle TLS keep-alive
+/// connections open (each after one request), against just before they were opened.
+#[derive(Clone, Debug, Default)]
+pub struct IdleMemory {
+    pub connections: usize,
+    /// Resident set size summed over all the contender's processes, KiB.
+    pub rss_before_kib: u64,
+    pub rss_after_kib: u64,
+    pub processes: usize,
+    /// How long opening them took.
+    pub open_seconds: f64,
+}
+
+impl IdleMemory {
+    /// KiB per connection: the RSS it added, averaged.
+    pub fn per_connection_kib(&self) -> f64 {
+        if self.connections == 0 {
+            0.0
+        } else {
+            self.rss_after_kib.saturating_sub(self.rss_before_kib) as f64 / self.connections as f64
+        }
+    }
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -134,7 +160,8 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
-fn min_max(v: &[f64]) -> (f64, f64) {
+/// (lowest, highest): the spread a median is reported with.
+pub fn min_max(v: &[f64]) -> (f64, f64) {
     v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)))
 }
 
@@ -403,6 +430,8 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
         let _ = writeln!(o, "\n{}", paired_line(r, h));
     }
 
+    idle_table(&mut o, contenders);
+
     if let Some(line) = client_bound(ctx, contenders) {
         let _ = writeln!(o, "\n{line}");
     }
@@ -594,6 +623,45 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
 
 /// Mean busy % of the client CPUs during a keep-alive measurement.
 /// The targets round by round: how often each held, and the spread of the per-round ratios.
+/// Memory per idle TLS keep-alive connection, with rampart's ratios.
+fn idle_table(o: &mut String, contenders: &[Contender]) {
+    let measured: Vec<(&Contender, &IdleMemory)> =
+        contenders.iter().filter_map(|c| Some((c, c.idle.as_ref()?))).collect();
+    let Some((_, first)) = measured.first() else { return };
+    let _ = writeln!(
+        o,
+        "\nMemory per idle TLS keep-alive connection: {} TLS 1.3 connections opened (full handshake, one `GET {}` \
+         checked), then held open and idle; the resident set size (VmRSS) of all the contender's processes summed, \
+         just before they were opened (after the rounds above) and with all of them open, 1 s after the last \
+         opened. The difference ÷ the connections is what one connection costs in the contender's own memory \
+         (kernel socket buffers are not in it, and are alike for all):\n",
+        thousands(first.connections as f64),
+        super::PATH
+    );
+    let _ = writeln!(o, "| contender | processes | RSS before | RSS with the connections open | per idle connection |");
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|");
+    for (c, m) in &measured {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} KiB | {} KiB | {:.1} KiB |",
+            c.label,
+            m.processes,
+            thousands(m.rss_before_kib as f64),
+            thousands(m.rss_after_kib as f64),
+            m.per_connection_kib()
+        );
+    }
+    let find = |k: Kind| measured.iter().find(|(c, _)| c.kind == k).map(|(_, m)| m.per_connection_kib());
+    if let Some(r) = find(Kind::Rampart) {
+        for other in [Kind::Haproxy, Kind::Nginx] {
+            if let Some(b) = find(other) {
+                let _ = writeln!(o, "| **rampart / {}** | | | | {} |", other.name(), ratio(r, b));
+            }
+        }
+        let _ = writeln!(o, "\nBelow 1 is better: less memory per connection.");
+    }
+}
+
 fn paired_line(r: &Contender, h: &Contender) -> String {
     let part = |what: &str, ratios: Vec<f64>, ok: fn(f64) -> bool| {
         if ratios.is_empty() {
@@ -706,7 +774,14 @@ mod tests {
 
     /// A contender with these rounds and nothing else.
     fn contender(kind: Kind, rounds: Vec<Round>) -> Contender {
-        Contender { kind, label: kind.name().into(), setup: String::new(), negotiated_openssl: String::new(), rounds }
+        Contender {
+            kind,
+            label: kind.name().into(),
+            setup: String::new(),
+            negotiated_openssl: String::new(),
+            rounds,
+            idle: None,
+        }
     }
 
     #[test]
@@ -780,5 +855,31 @@ mod tests {
         let h = contender(Kind::Haproxy, vec![round(350.0, 50.0), round(500.0, 70.0), round(300.0, 60.0)]);
         assert_eq!(r.summary().p99_us, 350.0, "median of rounds 1 and 3");
         assert_eq!(r.paired(&h, Run::FixedRate, |x| x.fixed_rate.p99_us).len(), 2);
+    }
+
+    #[test]
+    fn memory_per_idle_connection() {
+        let idle = |before, after| {
+            Some(IdleMemory {
+                connections: 1000,
+                rss_before_kib: before,
+                rss_after_kib: after,
+                processes: 1,
+                open_seconds: 1.0,
+            })
+        };
+        let mut r = contender(Kind::Rampart, Vec::new());
+        r.idle = idle(10_000, 30_000);
+        let mut h = contender(Kind::Haproxy, Vec::new());
+        h.idle = idle(20_000, 30_000);
+        assert_eq!(r.idle.as_ref().unwrap().per_connection_kib(), 20.0);
+        let mut o = String::new();
+        idle_table(&mut o, &[r, h]);
+        assert!(o.contains("| rampart | 1 | 10,000 KiB | 30,000 KiB | 20.0 KiB |"), "{o}");
+        assert!(o.contains("| **rampart / HAProxy** | | | | 2.00× |"), "{o}");
+        // Not measured: no table.
+        let mut o = String::new();
+        idle_table(&mut o, &[contender(Kind::Rampart, Vec::new())]);
+        assert!(o.is_empty());
     }
 }

@@ -646,8 +646,11 @@ async fn attempt<B: RequestBody>(
             Some(u) => u,
             None => {
                 fresh = true;
+                // Boxed: a new backend connection is rare on the keep-alive path and costs a TCP
+                // (and maybe TLS) handshake anyway, while its 1.5 KiB future inline would size
+                // the state of every client connection, idle ones too.
                 let t0 = Instant::now();
-                match bc.connect(header).await {
+                match Box::pin(bc.connect(header)).await {
                     Ok(u) => {
                         bc.stats.connect.since(t0);
                         u

@@ -1,0 +1,62 @@
+//! The flood benchmark's calibration: the minimal program (`minimal.rs`) plus a fixed extra cost
+//! per packet, a bounded loop of `LOOPS` dependent multiply-xor steps. fw-bench measures that
+//! cost with BPF_PROG_TEST_RUN; if a flood cannot tell this program from the minimal one, the
+//! flood does not saturate the receiver and its figures are reported invalid.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::PerCpuArray,
+    programs::XdpContext,
+};
+
+/// Iterations of the extra work; each depends on the last, so they cannot overlap.
+const LOOPS: u32 = 256;
+
+/// Slot 0: packets dropped (as MINIMAL_COUNT); slot 1: the loop's result, stored so that the
+/// compiler cannot drop the loop.
+#[map]
+static CALIBRATION_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+#[xdp]
+pub fn xdp_calibration(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    // 14 (Ethernet) + 20 (IPv4) + 8 (UDP)
+    if start + 42 > end {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: the 42 bytes were bounds-checked above.
+    let (ethertype, proto, src) =
+        unsafe { (*((start + 12) as *const u16), *((start + 23) as *const u8), *((start + 26) as *const u32)) };
+    if ethertype != 0x0008 || proto != 17 {
+        return xdp_action::XDP_PASS;
+    }
+    // Seeded from the packet, so the result cannot be computed at compile time.
+    let mut x = src as u64 | 1;
+    for _ in 0..LOOPS {
+        x = x.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^= x >> 29;
+    }
+    if let Some(c) = CALIBRATION_COUNT.get_ptr_mut(1) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { *c = x };
+    }
+    if let Some(c) = CALIBRATION_COUNT.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { *c += 1 };
+    }
+    xdp_action::XDP_DROP
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
