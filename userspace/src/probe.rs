@@ -3,7 +3,8 @@
 //! hands each result to the caller, who feeds `loadbalancer`'s health state machine
 //! (`Backend::report_check`: rise/fall live there, not here). The HTTP probe lives with the
 //! HTTP client code (`serve/http/backend.rs`); the MySQL probe is [`MysqlProbe`] (discovery:
-//! read_only, replication state and lag).
+//! read_only, replication state and lag); the XDP balancer's backends use [`TcpProbe`] and
+//! [`HttpGetProbe`].
 //!
 //! A leaf module: it imports nothing of the daemon.
 
@@ -328,5 +329,68 @@ mod tests {
         assert_eq!(seen[0], Ok(0));
         assert_eq!(seen[1], Err("counting: timed out after 10ms".into()));
         assert_eq!(seen[2], Ok(2));
+    }
+}
+
+/// A TCP connection that opens (then closes at once): the L4 balancer's `kind = "tcp"` check.
+#[derive(Clone, Debug)]
+pub struct TcpProbe {
+    pub addr: SocketAddr,
+}
+
+impl Probe for TcpProbe {
+    type Seen = ();
+    fn target(&self) -> String {
+        self.addr.to_string()
+    }
+    async fn probe(&self) -> Result<(), ProbeError> {
+        tokio::net::TcpStream::connect(self.addr)
+            .await
+            .map(drop)
+            .map_err(|e| ProbeError::Failed { target: self.target(), msg: e.to_string() })
+    }
+}
+
+/// `GET path` over plain HTTP/1.1 answered with a 2xx or 3xx: the L4 balancer's
+/// `kind = "http"` check (the HTTP proxy's pools use their own client, `HttpProbe`).
+#[derive(Clone, Debug)]
+pub struct HttpGetProbe {
+    pub addr: SocketAddr,
+    pub path: String,
+}
+
+impl Probe for HttpGetProbe {
+    type Seen = ();
+    fn target(&self) -> String {
+        format!("http://{}{}", self.addr, self.path)
+    }
+    async fn probe(&self) -> Result<(), ProbeError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let failed = |msg: String| ProbeError::Failed { target: self.target(), msg };
+        let mut s = tokio::net::TcpStream::connect(self.addr).await.map_err(|e| failed(e.to_string()))?;
+        let host = match self.addr {
+            SocketAddr::V4(a) => a.ip().to_string(),
+            SocketAddr::V6(a) => format!("[{}]", a.ip()),
+        };
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: rampart-check\r\nConnection: close\r\n\r\n",
+            self.path
+        );
+        s.write_all(req.as_bytes()).await.map_err(|e| failed(e.to_string()))?;
+        // The status line is all that is read: "HTTP/1.1 200 ...".
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        while n < 12 {
+            match s.read(&mut buf[n..]).await.map_err(|e| failed(e.to_string()))? {
+                0 => return Err(failed("closed before a status line".into())),
+                k => n += k,
+            }
+        }
+        let line = String::from_utf8_lossy(&buf[..n]);
+        match line.strip_prefix("HTTP/1.").and_then(|r| r.get(2..5)).and_then(|c| c.parse::<u16>().ok()) {
+            Some(code) if (200..400).contains(&code) => Ok(()),
+            Some(code) => Err(failed(format!("status {code}"))),
+            None => Err(failed(format!("not an HTTP answer: {:?}", line.lines().next().unwrap_or("")))),
+        }
     }
 }

@@ -5,9 +5,9 @@ use std::{path::Path, process::ExitCode};
 use anyhow::{Context, Result};
 use rampart::config::{Config, ConfigError};
 
-pub fn serve(config: &Path) -> Result<ExitCode> {
+pub fn serve(config: &Path, scope: rampart::paths::Scope) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
-    rt.block_on(rampart::serve::run(config))?;
+    rt.block_on(rampart::serve::run(config, scope))?;
     Ok(ExitCode::SUCCESS)
 }
 

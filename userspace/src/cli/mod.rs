@@ -12,6 +12,7 @@ use rampart::{
         rules::{self, Action, Cidr, Rule, RuleSet},
         state::Firewall,
     },
+    lb::state::{self as lb_state, Balancer, Desired, Proto, ServiceId},
     netns::{self, NetnsError},
     paths::Scope,
     xdp::{self, AttachMode},
@@ -47,7 +48,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Status { json, control_socket } => output::status(&scope, json, &control_socket),
         Cmd::Fw { cmd } => fw(&scope, cmd),
         Cmd::Lb { iface, cmd } => lb::run(&scope, pick_iface(&scope, iface)?, cmd),
-        Cmd::Serve { config } => daemon::serve(&config),
+        Cmd::Serve { config } => daemon::serve(&config, scope),
         Cmd::CheckConfig { file } => daemon::check_config(&file),
         Cmd::Reload { control_socket } => daemon::reload(&control_socket),
         Cmd::Backend { pool, backend, state, control_socket } => {
@@ -97,6 +98,18 @@ fn attach_config(scope: &Scope, path: &Path) -> Result<ExitCode> {
         };
         plan.push((name, mode, rules));
     }
+    // Each interface's [[service]] sections, checked against what it balances now before
+    // anything changes: a bad edit (duplicate, family, table) stops the command here.
+    let mut services: Vec<(String, Vec<Desired>)> = Vec::new();
+    for (name, ..) in &plan {
+        let desired = desired_services(&cfg, name);
+        let mut next = lb_state::load(scope, name)?;
+        next.apply(&desired).with_context(|| format!("[[service]] sections for {name} in {}", path.display()))?;
+        for s in &next.services {
+            s.table().with_context(|| format!("[[service]] {} in {}", s.id, path.display()))?;
+        }
+        services.push((name.clone(), desired));
+    }
     let attached = xdp::attached_ifaces(scope)?;
     let (reload, new): (Vec<_>, Vec<_>) = plan.into_iter().partition(|(name, ..)| attached.contains(name));
     // Interfaces attached already are opened (and locked) before anything is attached, so that
@@ -134,7 +147,37 @@ fn attach_config(scope: &Scope, path: &Path) -> Result<ExitCode> {
         fw.load(rs).with_context(|| format!("[[interface]] {name} in {}: loading its rules", path.display()))?;
         println!("{name}: attached already (mode unchanged); loaded its rules: {}", summary(fw.rules()));
     }
+    for (name, desired) in services {
+        let mut lb = Balancer::open(scope, &name)?;
+        if desired.is_empty() && lb.state().services.is_empty() {
+            continue;
+        }
+        lb.change(|st| st.apply(&desired))
+            .with_context(|| format!("[[service]] sections for {name} in {}", path.display()))?;
+        let backends: usize = lb.state().services.iter().map(|s| s.backends.len()).sum();
+        println!("{name}: balancing {} service(s) over {backends} backend(s)", lb.state().services.len());
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `[[service]]` sections of `cfg` that `iface` balances (those naming it, or all when the
+/// file has only this one interface).
+fn desired_services(cfg: &Config, iface: &str) -> Vec<Desired> {
+    cfg.services
+        .iter()
+        .filter(|s| s.interface.as_ref().map_or(cfg.interfaces.len() == 1, |i| i.get_ref() == iface))
+        .map(|s| Desired {
+            id: ServiceId {
+                vip: *s.vip.get_ref(),
+                proto: match s.proto {
+                    rampart::config::L4Proto::Tcp => Proto::Tcp,
+                    rampart::config::L4Proto::Udp => Proto::Udp,
+                },
+            },
+            table_size: *s.table_size.get_ref(),
+            backends: s.backends.iter().map(|b| (b.addr, b.weight)).collect(),
+        })
+        .collect()
 }
 
 /// `--iface`, or the only interface attached in `scope`.

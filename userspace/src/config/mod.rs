@@ -63,7 +63,7 @@ pub struct Config {
     /// Firewall zones (XDP), applied by `rampart attach`/`fw`, not by `serve`.
     #[serde(default, rename = "interface")]
     pub interfaces: Vec<Interface>,
-    /// L4 services balanced in XDP (roadmap).
+    /// L4 services balanced in XDP, applied by `rampart attach --config`.
     #[serde(default, rename = "service")]
     pub services: Vec<Service>,
     #[serde(default)]
@@ -123,7 +123,7 @@ pub struct Interface {
     pub rules: Option<Spanned<PathBuf>>,
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum L4Proto {
     #[default]
@@ -134,7 +134,10 @@ pub enum L4Proto {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
-    pub vip: SocketAddr,
+    pub vip: Spanned<SocketAddr>,
+    /// The [[interface]] whose XDP program balances it; may be left out when the file has
+    /// exactly one [[interface]].
+    pub interface: Option<Spanned<String>>,
     #[serde(default)]
     pub proto: L4Proto,
     #[serde(default = "default_table_size")]
@@ -600,10 +603,41 @@ impl Config {
                 c.at(i.name.span(), format!("interface {n:?} is listed twice"));
             }
         }
+        let mut services = HashSet::new();
         for s in &self.services {
             let t = *s.table_size.get_ref();
             if !is_prime(t) || t < 7 {
                 c.at(s.table_size.span(), format!("table_size {t} must be a prime number (65537 is the usual)"));
+            }
+            let vip = *s.vip.get_ref();
+            match (&s.interface, self.interfaces.len()) {
+                (Some(i), _) if !names.contains(i.get_ref()) => {
+                    c.at(i.span(), format!("no [[interface]] named {:?}", i.get_ref()));
+                }
+                (None, n) if n != 1 => c.at(
+                    s.vip.span(),
+                    format!("[[service]] {vip}: say which [[interface]] balances it (interface = \"…\"): the file has {n}"),
+                ),
+                _ => {}
+            }
+            if vip.port() == 0 || vip.ip().is_unspecified() || vip.ip().is_multicast() {
+                c.at(s.vip.span(), format!("[[service]] {vip}: a VIP needs an address and a port"));
+            }
+            let iface = s.interface.as_ref().map(|i| i.get_ref().clone());
+            if !services.insert((iface, vip, s.proto)) {
+                c.at(s.vip.span(), format!("[[service]] {vip} ({:?}) is defined twice", s.proto));
+            }
+            let mut seen = HashSet::new();
+            for b in &s.backends {
+                if b.addr.is_ipv4() != vip.is_ipv4() {
+                    c.at(s.vip.span(), format!("[[service]] {vip}: backend {} is not of the VIP's address family (IP-in-IP keeps it)", b.addr));
+                }
+                if b.addr.is_unspecified() || b.addr.is_multicast() || b.addr.is_loopback() {
+                    c.at(s.vip.span(), format!("[[service]] {vip}: backend {} cannot receive traffic", b.addr));
+                }
+                if !seen.insert(b.addr) {
+                    c.at(s.vip.span(), format!("[[service]] {vip}: backend {} is listed twice", b.addr));
+                }
             }
         }
         let mut mysql_names = HashSet::new();
@@ -762,7 +796,7 @@ impl Config {
         }
         if !self.services.is_empty() {
             v.push(format!(
-                "{} [[service]] section(s): the XDP L4 balancer is not part of this version",
+                "{} [[service]] section(s): applied by `rampart attach --config`; `serve` runs only their health checks",
                 self.services.len()
             ));
         }

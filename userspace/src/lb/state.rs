@@ -389,6 +389,44 @@ impl LbState {
         self.service_mut(service)?.backend_mut(addr)?.health = health;
         Ok(())
     }
+
+    /// Makes the services exactly `desired` (a config file's `[[service]]` sections, as a rule
+    /// file replaces a rule set). Services and backends that stay keep their ids, table regions
+    /// and health, so their flows stay where they are; weights and the admin state follow the
+    /// file (every listed backend is `ready`); a service whose table size changed is made anew.
+    pub fn apply(&mut self, desired: &[Desired]) -> Result<()> {
+        self.services
+            .retain(|s| desired.iter().any(|d| d.id == s.id && d.table_size == s.table_size));
+        for d in desired {
+            if self.service(&d.id).is_err() {
+                self.add_service(d.id, d.table_size)?;
+            }
+            let current: Vec<IpAddr> = self.service(&d.id)?.backends.iter().map(|b| b.addr).collect();
+            for addr in current {
+                if !d.backends.iter().any(|(a, _)| *a == addr) {
+                    self.delete_backend(&d.id, addr)?;
+                }
+            }
+            for &(addr, weight) in &d.backends {
+                if self.service(&d.id)?.backend(addr).is_ok() {
+                    self.set_weight(&d.id, addr, weight)?;
+                    self.set_admin(&d.id, addr, Admin::Ready)?;
+                } else {
+                    self.add_backend(&d.id, addr, weight)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One service as a config file wants it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    pub id: ServiceId,
+    pub table_size: u32,
+    /// Address and weight.
+    pub backends: Vec<(IpAddr, u32)>,
 }
 
 /// Writes into the maps what it takes to go from `old` to `new`, in an order that leaves every
@@ -621,6 +659,38 @@ mod tests {
         st.delete_service(&a).unwrap();
         st.add_service(sid("10.0.0.3:80/tcp"), 65_537).unwrap();
         assert_eq!(st.service(&sid("10.0.0.3:80/tcp")).unwrap().ring_base, ra);
+    }
+
+    #[test]
+    fn apply_keeps_what_stays_and_replaces_the_rest() {
+        let mut st = LbState::empty();
+        let (a, b, c) = (sid("10.0.0.1:80/tcp"), sid("10.0.0.2:80/tcp"), sid("10.0.0.3:53/udp"));
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        st.add_service(a, 251).unwrap();
+        st.add_service(b, 251).unwrap();
+        st.add_backend(&a, ip("10.0.1.1"), 100).unwrap();
+        st.add_backend(&a, ip("10.0.1.2"), 100).unwrap();
+        st.set_health(&a, ip("10.0.1.1"), Health::Down).unwrap();
+        st.set_admin(&a, ip("10.0.1.2"), Admin::Drain).unwrap();
+        let kept = st.service(&a).unwrap().clone();
+        st.apply(&[
+            Desired { id: a, table_size: 251, backends: vec![(ip("10.0.1.1"), 100), (ip("10.0.1.2"), 7), (ip("10.0.1.3"), 1)] },
+            Desired { id: c, table_size: 13, backends: vec![(ip("10.0.2.1"), 1)] },
+        ])
+        .unwrap();
+        assert!(st.service(&b).is_err(), "a service the file does not name is removed");
+        let s = st.service(&a).unwrap();
+        assert_eq!((s.index, s.ring_base), (kept.index, kept.ring_base));
+        let b1 = s.backend(ip("10.0.1.1")).unwrap();
+        assert_eq!((b1.id, b1.health), (kept.backends[0].id, Health::Down), "health is the daemon's");
+        let b2 = s.backend(ip("10.0.1.2")).unwrap();
+        assert_eq!((b2.id, b2.weight, b2.admin), (kept.backends[1].id, 7, Admin::Ready), "the file sets weight and admin");
+        assert_eq!(s.backends.len(), 3);
+        assert_eq!(st.service(&c).unwrap().backends.len(), 1);
+        // A new table size makes the service anew.
+        st.apply(&[Desired { id: c, table_size: 17, backends: vec![] }]).unwrap();
+        assert_eq!(st.services.len(), 1);
+        assert_eq!(st.service(&c).unwrap().table_size, 17);
     }
 
     #[test]

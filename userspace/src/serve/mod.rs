@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod exposition;
 pub mod http;
+pub mod l4health;
 pub mod listener;
 pub mod metrics;
 pub mod mysql;
@@ -89,6 +90,8 @@ pub struct Shared {
     /// Listening sockets by address; its lock also serialises reloads.
     listeners: tokio::sync::Mutex<HashMap<SocketAddr, Bound>>,
     tls_shared: TlsShared,
+    /// The network namespace the daemon runs in, where the balancer's interfaces are attached.
+    scope: crate::paths::Scope,
 }
 
 impl Shared {
@@ -151,7 +154,7 @@ impl Shared {
         self.generation.store(g.clone());
         old.tasks.cancel();
         old.retire_metrics(&g, &self.metrics);
-        g.start(&self.metrics);
+        g.start(&self.metrics, &self.scope);
         let wanted = wanted_listeners(&g.config);
         let mut removed = 0;
         bound.retain(|addr, b| {
@@ -258,7 +261,9 @@ fn ignore_sigpipe() -> Result<(), ServeError> {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, then drains.
-pub async fn run(config_path: &Path) -> Result<(), ServeError> {
+/// `scope` is the network namespace the daemon runs in (`-n`), where the balancer's interfaces
+/// are attached: `[[service]]` health checks write their results there.
+pub async fn run(config_path: &Path, scope: crate::paths::Scope) -> Result<(), ServeError> {
     ignore_sigpipe()?;
     let config = Config::load(config_path)?;
     for n in config.not_applied_by_serve() {
@@ -277,13 +282,14 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
         stopping: AtomicBool::new(false),
         listeners: tokio::sync::Mutex::new(HashMap::new()),
         tls_shared,
+        scope,
     });
     {
         let mut bound = shared.listeners.lock().await;
         let fresh = bind_new(&bound, &g.config)?;
         shared.spawn_listeners(&mut bound, fresh);
     }
-    g.start(&metrics);
+    g.start(&metrics, &shared.scope);
     let control = admin::bind_control(&control_path)
         .map_err(|source| ServeError::Control { path: control_path.clone(), source })?;
     let control_stop = CancellationToken::new();

@@ -203,7 +203,8 @@ impl Generation {
 
     /// Starts this generation's background tasks: health checks, certificate watchers, idle
     /// connection sweeping; publishes backend and certificate gauges.
-    pub fn start(&self, metrics: &Arc<Metrics>) {
+    pub fn start(&self, metrics: &Arc<Metrics>, scope: &crate::paths::Scope) {
+        super::l4health::start(&self.config, scope, &self.tasks);
         for p in &self.pools {
             for b in p.lb.backends() {
                 let labels = BackendLabels { pool: p.name.clone(), backend: b.id().to_string() };
