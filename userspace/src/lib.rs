@@ -3,6 +3,7 @@
 pub mod bpf;
 pub mod config;
 pub mod fw;
+pub mod lb;
 pub mod netns;
 pub mod paths;
 pub mod pki;
