@@ -10,14 +10,14 @@
 
 use std::{
     ffi::CString,
-    net::{Ipv4Addr, SocketAddr, TcpListener},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
 use rampart::paths::Scope;
-use rampart_common::net::{ETH_HLEN, ETH_P_IP, IPPROTO_IPIP, IPPROTO_TCP};
+use rampart_common::net::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP};
 use rampart_tests::{
     netns::{CLIENT_IF, SERVER_IF, TestNet, in_netns, run},
     packet::{Packet, TCP_ACK, TCP_SYN, Transport, tcp},
@@ -25,6 +25,7 @@ use rampart_tests::{
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 const NOT_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
 const PORT: u16 = 8080;
 const SYSCTLS: [&str; 4] = [
     "/proc/sys/net/ipv4/conf/all/arp_ignore",
@@ -93,7 +94,8 @@ impl Lab {
         for d in self.decap_dirs() {
             assert!(!d.exists(), "{} left behind", d.display());
         }
-        assert!(!self.lo_addrs().contains(&format!("{VIP}/32")), "VIP still on lo: {}", self.lo_addrs());
+        let lo = self.lo_addrs();
+        assert!(!lo.contains(&format!("{VIP}/32")) && !lo.contains(&format!("{VIP6}/128")), "VIP still on lo: {lo}");
         assert_eq!(self.sysctls(), before, "sysctls not restored");
     }
 }
@@ -116,11 +118,19 @@ impl Drop for Lab {
     }
 }
 
-/// An IPv4-in-IPv4 TCP SYN as the balancer would send it: client → `vip:PORT` inside, client's
-/// address → the server's outside, between the veth's MACs.
-fn ipip_syn(lab: &Lab, vip: Ipv4Addr, sport: u16) -> Vec<u8> {
-    let inner = Packet::ipv4(lab.net.client_v4, vip, tcp(sport, PORT)).build();
-    let mut outer = Packet::ipv4(lab.net.client_v4, lab.net.server_v4, Transport::Raw { proto: IPPROTO_IPIP });
+/// An IP-in-IP TCP SYN as the balancer would send it: client → `vip:PORT` inside (IPv4 in
+/// IPv4, or IPv6 in IPv6), the client's address → the server's outside, between the veth's MACs.
+fn ipip_syn(lab: &Lab, vip: IpAddr, sport: u16) -> Vec<u8> {
+    let (inner, mut outer) = match vip {
+        IpAddr::V4(v) => (
+            Packet::ipv4(lab.net.client_v4, v, tcp(sport, PORT)).build(),
+            Packet::ipv4(lab.net.client_v4, lab.net.server_v4, Transport::Raw { proto: IPPROTO_IPIP }),
+        ),
+        IpAddr::V6(v) => (
+            Packet::ipv6(lab.net.client_v6, v, tcp(sport, PORT)).build(),
+            Packet::ipv6(lab.net.client_v6, lab.net.server_v6, Transport::Raw { proto: IPPROTO_IPV6 }),
+        ),
+    };
     outer.payload = inner.bytes[ETH_HLEN..].to_vec();
     outer.dst_mac = mac(rampart_tests::netns::SERVER_MAC);
     outer.src_mac = mac(rampart_tests::netns::CLIENT_MAC);
@@ -135,7 +145,7 @@ fn mac(s: &str) -> [u8; 6] {
 /// In the client namespace: sends `frame` on the client veth with a packet socket and watches
 /// the same interface (bounded: 3 s) for a TCP SYN-ACK from `from:PORT` to `to_port`. Returns
 /// the answering frame.
-fn send_and_watch(ns: &str, frame: Vec<u8>, from: Ipv4Addr, to_port: u16) -> Option<Vec<u8>> {
+fn send_and_watch(ns: &str, frame: Vec<u8>, from: IpAddr, to_port: u16) -> Option<Vec<u8>> {
     in_netns(ns, move || {
         let ifname = CString::new(CLIENT_IF).unwrap();
         // SAFETY: plain syscalls on a socket this closure owns; buffers outlive the calls.
@@ -181,14 +191,26 @@ fn send_and_watch(ns: &str, frame: Vec<u8>, from: Ipv4Addr, to_port: u16) -> Opt
     .expect("enter the client namespace")
 }
 
-fn is_syn_ack(f: &[u8], from: Ipv4Addr, to_port: u16) -> bool {
-    if f.len() < 14 + 20 + 20 || f[12..14] != ETH_P_IP.to_be_bytes() || f[14 + 9] != IPPROTO_TCP {
+/// A TCP SYN-ACK from `from:PORT` to `to_port` (IPv4 with any IHL, or IPv6 without
+/// extension headers, as the stack sends it).
+fn is_syn_ack(f: &[u8], from: IpAddr, to_port: u16) -> bool {
+    if f.len() < ETH_HLEN + 20 {
         return false;
     }
-    let ihl = (f[14] & 0x0f) as usize * 4;
-    let tcp = 14 + ihl;
-    f.len() >= tcp + 20
-        && f[26..30] == from.octets()
+    let ethertype = [f[12], f[13]];
+    let (src, proto, tcp) = match from {
+        IpAddr::V4(_) if ethertype == ETH_P_IP.to_be_bytes() => {
+            let ihl = (f[14] & 0x0f) as usize * 4;
+            (IpAddr::from(<[u8; 4]>::try_from(&f[26..30]).unwrap()), f[14 + 9], ETH_HLEN + ihl)
+        }
+        IpAddr::V6(_) if ethertype == ETH_P_IPV6.to_be_bytes() && f.len() >= ETH_HLEN + 40 => {
+            (IpAddr::from(<[u8; 16]>::try_from(&f[22..38]).unwrap()), f[14 + 6], ETH_HLEN + 40)
+        }
+        _ => return false,
+    };
+    proto == IPPROTO_TCP
+        && src == from
+        && f.len() >= tcp + 20
         && u16::from_be_bytes([f[tcp], f[tcp + 1]]) == PORT
         && u16::from_be_bytes([f[tcp + 2], f[tcp + 3]]) == to_port
         && f[tcp + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
@@ -207,18 +229,32 @@ fn decapsulated_syn_is_answered_from_the_vip_and_detach_leaves_nothing() {
     assert_eq!(&before[..2], &["0", "0"], "a fresh namespace's ARP sysctls");
     // A listener on the VIP:PORT, in the server namespace, before the VIP exists (freebind).
     let server = lab.server();
-    let listener = in_netns(&server, || {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        s.set_freebind_v4(true).unwrap();
-        s.bind(&SocketAddr::from((VIP, PORT)).into()).unwrap();
-        s.listen(16).unwrap();
-        TcpListener::from(s)
+    // Listeners on VIP:PORT (both families), in the server namespace, before the VIPs exist.
+    let listeners = in_netns(&server, || {
+        [IpAddr::V4(VIP), IpAddr::V6(VIP6)].map(|ip| {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(SocketAddr::new(ip, PORT)),
+                socket2::Type::STREAM,
+                None,
+            )
+            .unwrap();
+            if ip.is_ipv6() {
+                s.set_freebind_v6(true).unwrap();
+                s.set_only_v6(true).unwrap();
+            } else {
+                s.set_freebind_v4(true).unwrap();
+            }
+            s.bind(&SocketAddr::new(ip, PORT).into()).unwrap();
+            s.listen(16).unwrap();
+            TcpListener::from(s)
+        })
     })
     .unwrap();
 
-    let out = lab.decap_ok(&["attach", "--iface", SERVER_IF, "--vip", &VIP.to_string()]);
+    let out = lab.decap_ok(&["attach", "--iface", SERVER_IF, "--vip", &format!("{VIP},{VIP6}")]);
     assert!(out.contains("decap attached to rt-s") && out.contains("program id"), "{out}");
-    assert!(lab.lo_addrs().contains(&format!("{VIP}/32")), "VIP not on lo: {}", lab.lo_addrs());
+    let lo = lab.lo_addrs();
+    assert!(lo.contains(&format!("{VIP}/32")) && lo.contains(&format!("{VIP6}/128")), "VIPs not on lo: {lo}");
     assert_eq!(lab.sysctls(), ["1", "2", "1", "2"], "ARP sysctls");
     assert!(lab.xdp_attached(), "no XDP program on {SERVER_IF}");
     let pins = Scope::Netns(server.clone()).decap_pin_dir(SERVER_IF);
@@ -240,20 +276,28 @@ fn decapsulated_syn_is_answered_from_the_vip_and_detach_leaves_nothing() {
     // Without the program the SYN would meet a kernel with no ipip driver; with it, the stack
     // sees a SYN to the VIP and answers from the VIP, straight to the client.
     let client = lab.net.client.clone();
-    let frame = ipip_syn(&lab, VIP, 40100);
-    let answer = send_and_watch(&client, frame.clone(), VIP, 40100);
+    let frame = ipip_syn(&lab, VIP.into(), 40100);
+    let answer = send_and_watch(&client, frame.clone(), VIP.into(), 40100);
     let answer = answer.unwrap_or_else(|| panic!("no SYN-ACK from {VIP}:{PORT}; counters {}", counters(&mut lab)));
     assert_eq!(&answer[30..34], &lab.net.client_v4.octets(), "the SYN-ACK goes to the client itself");
     let c = counters(&mut lab);
     assert_eq!(c["decapsulated"]["packets"], 1, "{c}");
     assert_eq!(c["decapsulated"]["bytes"], frame.len() as u64, "{c}");
 
+    // The same for IPv6 in IPv6.
+    let frame6 = ipip_syn(&lab, VIP6.into(), 40102);
+    let answer = send_and_watch(&client, frame6.clone(), VIP6.into(), 40102);
+    let answer = answer.unwrap_or_else(|| panic!("no SYN-ACK from [{VIP6}]:{PORT}; counters {}", counters(&mut lab)));
+    assert_eq!(&answer[38..54], &lab.net.client_v6.octets(), "the SYN-ACK goes to the client itself");
+    let c = counters(&mut lab);
+    assert_eq!(c["decapsulated"]["packets"], 2, "{c}");
+
     // IP-in-IP to an address that is not a VIP: untouched, counted, unanswered.
-    let other = send_and_watch(&client, ipip_syn(&lab, NOT_VIP, 40101), NOT_VIP, 40101);
+    let other = send_and_watch(&client, ipip_syn(&lab, NOT_VIP.into(), 40101), NOT_VIP.into(), 40101);
     assert!(other.is_none(), "an answer for a non-VIP");
     let c = counters(&mut lab);
-    assert_eq!((c["not_ours"]["packets"].as_u64(), c["decapsulated"]["packets"].as_u64()), (Some(1), Some(1)), "{c}");
-    drop(listener);
+    assert_eq!((c["not_ours"]["packets"].as_u64(), c["decapsulated"]["packets"].as_u64()), (Some(1), Some(2)), "{c}");
+    drop(listeners);
 
     let out = lab.decap_ok(&["detach", "--iface", SERVER_IF]);
     assert!(out.contains("decap detached from rt-s"), "{out}");
@@ -293,4 +337,54 @@ fn detach_after_the_interface_was_deleted_cleans_up() {
     assert!(!lo.contains("10.99.0.1") && !lo.contains("fd00:99::1"), "{lo}");
     // The interface's own sysctls went with it; `all` is back as it was.
     assert_eq!(&lab.sysctls()[..2], &before[..2]);
+}
+
+/// Two interfaces of one backend share the `all` sysctls and a VIP: the first detach leaves
+/// both in place for the other, the last one removes the VIP and restores the sysctls. A VIP
+/// someone else put on lo stays.
+#[test]
+fn attachments_in_one_scope_share_the_vip_and_the_sysctls() {
+    let mut lab = Lab::new();
+    let before = lab.sysctls();
+    let server = lab.server();
+    let ip = |args: &[&str]| run(Command::new("ip").arg("-n").arg(&server).args(args)).expect("ip");
+    ip(&["link", "add", "rt-x", "type", "veth", "peer", "name", "rt-y"]);
+    ip(&["link", "set", "rt-x", "up"]);
+    ip(&["link", "set", "rt-y", "up"]);
+    ip(&["addr", "add", "10.99.0.7/32", "dev", "lo"]); // not rampart's
+    lab.decap_ok(&["attach", "--iface", SERVER_IF, "--vip", &format!("{VIP},10.99.0.7"), "--mode", "skb"]);
+    let out = lab.net.rampart(&server, &["decap", "attach", "--iface", "rt-x", "--vip", &format!("{VIP},10.99.0.8")]);
+    let out = out.expect("run rampart");
+    assert!(out.status.success(), "second attach: {}", String::from_utf8_lossy(&out.stderr));
+    let status = lab.decap_ok(&["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let names: Vec<&str> = st.as_array().unwrap().iter().map(|a| a["iface"].as_str().unwrap()).collect();
+    assert_eq!(names, ["rt-s", "rt-x"], "{status}");
+
+    lab.decap_ok(&["detach", "--iface", SERVER_IF]);
+    lab.attached = true; // rt-x is still attached: Drop must detach it if the test fails here
+    let lo = lab.lo_addrs();
+    assert!(lo.contains(&format!("{VIP}/32")) && lo.contains("10.99.0.8/32"), "rt-x's VIPs went: {lo}");
+    assert_eq!(&lab.sysctls()[..2], ["1", "2"], "the all sysctls went back while rt-x needs them");
+    let out = lab.net.rampart(&server, &["decap", "detach", "--iface", "rt-x"]).expect("run rampart");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    lab.attached = false;
+    let lo = lab.lo_addrs();
+    assert!(lo.contains("10.99.0.7/32"), "an address rampart did not add was removed: {lo}");
+    ip(&["addr", "del", "10.99.0.7/32", "dev", "lo"]);
+    lab.assert_clean(&before);
+}
+
+/// The backend's namespace deleted under rampart: detach still removes the pins and the state
+/// (and touches no other namespace's sysctls or addresses).
+#[test]
+fn detach_after_the_namespace_was_deleted_removes_pins_and_state() {
+    let mut lab = Lab::new();
+    lab.decap_ok(&["attach", "--iface", SERVER_IF, "--vip", &VIP.to_string(), "--mode", "skb"]);
+    run(Command::new("ip").args(["netns", "del", &lab.server()])).expect("delete the namespace");
+    let out = lab.decap(&["detach", "--iface", SERVER_IF]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for d in lab.decap_dirs() {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
 }
