@@ -31,6 +31,9 @@ const BACKEND4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 21);
 const LB6: Ipv6Addr = Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0x12, 0x34);
 const BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 21);
 
+/// See `decap_program_stays_small`.
+const BUDGET: u32 = 1_500;
+
 fn runner() -> DecapTestRun {
     DecapTestRun::new(&[IpAddr::V4(VIP4), IpAddr::V6(VIP6)]).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -295,4 +298,15 @@ fn decap_object_holds_only_its_own_maps() {
     let run = runner();
     let ids = run.prog().unwrap().info().unwrap().map_ids().unwrap().unwrap_or_default();
     assert_eq!(ids.len(), 2, "maps the loaded program uses: {ids:?}");
+}
+
+/// The backend's hot path stays small: the verifier walks it in a few hundred instructions (no
+/// loops, one lookup). A regression guard, about twice today's 726.
+#[test]
+fn decap_program_stays_small() {
+    let run = runner();
+    let info = run.prog().unwrap().info().unwrap();
+    let insns = info.verified_instruction_count().expect("the kernel reports verified_insns (5.16+)");
+    println!("{DECAP_PROGRAM_NAME}: {insns} instructions processed by the verifier");
+    assert!(insns <= BUDGET, "{DECAP_PROGRAM_NAME} needs {insns} verifier instructions, over the budget of {BUDGET}");
 }
