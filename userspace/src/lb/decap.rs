@@ -97,7 +97,7 @@ pub enum DecapError {
         map: &'static str,
         op: &'static str,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("{}: {op}", path.display())]
     Fs {
@@ -111,7 +111,7 @@ pub enum DecapError {
         iface: String,
         path: PathBuf,
         #[source]
-        source: aya::pin::PinError,
+        source: Box<aya::pin::PinError>,
     },
     #[error("{}: not a decap state file of this version: {msg}", path.display())]
     BadState { path: PathBuf, msg: String },
@@ -317,7 +317,8 @@ fn attach_claimed(
 
     // 3. The program.
     let prog_err = |op| move |source| DecapError::Program { iface: iface.to_string(), op, source: Box::new(source) };
-    let map_err = |map, op| move |source| DecapError::Map { iface: iface.to_string(), map, op, source };
+    let map_err =
+        |map, op| move |source| DecapError::Map { iface: iface.to_string(), map, op, source: Box::new(source) };
     let mut ebpf = EbpfLoader::new()
         .load(DECAP_OBJ)
         .map_err(|source| DecapError::Load { iface: iface.to_string(), source: Box::new(source) })?;
@@ -336,7 +337,11 @@ fn attach_claimed(
         .map_err(map_err(DECAP_STATS, "open"))?;
     for (name, data) in [(DECAP_VIPS, vip_map.map()), (DECAP_STATS, stats.map())] {
         let path = pin_dir.join(name);
-        data.pin(&path).map_err(|source| DecapError::Pin { iface: iface.to_string(), path: path.clone(), source })?;
+        data.pin(&path).map_err(|source| DecapError::Pin {
+            iface: iface.to_string(),
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
     }
     let prog: &mut Xdp = ebpf
         .program_mut(DECAP_PROGRAM_NAME)
@@ -503,7 +508,8 @@ pub fn status(scope: &Scope, iface: &str) -> Result<DecapStatus> {
             .into();
         link.info().map_err(|source| XdpError::Link { iface: iface.to_string(), op: "info", source })?.program_id()
     };
-    let map_err = |op| move |source| DecapError::Map { iface: iface.to_string(), map: DECAP_STATS, op, source };
+    let map_err =
+        |op| move |source| DecapError::Map { iface: iface.to_string(), map: DECAP_STATS, op, source: Box::new(source) };
     let data = MapData::from_pin(pin_dir.join(DECAP_STATS)).map_err(map_err("open pin"))?;
     let stats: PerCpuArray<MapData, Counter> =
         PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err("check type"))?;
