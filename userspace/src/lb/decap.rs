@@ -414,9 +414,9 @@ fn undo(scope: &Scope, iface: &str, made: &Made, in_netns: bool) -> Result<Detac
     xdp::remove_dir_with(&pin_dir, PINS.iter().copied())?;
     xdp::remove_empty_parents(&pin_dir, Path::new(paths::BPFFS_ROOT))?;
 
-    let root = scope.decap_state_root();
-    let shared_path = root.join(SHARED_FILE);
-    if let Some(mut shared) = read_json::<SharedState>(&shared_path)? {
+    let shared_path = scope.decap_state_root().join(SHARED_FILE);
+    let mut shared = read_json::<SharedState>(&shared_path)?;
+    if let Some(shared) = &mut shared {
         for vip in &made.lo {
             let Some(users) = shared.lo.get_mut(vip) else { continue };
             users.retain(|u| u != iface);
@@ -427,26 +427,28 @@ fn undo(scope: &Scope, iface: &str, made: &Made, in_netns: bool) -> Result<Detac
                 }
                 shared.lo.remove(vip);
             }
-            write_json(&shared_path, &shared)?;
+            write_json(&shared_path, shared)?;
         }
+    }
+    if in_netns {
+        for c in made.sysctls.iter().rev() {
+            if restore_sysctl(c)? {
+                report.sysctls_restored.push(c.clone());
+            }
+        }
+    }
+    // The last attachment of the scope puts the `all` sysctls back.
+    if let Some(shared) = &shared
+        && other_attachments(scope, iface)?.is_empty()
+    {
         if in_netns {
-            for c in made.sysctls.iter().rev() {
+            for c in shared.sysctls.iter().rev() {
                 if restore_sysctl(c)? {
                     report.sysctls_restored.push(c.clone());
                 }
             }
         }
-        let others = other_attachments(scope, iface)?;
-        if others.is_empty() {
-            if in_netns {
-                for c in shared.sysctls.iter().rev() {
-                    if restore_sysctl(c)? {
-                        report.sysctls_restored.push(c.clone());
-                    }
-                }
-            }
-            remove_file(&shared_path)?;
-        }
+        remove_file(&shared_path)?;
     }
     let state_dir = scope.decap_state_dir(iface);
     xdp::remove_dir_with(&state_dir, [STATE_FILE].into_iter())?;
@@ -525,15 +527,36 @@ pub fn status(scope: &Scope, iface: &str) -> Result<DecapStatus> {
     Ok(DecapStatus { iface: st.iface, ifindex: st.ifindex, mode: st.mode, program_id, vips: st.vips, counters })
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
+fn read_json<T: for<'de> Deserialize<'de> + Versioned>(path: &Path) -> Result<Option<T>> {
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(fs_err("read", path)(e)),
     };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| DecapError::BadState { path: path.to_path_buf(), msg: e.to_string() })
+    let value: T = serde_json::from_str(&text)
+        .map_err(|e| DecapError::BadState { path: path.to_path_buf(), msg: e.to_string() })?;
+    if value.version() != STATE_VERSION {
+        let msg = format!("version {}, this rampart reads {STATE_VERSION}", value.version());
+        return Err(DecapError::BadState { path: path.to_path_buf(), msg });
+    }
+    Ok(Some(value))
+}
+
+/// The state files carry a version: another rampart's layout is refused, not guessed at.
+trait Versioned {
+    fn version(&self) -> u32;
+}
+
+impl Versioned for DecapState {
+    fn version(&self) -> u32 {
+        self.version
+    }
+}
+
+impl Versioned for SharedState {
+    fn version(&self) -> u32 {
+        self.version
+    }
 }
 
 /// Writes `path` whole or not at all (a temporary file, then rename).
