@@ -222,14 +222,45 @@ pub struct DecapKey {
 }
 map_type!(DecapKey, 24);
 
-/// Indexes of `DECAP_STATS`.
+impl DecapKey {
+    /// The key of `ip`: its bytes in memory order in the two words, as [`VipKey::addr`].
+    pub fn new(ip: core::net::IpAddr) -> Self {
+        let (addr, family) = match ip {
+            core::net::IpAddr::V4(a) => {
+                let o = a.octets();
+                ([u64::from_ne_bytes([o[0], o[1], o[2], o[3], 0, 0, 0, 0]), 0], FAMILY_V4)
+            }
+            core::net::IpAddr::V6(a) => {
+                let o = a.octets();
+                let (hi, lo) = o.split_at(8);
+                let word = |b: &[u8]| u64::from_ne_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                ([word(hi), word(lo)], FAMILY_V6)
+            }
+        };
+        DecapKey { addr, family, _pad: [0; 7] }
+    }
+}
+
+/// Indexes of `DECAP_STATS` (per-CPU [`crate::Counter`]s; bytes are whole frames as received).
+/// Frames that are not IP-in-IP (including those too short to hold an outer IP header) pass
+/// untouched and are not counted.
 pub mod decap_stat {
     /// Outer header removed, inner packet passed to the stack.
     pub const DECAPSULATED: u32 = 0;
     /// IP-in-IP whose inner destination is not one of the VIPs: passed untouched.
     pub const NOT_OURS: u32 = 1;
-    pub const COUNT: u32 = 4;
-    pub const NAMES: [&str; 2] = ["decapsulated", "not_ours"];
+    /// IP-in-IP with a bad outer header (version, IHL, a total / payload length shorter than
+    /// the headers or longer than the frame) or an inner header cut short or of the wrong
+    /// version: passed untouched.
+    pub const MALFORMED: u32 = 2;
+    /// An outer IPv4 fragment (MF or an offset): it cannot be decapsulated alone; passed
+    /// untouched. The balancer never fragments (it answers "too big" instead).
+    pub const FRAGMENT: u32 = 3;
+    /// `bpf_xdp_adjust_head` refused to strip the outer header: dropped (XDP_ABORTED).
+    pub const ADJUST_FAILED: u32 = 4;
+    pub const COUNT: u32 = 8;
+    /// Names shown by `rampart decap status`, by index.
+    pub const NAMES: [&str; 5] = ["decapsulated", "not_ours", "malformed", "fragment", "adjust_failed"];
 }
 
 #[inline(always)]

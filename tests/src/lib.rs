@@ -2,6 +2,7 @@
 //! traffic ([`random`]), BPF_PROG_TEST_RUN ([`testrun`]) and network namespaces ([`netns`]);
 //! and for the benchmark binaries ([`bench`] for fw-bench, [`tls_bench`] for tls-bench).
 pub mod bench;
+pub mod decap;
 pub mod netns;
 pub mod packet;
 pub mod random;

@@ -67,6 +67,11 @@ enum Cmd {
         #[arg(long, default_value = rampart::config::DEFAULT_CONTROL_SOCKET)]
         control_socket: PathBuf,
     },
+    /// A backend of the L4 balancer: decapsulate what the balancer sends to its VIPs.
+    Decap {
+        #[command(subcommand)]
+        cmd: DecapCmd,
+    },
     /// Run the daemon: HTTPS termination and the HTTP reverse proxy.
     Serve {
         /// The configuration file (rampart.toml).
@@ -97,6 +102,32 @@ enum Cmd {
         /// The daemon's control socket ([admin] control_socket).
         #[arg(long, default_value = rampart::config::DEFAULT_CONTROL_SOCKET)]
         control_socket: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DecapCmd {
+    /// Attach the decapsulation program to an interface, put the VIPs on lo and set the ARP
+    /// sysctls that keep this host from answering ARP for them.
+    Attach {
+        #[arg(long, value_name = "IF")]
+        iface: String,
+        /// The VIPs this backend serves, comma-separated (IPv4 and IPv6).
+        #[arg(long, value_name = "VIP[,VIP…]", required = true)]
+        vip: Vec<String>,
+        /// auto: native (driver) mode, else generic (skb) mode.
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
+    },
+    /// Detach it and undo everything attach made (pins, state, VIPs on lo, sysctls).
+    Detach {
+        #[arg(long, value_name = "IF")]
+        iface: String,
+    },
+    /// Attached interfaces with their VIPs and counters.
+    Status {
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -6,6 +6,10 @@
 //!   `rampart_common::lb::map_names::ALL`);
 //! - `/run/rampart/<scope>/<iface>/state.json` and `lock` (see [`crate::fw::state`]), and
 //!   `lb.json` once services are configured (see [`crate::lb::state`]).
+//!
+//! The pieces that do not depend on the firewall ([`ifindex`], [`ensure_bpffs`], [`attach_link`]
+//! with its native → skb fallback, [`pin_link`], [`remove_dir_with`], [`remove_empty_parents`])
+//! also serve the backends' decapsulation program (`crate::lb::decap`).
 use std::{
     ffi::CString,
     fs, io,
@@ -126,6 +130,12 @@ pub enum XdpError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    #[error("{iface}: take the attached link")]
+    TakeLink {
+        iface: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
     #[error("{iface}: link: {op}")]
     Link {
         iface: String,
@@ -173,7 +183,7 @@ fn busy_hint(e: &aya::programs::ProgramError) -> &'static str {
 }
 
 /// `e` and its sources, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(err) = cur {
@@ -320,6 +330,27 @@ fn attach_claimed(
     lb.set_config(&lb::state::default_config()).map_err(lb_err)?;
     lb.pin_all(pin_dir).map_err(lb_err)?;
 
+    let (used, link) = attach_link(prog, iface, ifindex, mode)?;
+    let program_id = pin_link(link, iface, pin_dir)?;
+
+    let next_id = rules.rules.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+    let st = FwState {
+        version: state::STATE_VERSION,
+        iface: iface.to_string(),
+        ifindex,
+        mode: used,
+        rules,
+        next_id,
+        active_slot: report.slot,
+        counter_bases: Default::default(),
+    };
+    state::create(scope, iface, &st)?;
+    Ok(AttachReport { iface: iface.to_string(), ifindex, mode: used, program_id, pin_dir: pin_dir.to_path_buf() })
+}
+
+/// Attaches the loaded `prog` to `iface` through a BPF link in `mode` (auto: native, else skb)
+/// and returns the mode it runs in and the link, not pinned yet (it detaches when dropped).
+pub fn attach_link(prog: &mut Xdp, iface: &str, ifindex: u32, mode: AttachMode) -> Result<(UsedMode, FdLink)> {
     let (used, link_id) = match mode {
         AttachMode::Native | AttachMode::Skb => {
             let used = if mode == AttachMode::Native { UsedMode::Native } else { UsedMode::Skb };
@@ -343,12 +374,20 @@ fn attach_claimed(
             }
         },
     };
-    let link = prog.take_link(link_id).map_err(prog_err("take link"))?;
+    let link = prog
+        .take_link(link_id)
+        .map_err(|source| XdpError::TakeLink { iface: iface.to_string(), source: Box::new(source) })?;
     let link = FdLink::try_from(link).map_err(|source| XdpError::Link {
         iface: iface.to_string(),
         op: "convert to an fd link",
         source,
     })?;
+    Ok((used, link))
+}
+
+/// Pins `link` as `pin_dir/link` (the program then stays attached without this process) and
+/// returns the id of the program behind it.
+pub fn pin_link(link: FdLink, iface: &str, pin_dir: &Path) -> Result<u32> {
     let program_id =
         link.info().map_err(|source| XdpError::Link { iface: iface.to_string(), op: "info", source })?.program_id();
     let link_path = pin_dir.join(LINK_PIN);
@@ -357,20 +396,7 @@ fn attach_claimed(
         path: link_path.clone(),
         source,
     })?;
-
-    let next_id = rules.rules.iter().map(|r| r.id).max().unwrap_or(0) + 1;
-    let st = FwState {
-        version: state::STATE_VERSION,
-        iface: iface.to_string(),
-        ifindex,
-        mode: used,
-        rules,
-        next_id,
-        active_slot: report.slot,
-        counter_bases: Default::default(),
-    };
-    state::create(scope, iface, &st)?;
-    Ok(AttachReport { iface: iface.to_string(), ifindex, mode: used, program_id, pin_dir: pin_dir.to_path_buf() })
+    Ok(program_id)
 }
 
 /// Detaches the program from `iface` and removes every pin and state file attach made.
@@ -405,7 +431,7 @@ fn remove_all(scope: &Scope, iface: &str) -> Result<()> {
 
 /// Removes `files` from `dir`, then `dir`; anything else inside is an error (never ours to
 /// delete).
-fn remove_dir_with<'a>(dir: &Path, files: impl Iterator<Item = &'a str>) -> Result<()> {
+pub fn remove_dir_with<'a>(dir: &Path, files: impl Iterator<Item = &'a str>) -> Result<()> {
     for name in files {
         let p = dir.join(name);
         match fs::remove_file(&p) {
@@ -428,7 +454,7 @@ fn remove_dir_with<'a>(dir: &Path, files: impl Iterator<Item = &'a str>) -> Resu
 }
 
 /// Removes the parents of `path` up to and including `root` while they are empty.
-fn remove_empty_parents(path: &Path, root: &Path) -> Result<()> {
+pub fn remove_empty_parents(path: &Path, root: &Path) -> Result<()> {
     let mut p = path.parent();
     while let Some(dir) = p {
         if !dir.starts_with(root) {

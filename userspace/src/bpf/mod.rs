@@ -3,5 +3,7 @@
 pub mod batch;
 
 pub static FIREWALL_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rampart"));
+/// The backends' decapsulation program (`rampart_common::lb::DECAP_PROGRAM_NAME`).
+pub static DECAP_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rampart-decap"));
 pub static MINIMAL_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-minimal"));
 pub static CALIBRATION_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-calibration"));

@@ -1,5 +1,6 @@
 //! The commands behind `rampart`'s arguments.
 mod daemon;
+mod decap;
 mod lb;
 mod output;
 
@@ -18,7 +19,7 @@ use rampart::{
     xdp::{self, AttachMode},
 };
 
-use crate::{ActionArg, Cli, Cmd, FwCmd, Mode, SetOp};
+use crate::{ActionArg, Cli, Cmd, DecapCmd, FwCmd, Mode, SetOp};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let scope = Scope::from_netns(cli.netns.as_deref());
@@ -28,7 +29,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             // Checking a file needs no namespace.
             (Cmd::Fw { cmd: FwCmd::Check { .. } } | Cmd::CheckConfig { .. }, Err(_)) => {}
             // Pins outlive a deleted namespace; detach must still be able to remove them.
-            (Cmd::Detach { .. }, Err(NetnsError::NotFound { .. })) => {
+            (Cmd::Detach { .. } | Cmd::Decap { cmd: DecapCmd::Detach { .. } }, Err(NetnsError::NotFound { .. })) => {
                 log::warn!("network namespace {name} is gone; removing rampart's pins and state only");
             }
             (_, Err(e)) => return Err(e.into()),
@@ -48,6 +49,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Status { json, control_socket } => output::status(&scope, json, &control_socket),
         Cmd::Fw { cmd } => fw(&scope, cmd),
         Cmd::Lb { iface, cmd } => lb::run(&scope, pick_iface(&scope, iface)?, cmd),
+        Cmd::Decap { cmd } => decap::run(&scope, cli.netns.as_deref(), cmd),
         Cmd::Serve { config } => daemon::serve(&config, scope),
         Cmd::CheckConfig { file } => daemon::check_config(&file),
         Cmd::Reload { control_socket } => daemon::reload(&control_socket),
@@ -57,14 +59,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn attach(scope: &Scope, iface: &str, mode: Mode, rules: Option<&Path>) -> Result<ExitCode> {
-    let rs = rules.map(rules::parse_file).transpose()?;
-    let mode = match mode {
+fn attach_mode(mode: Mode) -> AttachMode {
+    match mode {
         Mode::Auto => AttachMode::Auto,
         Mode::Native => AttachMode::Native,
         Mode::Skb => AttachMode::Skb,
-    };
-    let r = xdp::attach(scope, iface, mode, rs)?;
+    }
+}
+
+fn attach(scope: &Scope, iface: &str, mode: Mode, rules: Option<&Path>) -> Result<ExitCode> {
+    let rs = rules.map(rules::parse_file).transpose()?;
+    let r = xdp::attach(scope, iface, attach_mode(mode), rs)?;
     println!("attached to {} (ifindex {}) in {} mode, program id {}", r.iface, r.ifindex, r.mode, r.program_id);
     Ok(ExitCode::SUCCESS)
 }
