@@ -2,7 +2,8 @@
 //! namespaces through the attached firewall show up exactly in a live daemon's `/metrics` (per
 //! rule, per verdict), while the interface's lock is held by someone else (a scrape never takes
 //! it); the read-only view (`fw::view`) never shows a rule's count going down while rule-set
-//! updates run under it; the scrape passes `promtool check metrics`.
+//! updates run under it; the scrape passes `promtool check metrics`; `rampart stats --json` and
+//! `rampart top` show the same counts.
 //!
 //! Needs root, the `rampart` binary (`RAMPART_BIN`, else `target/<profile>/rampart`) and
 //! promtool (Debian's prometheus, installed by `cargo xtask setup`).
@@ -188,6 +189,62 @@ fn firewall_counters_exact_in_metrics_without_the_lock() {
         "per-class malformed series missing:\n{m}"
     );
     promtool_clean(&m);
+
+    // The same counts in `rampart stats --json`, read from the pins without the interface's
+    // lock (held again), with the daemon's part from its control socket; and in `rampart top`.
+    let sock = net.dir.join("control.sock");
+    let lock = rampart::fw::state::lock(&scope, SERVER_IF).expect("take the lock");
+    let stats = Command::new(rampart_bin().expect("rampart binary"))
+        .args(["-n", &net.server, "stats", "--json", "--control-socket"])
+        .arg(&sock)
+        .output()
+        .expect("run rampart stats");
+    let top = Command::new(rampart_bin().expect("rampart binary"))
+        .args(["-n", &net.server, "top", "--iterations", "1", "--control-socket"])
+        .arg(&sock)
+        .output()
+        .expect("run rampart top");
+    drop(lock);
+    assert!(stats.status.success(), "stats: {}", String::from_utf8_lossy(&stats.stderr));
+    let snap: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("stats --json");
+    let fw = snap["firewall"]
+        .as_array()
+        .expect("firewall")
+        .iter()
+        .find(|f| f["netns"] == net.server.as_str() && f["iface"] == SERVER_IF)
+        .unwrap_or_else(|| panic!("{SERVER_IF} not in {snap}"));
+    let rules: Vec<(u64, u64, u64, &str)> = fw["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_u64().unwrap(),
+                r["packets"].as_u64().unwrap(),
+                r["bytes"].as_u64().unwrap(),
+                r["action"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rules, [(1, N_OK, N_OK * FRAME, "allow"), (2, N_DENIED, N_DENIED * FRAME, "deny")], "{snap}");
+    let counter = |name: &str| {
+        fw["counters"].as_array().unwrap().iter().find(|c| c["name"] == name).and_then(|c| c["packets"].as_u64())
+    };
+    assert_eq!(
+        (counter("rule_allow"), counter("rule_deny"), counter("default_deny")),
+        (Some(N_OK), Some(N_DENIED), Some(0))
+    );
+    assert!(snap["daemon"]["version"].is_string(), "the daemon's part is missing: {snap}");
+    assert!(top.status.success(), "top: {}", String::from_utf8_lossy(&top.stderr));
+    let top = String::from_utf8_lossy(&top.stdout);
+    let row = |id: &str| {
+        top.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(id) && l.contains(SERVER_IF))
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("no rule {id} in:\n{top}"))
+    };
+    assert_eq!(row("1")[2..6], ["allow", "-", "-", &N_OK.to_string()], "{top}");
+    assert_eq!(row("2")[2..6], ["deny", "-", "-", &N_DENIED.to_string()], "{top}");
 
     // Rule-set updates (each carries the counts into new bases and flips slots) while the view
     // reads in a loop: rule 1's count is never anything but what was sent.

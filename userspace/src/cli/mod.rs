@@ -1,6 +1,7 @@
 //! The commands behind `rampart`'s arguments.
 mod daemon;
 mod output;
+mod views;
 
 use std::{path::Path, process::ExitCode};
 
@@ -44,6 +45,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { json, control_socket } => output::status(&scope, json, &control_socket),
+        Cmd::Stats { json, control_socket } => {
+            views::stats(cli.netns.is_some().then_some(&scope), json, &control_socket)
+        }
+        Cmd::Top { control_socket, interval, iterations } => views::top(
+            cli.netns.is_some().then_some(&scope),
+            &control_socket,
+            std::time::Duration::from_secs_f64(interval),
+            iterations,
+        ),
         Cmd::Fw { cmd } => fw(&scope, cmd),
         Cmd::Serve { config } => daemon::serve(&config),
         Cmd::CheckConfig { file } => daemon::check_config(&file),

@@ -1,5 +1,5 @@
-//! The [admin] listener (`/metrics`, `/healthz`, a text status page) and the control socket
-//! that `rampart reload` talks to.
+//! The [admin] listener (`/metrics`, `/healthz`, a text status page, `/api/snapshot`) and the
+//! control socket that `rampart reload`, `status`, `stats` and `top` talk to.
 
 use std::{convert::Infallible, os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
 
@@ -53,7 +53,14 @@ async fn admin_response<B>(shared: Arc<Shared>, req: &Request<B>) -> Response<pr
         }
         "/healthz" => ("text/plain; charset=utf-8", "ok\n".to_string()),
         "/" => ("text/plain; charset=utf-8", shared.current().status()),
-        _ => return proxy::error_page(StatusCode::NOT_FOUND, "Try /metrics or /."),
+        "/api/snapshot" => {
+            let shared = shared.clone();
+            match tokio::task::spawn_blocking(move || serde_json::to_string(&shared.snapshot())).await {
+                Ok(Ok(body)) => ("application/json", body),
+                _ => return proxy::error_page(StatusCode::INTERNAL_SERVER_ERROR, "The snapshot failed."),
+            }
+        }
+        _ => return proxy::error_page(StatusCode::NOT_FOUND, "Try /metrics, /api/snapshot or /."),
     };
     let mut r = Response::new(proxy::full(body));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
@@ -84,8 +91,8 @@ pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-/// Serves control commands, one line each: `reload`, `status`, `backend POOL BACKEND STATE`;
-/// answers `ok ...` or `error ...`.
+/// Serves control commands, one line each: `reload`, `status`, `snapshot` (the JSON of a
+/// [`crate::snapshot::Snapshot`]), `backend POOL BACKEND STATE`; answers `ok ...` or `error ...`.
 pub async fn run_control(shared: Arc<Shared>, listener: UnixListener, stop: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
@@ -113,6 +120,13 @@ pub async fn run_control(shared: Arc<Shared>, listener: UnixListener, stop: Canc
                     Err(e) => format!("error {}\n", e.replace('\n', "\n  ")),
                 },
                 "status" => format!("ok\n{}", shared.current().status()),
+                "snapshot" => {
+                    let sh = shared.clone();
+                    match tokio::task::spawn_blocking(move || serde_json::to_string(&sh.snapshot())).await {
+                        Ok(Ok(json)) => format!("ok\n{json}\n"),
+                        _ => "error the snapshot failed\n".to_string(),
+                    }
+                }
                 cmd if cmd.starts_with("backend ") => {
                     let args: Vec<&str> = cmd.split_whitespace().skip(1).collect();
                     let r = match args[..] {
@@ -129,7 +143,7 @@ pub async fn run_control(shared: Arc<Shared>, listener: UnixListener, stop: Canc
                         Err(e) => format!("error {e}\n"),
                     }
                 }
-                other => format!("error unknown command {other:?} (expected reload, status or backend)\n"),
+                other => format!("error unknown command {other:?} (expected reload, status, snapshot or backend)\n"),
             };
             let _ = w.write_all(answer.as_bytes()).await;
             let _ = w.shutdown().await;
@@ -162,3 +176,4 @@ pub async fn send_command(path: &Path, command: &str) -> Result<String, ControlE
         None => Err(ControlError::Refused(answer.strip_prefix("error ").unwrap_or(&answer).trim_end().to_string())),
     }
 }
+
