@@ -1,17 +1,24 @@
 //! The views of one snapshot against a live daemon: `rampart stats --json`, `status --json`,
 //! the control socket's `snapshot` and `/api/snapshot` count requests exactly per backend and
 //! status class; `rampart top` runs in a real terminal (tmux) and shows the backends with rates,
-//! then quits on `q` with status 0.
+//! then quits on `q` with status 0; the status page at `/` is loaded in headless Chromium: it
+//! lists the live backends, its request chart moves while traffic runs and is flat without it,
+//! the browser fetches nothing but the page, its script and `/api/snapshot` from the admin
+//! address, and a screenshot is kept under target/.
 //!
-//! Needs root (a network namespace per test) and tmux (Debian's, installed by `cargo xtask
-//! setup`).
+//! Needs root (a network namespace per test), tmux and chromium (Debian's, installed by
+//! `cargo xtask setup`).
 
 mod serve_support;
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
-    process::Command,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -192,5 +199,126 @@ fn top_in_a_terminal_shows_backends_and_quits_on_q() {
             std::thread::sleep(Duration::from_millis(100));
         }
         assert_eq!(code.as_deref(), Some("0"), "top's exit status after q");
+    });
+}
+
+/// Chromium in a process group of its own, killed (with its helpers) on drop.
+struct Browser(Child);
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs headless Chromium on `url` with `args` (virtual time: the page's timers run as fast as
+/// its requests allow), bounded by 60 s; its stdout.
+fn chromium(profile: &Path, url: &str, args: &[&str]) -> String {
+    use std::os::unix::process::CommandExt as _;
+    let child = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        .args(args)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("chromium (Debian's chromium, installed by cargo xtask setup): {e}"));
+    let mut b = Browser(child);
+    for _ in 0..600 {
+        if b.0.try_wait().unwrap().is_some() {
+            let mut out = String::new();
+            std::io::Read::read_to_string(b.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("chromium did not finish within 60 s");
+}
+
+/// The `points` of a chart's polyline in a DOM dump, as y values (higher = more).
+fn chart(dom: &str, id: &str) -> Vec<f64> {
+    let at = dom.find(&format!("id=\"{id}\"")).unwrap_or_else(|| panic!("no chart {id}: {dom}"));
+    let rest = &dom[at..];
+    let p = rest.find("points=\"").unwrap_or_else(|| panic!("no polyline in {id}")) + 8;
+    let end = rest[p..].find('"').unwrap();
+    rest[p..p + end]
+        .split_whitespace()
+        .map(|xy| 116.0 - xy.split_once(',').unwrap().1.parse::<f64>().unwrap())
+        .collect()
+}
+
+#[test]
+fn status_page_in_headless_chromium() {
+    isolated(|| async move {
+        let site = Site::new("views-page");
+        let (listen, admin, a_addr, dead) = (free_addr(), free_addr(), free_addr(), free_addr());
+        let _a = TestBackend::start("a", a_addr).await;
+        let cfg = site.config(listen, admin, "", &two_pools(a_addr, dead));
+        let d = Daemon::start_logging(&cfg, &site.dir.path("daemon.log"), "info,rampart::serve::admin=debug");
+        let url = format!("http://{admin}/");
+        let profile = site.dir.path("chromium");
+
+        // Traffic from another thread until told to stop (bounded: 3,000 requests).
+        let stop = Arc::new(AtomicBool::new(false));
+        let traffic = {
+            let (stop, ca) = (stop.clone(), site.ca_file.clone());
+            std::thread::spawn(move || {
+                for _ in 0..3000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let _ = curl_https(listen, "site.test", "/a/x", &ca, &["--max-time", "5"]);
+                }
+            })
+        };
+        // While traffic runs: the page lists both backends, and the request chart shows a rate
+        // above zero. Each load polls the snapshot about five times; a load whose polls all fell
+        // between two requests shows none, so a few loads are allowed.
+        let mut moving = Vec::new();
+        let mut last = String::new();
+        for _ in 0..8 {
+            last = chromium(&profile, &url, &["--dump-dom", "--virtual-time-budget=5000"]);
+            let pts = chart(&last, "req");
+            if pts.iter().any(|&y| y > 0.5) {
+                moving.push(pts);
+                if moving.len() == 2 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(moving.len(), 2, "the request chart never moved while traffic ran:\n{last}");
+        assert!(last.contains(&a_addr.to_string()) && last.contains(&dead.to_string()), "{last}");
+        assert!(last.contains(">pa<") && last.contains(">pdead<"), "{last}");
+        let shot_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+        std::fs::create_dir_all(&shot_dir).unwrap();
+        let shot = shot_dir.join("status-page.png");
+        let _ = std::fs::remove_file(&shot);
+        chromium(
+            &profile,
+            &url,
+            &[&format!("--screenshot={}", shot.display()), "--window-size=1280,1400", "--virtual-time-budget=5000"],
+        );
+        stop.store(true, Ordering::Relaxed);
+        traffic.join().unwrap();
+        let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", shot.display()));
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "screenshot {}", shot.display());
+        println!("status page screenshot: {}", shot.display());
+
+        // Without traffic, every rate is exactly zero: the chart is flat at the bottom.
+        let idle = chromium(&profile, &url, &["--dump-dom", "--virtual-time-budget=4000"]);
+        let pts = chart(&idle, "req");
+        assert!(pts.len() >= 2 && pts.iter().all(|&y| y.abs() < 1e-6), "{pts:?}\n{idle}");
+
+        // Every request the browser made went to the admin address, for these paths only.
+        let log = d.log_text();
+        let paths: Vec<&str> = log.lines().filter_map(|l| l.split("admin: GET ").nth(1)).collect();
+        assert!(paths.contains(&"/") && paths.contains(&"/status.js") && paths.contains(&"/api/snapshot"), "{log}");
+        let unexpected: Vec<&&str> =
+            paths.iter().filter(|p| !["/", "/status.js", "/api/snapshot", "/favicon.ico"].contains(p)).collect();
+        assert!(unexpected.is_empty(), "unexpected requests: {unexpected:?}");
     });
 }
