@@ -2,7 +2,9 @@
 //! namespaces through the attached firewall show up exactly in a live daemon's `/metrics` (per
 //! rule, per verdict), while the interface's lock is held by someone else (a scrape never takes
 //! it); the read-only view (`fw::view`) never shows a rule's count going down while rule-set
-//! updates run under it; the scrape passes `promtool check metrics`.
+//! updates run under it; the scrape passes `promtool check metrics`; `rampart stats --json` and
+//! `rampart top` show the same counts; the status page (headless Chromium) lists the rules and
+//! its drops chart moves while denied datagrams arrive.
 //!
 //! Needs root, the `rampart` binary (`RAMPART_BIN`, else `target/<profile>/rampart`) and
 //! promtool (Debian's prometheus, installed by `cargo xtask setup`).
@@ -98,6 +100,55 @@ fn promtool_clean(text: &str) {
     assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics: {said}\non:\n{text}");
 }
 
+/// Chromium killed with its helpers (its own process group) when dropped.
+struct Browser(std::process::Child);
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // SAFETY: signals the process group this test started.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+/// The DOM of `url` after headless Chromium (in the server's namespace, virtual time: the
+/// page's timers run as fast as its requests allow) ran its scripts; bounded by 60 s.
+fn chromium(net: &TestNet, url: &str) -> String {
+    use std::os::unix::process::CommandExt as _;
+    let child = TestNet::exec(&net.server, "chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions"])
+        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        .arg(format!("--user-data-dir={}", net.dir.join("chromium").display()))
+        .args(["--dump-dom", "--virtual-time-budget=5000", url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("chromium (Debian's, installed by cargo xtask setup): {e}"));
+    let mut b = Browser(child);
+    for _ in 0..600 {
+        if b.0.try_wait().expect("wait").is_some() {
+            let mut out = String::new();
+            b.0.stdout.as_mut().unwrap().read_to_string(&mut out).expect("read the DOM");
+            return out;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    panic!("chromium did not finish within 60 s");
+}
+
+/// The values of a status page chart's polyline in a DOM dump (0 = the bottom line).
+fn chart(dom: &str, id: &str) -> Vec<f64> {
+    let at = dom.find(&format!("id=\"{id}\"")).unwrap_or_else(|| panic!("no chart {id}: {dom}"));
+    let rest = &dom[at..];
+    let p = rest.find("points=\"").unwrap_or_else(|| panic!("no polyline in {id}")) + 8;
+    let end = rest[p..].find('"').unwrap();
+    rest[p..p + end]
+        .split_whitespace()
+        .map(|xy| 116.0 - xy.split_once(',').unwrap().1.parse::<f64>().unwrap())
+        .collect()
+}
+
 #[test]
 fn firewall_counters_exact_in_metrics_without_the_lock() {
     let mut net = TestNet::new().unwrap_or_else(|e| panic!("setting up namespaces: {e}"));
@@ -188,6 +239,95 @@ fn firewall_counters_exact_in_metrics_without_the_lock() {
         "per-class malformed series missing:\n{m}"
     );
     promtool_clean(&m);
+
+    // The same counts in `rampart stats --json`, read from the pins without the interface's
+    // lock (held again), with the daemon's part from its control socket; and in `rampart top`.
+    let sock = net.dir.join("control.sock");
+    let lock = rampart::fw::state::lock(&scope, SERVER_IF).expect("take the lock");
+    let stats = Command::new(rampart_bin().expect("rampart binary"))
+        .args(["-n", &net.server, "stats", "--json", "--control-socket"])
+        .arg(&sock)
+        .output()
+        .expect("run rampart stats");
+    let top = Command::new(rampart_bin().expect("rampart binary"))
+        .args(["-n", &net.server, "top", "--iterations", "1", "--control-socket"])
+        .arg(&sock)
+        .output()
+        .expect("run rampart top");
+    drop(lock);
+    assert!(stats.status.success(), "stats: {}", String::from_utf8_lossy(&stats.stderr));
+    let snap: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("stats --json");
+    let fw = snap["firewall"]
+        .as_array()
+        .expect("firewall")
+        .iter()
+        .find(|f| f["netns"] == net.server.as_str() && f["iface"] == SERVER_IF)
+        .unwrap_or_else(|| panic!("{SERVER_IF} not in {snap}"));
+    let rules: Vec<(u64, u64, u64, &str)> = fw["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_u64().unwrap(),
+                r["packets"].as_u64().unwrap(),
+                r["bytes"].as_u64().unwrap(),
+                r["action"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rules, [(1, N_OK, N_OK * FRAME, "allow"), (2, N_DENIED, N_DENIED * FRAME, "deny")], "{snap}");
+    let counter = |name: &str| {
+        fw["counters"].as_array().unwrap().iter().find(|c| c["name"] == name).and_then(|c| c["packets"].as_u64())
+    };
+    assert_eq!(
+        (counter("rule_allow"), counter("rule_deny"), counter("default_deny")),
+        (Some(N_OK), Some(N_DENIED), Some(0))
+    );
+    assert!(snap["daemon"]["version"].is_string(), "the daemon's part is missing: {snap}");
+    assert!(top.status.success(), "top: {}", String::from_utf8_lossy(&top.stderr));
+    let top = String::from_utf8_lossy(&top.stdout);
+    let row = |id: &str| {
+        top.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(id) && l.contains(SERVER_IF))
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("no rule {id} in:\n{top}"))
+    };
+    assert_eq!(row("1")[2..6], ["allow", "-", "-", &N_OK.to_string()], "{top}");
+    assert_eq!(row("2")[2..6], ["deny", "-", "-", &N_DENIED.to_string()], "{top}");
+
+    // The status page, in headless Chromium in the server's namespace: it lists both rules, and
+    // its drops chart moves while denied datagrams arrive (sent until told to stop, bounded).
+    let stop = AtomicBool::new(false);
+    let page = thread::scope(|sc| {
+        sc.spawn(|| {
+            let (from, to) =
+                (SocketAddr::from((net.client_v4, DENIED_SRC)), SocketAddr::from((net.server_v4, UDP_DENIED)));
+            let sock = in_netns(&net.client, move || UdpSocket::bind(from)).expect("enter client").expect("bind");
+            for _ in 0..40_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                sock.send_to(&[0x5a; PAYLOAD], to).expect("send");
+                thread::sleep(Duration::from_micros(250));
+            }
+        });
+        let mut last = String::new();
+        // Each load polls the snapshot about five times, as fast as virtual time allows; one
+        // whose polls all fell between two datagrams shows no drop, so a few loads are allowed.
+        for _ in 0..6 {
+            last = chromium(&net, &format!("http://{admin}/"));
+            if chart(&last, "drops").iter().any(|&y| y > 0.5) {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        last
+    });
+    assert!(chart(&page, "drops").iter().any(|&y| y > 0.5), "the drops chart never moved:\n{page}");
+    let label = format!(">{}/{SERVER_IF}<", net.server);
+    assert!(page.matches(&label).count() >= 3, "both rules and the interface: {page}");
+    assert!(page.contains(">deny<") && page.contains(">allow<"), "{page}");
 
     // Rule-set updates (each carries the counts into new bases and flips slots) while the view
     // reads in a loop: rule 1's count is never anything but what was sent.

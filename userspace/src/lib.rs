@@ -9,4 +9,6 @@ pub mod paths;
 pub mod pki;
 pub mod probe;
 pub mod serve;
+pub mod snapshot;
+pub mod top;
 pub mod xdp;

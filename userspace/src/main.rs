@@ -72,6 +72,30 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DecapCmd,
     },
+    /// Every figure once: the firewall's counters from the pinned maps (no daemon needed; every
+    /// namespace, or the one of -n), then the running daemon's pools, routes, certificates and
+    /// MySQL clusters if one answers on its control socket. Counters are cumulative.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        /// The daemon's control socket ([admin] control_socket).
+        #[arg(long, default_value = rampart::config::DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+    },
+    /// A live view, refreshed every second: per backend requests/s, new flows/s, packets/s,
+    /// errors and health; per firewall rule packets/s and drops/s; totals. Read-only; `q` quits.
+    Top {
+        /// The daemon's control socket ([admin] control_socket).
+        #[arg(long, default_value = rampart::config::DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+        /// Seconds between screens.
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
+        /// Print this many screens one after another, without terminal control, then exit
+        /// (for scripts and logs).
+        #[arg(long, value_name = "N")]
+        iterations: Option<u32>,
+    },
     /// Run the daemon: HTTPS termination and the HTTP reverse proxy.
     Serve {
         /// The configuration file (rampart.toml).
@@ -129,6 +153,13 @@ enum DecapCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.1..=3600.0).contains(&x) => Ok(x),
+        _ => Err(format!("{s:?}: expected seconds between 0.1 and 3600")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

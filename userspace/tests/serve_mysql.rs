@@ -366,6 +366,22 @@ fn clients_work_on_both_ports_with_tls_sysbench_status_and_metrics() {
         let out = rampart(&["status", "--control-socket", sock.to_str().unwrap()]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("mysql main (rw ") && text.contains(&format!("primary {}", c.primary.addr())), "{text}");
+        // And `rampart stats --json` (the daemon's snapshot) field by field.
+        let out = rampart(&["stats", "--json", "--control-socket", sock.to_str().unwrap()]);
+        let snap: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats --json");
+        let cl = &snap["daemon"]["mysql"][0];
+        assert_eq!(cl["name"], "main", "{snap}");
+        assert_eq!(cl["primary"], c.primary.addr().to_string(), "{snap}");
+        assert!(cl["last_primary_change"].is_null(), "{snap}");
+        let server =
+            |addr: String| cl["servers"].as_array().unwrap().iter().find(|s| s["addr"] == addr).unwrap().clone();
+        let (ps, rs) = (server(c.primary.addr().to_string()), server(c.replica.addr().to_string()));
+        assert_eq!((&ps["role"], &ps["health"]), (&"primary".into(), &"up".into()), "{ps}");
+        assert_eq!(
+            (&rs["role"], &rs["health"], &rs["lag_seconds"], &rs["connections"]),
+            (&"replica".into(), &"up".into(), &0.into(), &1.into()),
+            "{rs}"
+        );
         drop(held);
         // The monitor's password never reaches the log.
         assert!(!c.daemon.log_text().contains("monpw"));

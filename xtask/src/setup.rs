@@ -51,6 +51,10 @@ const APT_PACKAGES: &[&str] = &[
     // a strict OpenMetrics parser for the negotiated exposition: the metrics tests.
     "prometheus",
     "python3-prometheus-client",
+    // The views' tests: `rampart top` in a real terminal (tmux: send-keys, capture-pane), and
+    // the status page in headless Chromium (DOM dumps and a screenshot).
+    "tmux",
+    "chromium",
 ];
 
 /// The bpf-linker release the kernel crate is linked with (its LLVM 22 matches nightly's).

@@ -3,6 +3,7 @@ mod daemon;
 mod decap;
 mod lb;
 mod output;
+mod views;
 
 use std::{path::Path, process::ExitCode};
 
@@ -47,6 +48,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { json, control_socket } => output::status(&scope, json, &control_socket),
+        Cmd::Stats { json, control_socket } => {
+            views::stats(cli.netns.is_some().then_some(&scope), json, &control_socket)
+        }
+        Cmd::Top { control_socket, interval, iterations } => views::top(
+            cli.netns.is_some().then_some(&scope),
+            &control_socket,
+            std::time::Duration::from_secs_f64(interval),
+            iterations,
+        ),
         Cmd::Fw { cmd } => fw(&scope, cmd),
         Cmd::Lb { iface, cmd } => lb::run(&scope, pick_iface(&scope, iface)?, cmd),
         Cmd::Decap { cmd } => decap::run(&scope, cli.netns.as_deref(), cmd),

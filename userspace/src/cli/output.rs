@@ -149,6 +149,8 @@ struct StatusJson {
     /// The daemon's status text (pools, MySQL clusters), `null` when no daemon answers on the
     /// control socket.
     daemon: Option<String>,
+    /// Every figure of this scope's firewalls and of the daemon (the shape of `stats --json`).
+    snapshot: rampart::snapshot::Snapshot,
 }
 
 #[derive(Serialize)]
@@ -230,7 +232,13 @@ pub fn status(scope: &Scope, json: bool, control_socket: &Path) -> Result<ExitCo
     };
     let broken = ifaces.iter().any(|i| !matches!(i, IfaceJson::Ok { .. }));
     let daemon = daemon_status(control_socket);
-    let out = StatusJson { netns, interfaces: ifaces, daemon };
+    let snapshot = if json {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        super::views::take(&rt, Some(scope), control_socket)
+    } else {
+        rampart::snapshot::Snapshot::default()
+    };
+    let out = StatusJson { netns, interfaces: ifaces, daemon, snapshot };
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else if out.interfaces.is_empty() {

@@ -77,6 +77,7 @@ type Result<T, E = ViewError> = std::result::Result<T, E>;
 pub struct RuleView {
     pub id: u32,
     pub action: Action,
+    pub comment: Option<String>,
     pub counts: Counts,
 }
 
@@ -303,6 +304,7 @@ pub fn read(scope: &Scope, iface: &str) -> Result<IfaceView> {
             .map(|(i, r)| RuleView {
                 id: r.id,
                 action: r.action,
+                comment: r.comment.clone(),
                 counts: state.counter_bases.get(&r.id).copied().unwrap_or_default()
                     + live.get(i).copied().unwrap_or_default(),
             })

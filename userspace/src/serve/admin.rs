@@ -1,5 +1,6 @@
-//! The [admin] listener (`/metrics`, `/healthz`, a text status page) and the control socket
-//! that `rampart reload` talks to.
+//! The [admin] listener (`/metrics`, `/healthz`, the status page at `/` with its assets and
+//! `/api/snapshot`, the text status at `/status.txt`) and the control socket that `rampart
+//! reload`, `status`, `stats` and `top` talk to.
 
 use std::{convert::Infallible, os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
 
@@ -40,7 +41,14 @@ pub async fn run_admin(shared: Arc<Shared>, listener: TcpListener, stop: Cancell
     }
 }
 
+/// The status page and its script, built into the binary: the page makes no request but to
+/// the admin address it came from.
+const PAGE_HTML: &str = include_str!("admin/status.html");
+const PAGE_JS: &str = include_str!("admin/status.js");
+
 async fn admin_response<B>(shared: Arc<Shared>, req: &Request<B>) -> Response<proxy::RespBody> {
+    // At debug: every path asked for (the status page test checks what a browser fetched).
+    log::debug!("admin: {} {}", req.method(), req.uri().path());
     let (ctype, body) = match req.uri().path() {
         "/metrics" => {
             let format = exposition::negotiate(req.headers().get(header::ACCEPT).map(HeaderValue::as_bytes));
@@ -52,12 +60,28 @@ async fn admin_response<B>(shared: Arc<Shared>, req: &Request<B>) -> Response<pr
             }
         }
         "/healthz" => ("text/plain; charset=utf-8", "ok\n".to_string()),
+        // The page for browsers (they ask for text/html); the text status for curl and scripts,
+        // as before the page existed.
+        "/" if wants_html(req) => ("text/html; charset=utf-8", PAGE_HTML.to_string()),
         "/" => ("text/plain; charset=utf-8", shared.current().status()),
-        _ => return proxy::error_page(StatusCode::NOT_FOUND, "Try /metrics or /."),
+        "/status.js" => ("text/javascript; charset=utf-8", PAGE_JS.to_string()),
+        "/status.txt" => ("text/plain; charset=utf-8", shared.current().status()),
+        "/api/snapshot" => {
+            let shared = shared.clone();
+            match tokio::task::spawn_blocking(move || serde_json::to_string(&shared.snapshot())).await {
+                Ok(Ok(body)) => ("application/json", body),
+                _ => return proxy::error_page(StatusCode::INTERNAL_SERVER_ERROR, "The snapshot failed."),
+            }
+        }
+        _ => return proxy::error_page(StatusCode::NOT_FOUND, "Try /, /metrics, /api/snapshot or /status.txt."),
     };
     let mut r = Response::new(proxy::full(body));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
     r
+}
+
+fn wants_html<B>(req: &Request<B>) -> bool {
+    req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/html"))
 }
 
 /// Binds the control socket, readable and writable by its owner only.
@@ -84,8 +108,8 @@ pub fn bind_control(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-/// Serves control commands, one line each: `reload`, `status`, `backend POOL BACKEND STATE`;
-/// answers `ok ...` or `error ...`.
+/// Serves control commands, one line each: `reload`, `status`, `snapshot` (the JSON of a
+/// [`crate::snapshot::Snapshot`]), `backend POOL BACKEND STATE`; answers `ok ...` or `error ...`.
 pub async fn run_control(shared: Arc<Shared>, listener: UnixListener, stop: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
@@ -113,6 +137,13 @@ pub async fn run_control(shared: Arc<Shared>, listener: UnixListener, stop: Canc
                     Err(e) => format!("error {}\n", e.replace('\n', "\n  ")),
                 },
                 "status" => format!("ok\n{}", shared.current().status()),
+                "snapshot" => {
+                    let sh = shared.clone();
+                    match tokio::task::spawn_blocking(move || serde_json::to_string(&sh.snapshot())).await {
+                        Ok(Ok(json)) => format!("ok\n{json}\n"),
+                        _ => "error the snapshot failed\n".to_string(),
+                    }
+                }
                 cmd if cmd.starts_with("backend ") => {
                     let args: Vec<&str> = cmd.split_whitespace().skip(1).collect();
                     let r = match args[..] {
@@ -129,7 +160,7 @@ pub async fn run_control(shared: Arc<Shared>, listener: UnixListener, stop: Canc
                         Err(e) => format!("error {e}\n"),
                     }
                 }
-                other => format!("error unknown command {other:?} (expected reload, status or backend)\n"),
+                other => format!("error unknown command {other:?} (expected reload, status, snapshot or backend)\n"),
             };
             let _ = w.write_all(answer.as_bytes()).await;
             let _ = w.shutdown().await;
@@ -160,5 +191,26 @@ pub async fn send_command(path: &Path, command: &str) -> Result<String, ControlE
     match answer.strip_prefix("ok") {
         Some(rest) => Ok(rest.trim().to_string()),
         None => Err(ControlError::Refused(answer.strip_prefix("error ").unwrap_or(&answer).trim_end().to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The page loads nothing from elsewhere: no absolute URL, no protocol-relative one, and the
+    /// only paths it names are the admin listener's own.
+    #[test]
+    fn status_page_names_no_other_origin() {
+        for (name, text) in [("status.html", PAGE_HTML), ("status.js", PAGE_JS)] {
+            for bad in ["http:", "https:", "//", "ws:", "wss:", "@import", "url("] {
+                let hits: Vec<&str> =
+                    text.lines().filter(|l| l.contains(bad) && !l.trim_start().starts_with("//")).collect();
+                assert!(hits.is_empty(), "{name} contains {bad:?}: {hits:?}");
+            }
+        }
+        assert!(PAGE_HTML.contains("<script src=\"/status.js\"></script>"));
+        assert!(PAGE_JS.contains("fetch(\"/api/snapshot\""));
+        assert_eq!(PAGE_JS.matches("fetch(").count(), 1, "the script fetches /api/snapshot only");
     }
 }

@@ -74,6 +74,11 @@ impl RouteCounters {
         RouteCounters { route: route.to_string(), pool: pool.to_string(), by_status: RwLock::new(Vec::new()) }
     }
 
+    /// Requests counted so far, by status.
+    pub fn counts(&self) -> Vec<(u16, u64)> {
+        self.by_status.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(s, c)| (*s, c.get())).collect()
+    }
+
     pub fn inc(&self, metrics: &Metrics, status: u16) {
         let known = self
             .by_status

@@ -104,6 +104,15 @@ impl Shared {
         self.generation.load_full()
     }
 
+    /// Everything the daemon and the kernel show now: the firewall from the pinned maps, and
+    /// this generation's pools, routes, listeners and MySQL clusters. Reads BPF maps (system
+    /// calls): call it off the async workers.
+    pub fn snapshot(&self) -> crate::snapshot::Snapshot {
+        let mut s = crate::snapshot::Snapshot::kernel(None);
+        s.daemon = Some(self.current().snapshot(&self.metrics));
+        s
+    }
+
     pub fn count(&self, labels: &RequestLabels) {
         self.metrics.requests.get_or_create(labels).inc();
     }

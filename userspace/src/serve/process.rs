@@ -47,7 +47,7 @@ fn stat_fields() -> Option<Vec<String>> {
 }
 
 /// Boot time (`btime` of /proc/stat) plus the process's start in ticks after boot.
-fn start_time() -> Option<f64> {
+pub fn start_time() -> Option<f64> {
     let ticks: f64 = stat_fields()?.get(19)?.parse().ok()?;
     let btime: f64 =
         fs::read_to_string("/proc/stat").ok()?.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()?;

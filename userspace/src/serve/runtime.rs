@@ -19,7 +19,10 @@ use super::{
     stats::{HttpStats, ListenerStats, RouteStats},
     tls::{self, CertStore},
 };
-use crate::config::{self, AdminState, Cidr, Config, Scheme};
+use crate::{
+    config::{self, AdminState, Cidr, Config, Scheme},
+    snapshot,
+};
 
 pub type LbPool = loadbalancer::Pool<Arc<BackendConn>>;
 
@@ -324,6 +327,69 @@ impl Generation {
         let now = b.state();
         backend::publish(metrics, pool, change);
         Ok(format!("pool {pool}: backend {backend} is {now} (until the next reload)"))
+    }
+
+    /// This generation's part of a [`snapshot::Daemon`] (pools, routes, listeners, MySQL).
+    pub fn snapshot(&self, metrics: &Metrics) -> snapshot::Daemon {
+        let pools = self
+            .pools
+            .iter()
+            .map(|p| snapshot::Pool {
+                name: p.name.clone(),
+                balance: p.cfg.balance.0.to_string(),
+                backends: p
+                    .lb
+                    .backends()
+                    .iter()
+                    .map(|b| {
+                        let labels = BackendLabels { pool: p.name.clone(), backend: b.id().to_string() };
+                        let stats = &b.data().stats;
+                        snapshot::Backend {
+                            addr: b.id().to_string(),
+                            state: b.state().to_string(),
+                            in_flight: b.in_flight() as u64,
+                            requests: super::stats::CLASSES
+                                .iter()
+                                .map(|c| (c.to_string(), stats.requests(c)))
+                                .collect(),
+                            connect_errors: metrics.backend_connect_errors.get(&labels).map_or(0, |c| c.get()),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        let routes = self
+            .routes
+            .iter()
+            .map(|r| snapshot::Route {
+                route: r.label.clone(),
+                pool: r.pool.name.clone(),
+                requests: r.requests.counts().into_iter().map(|(s, n)| (s.to_string(), n)).collect(),
+            })
+            .collect();
+        let mut listeners: Vec<snapshot::Listener> = self
+            .listeners
+            .values()
+            .map(|l| snapshot::Listener {
+                name: l.name.clone(),
+                certificates: l
+                    .certs
+                    .certificates()
+                    .into_iter()
+                    .map(|(file, subject, not_after_unix)| snapshot::Certificate { file, subject, not_after_unix })
+                    .collect(),
+            })
+            .collect();
+        listeners.sort_by(|a, b| a.name.cmp(&b.name));
+        listeners.dedup_by(|a, b| a.name == b.name);
+        snapshot::Daemon {
+            version: super::process::VERSION.to_string(),
+            started_unix: super::process::start_time(),
+            pools,
+            routes,
+            listeners,
+            mysql: self.mysql.iter().map(|c| c.snapshot()).collect(),
+        }
     }
 
     /// A short text status (the admin listener's `/`).

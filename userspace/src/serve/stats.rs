@@ -88,7 +88,7 @@ impl Histogram {
 }
 
 /// Status classes counted per backend; anything outside 100..=599 is `other`.
-const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+pub const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
 
 /// One backend's figures (`pool`, `backend` as in `rampart_backend_up`).
 pub struct BackendStats {

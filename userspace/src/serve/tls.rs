@@ -179,6 +179,17 @@ impl CertStore {
         }
     }
 
+    /// Each certificate in force: (file, subject, notAfter as Unix time).
+    pub fn certificates(&self) -> Vec<(String, String, i64)> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let c = s.current.load();
+                (s.cert_path.display().to_string(), c.subject.clone(), c.not_after)
+            })
+            .collect()
+    }
+
     pub fn cert_labels(&self) -> Vec<CertLabels> {
         self.slots
             .iter()

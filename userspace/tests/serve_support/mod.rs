@@ -338,11 +338,16 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path, log: &Path) -> Self {
+        Self::start_logging(config, log, "info")
+    }
+
+    /// Starts the daemon with `RUST_LOG` set to `filter`.
+    pub fn start_logging(config: &Path, log: &Path, filter: &str) -> Self {
         let out = std::fs::File::create(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_rampart"))
             .args(["serve", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)

@@ -2,8 +2,8 @@
 //! server's port 443 (a certificate made by `openssl` at demo time) and proxies to a pool of two
 //! web backends (`xtask __web` on 127.0.0.1:8081 and :8082), while the XDP firewall of part one
 //! stays attached. curl in the internet namespace shows round-robin, HTTP/2 through ALPN, the
-//! X-Forwarded-For the backend saw, health checks at work, and a blocklisted client dropped
-//! before TLS starts.
+//! X-Forwarded-For the backend saw, health checks at work, a blocklisted client dropped
+//! before TLS starts, and `rampart top` while requests run.
 use std::{
     fs,
     net::{Ipv4Addr, SocketAddrV4},
@@ -394,8 +394,45 @@ pub(super) fn run(lab: &mut Lab, tally: &mut Tally) -> Result<usize> {
         BACKENDS.iter().all(|(n, _)| seen.iter().any(|s| s == n)),
         &format!("2 requests answered by {}: both backends again", seen.join(", ")),
     );
+    live_figures(lab, tally)?;
     println!("  What rampart serve logged meanwhile:");
     Ok(print_log(lab, log_seen))
+}
+
+/// `rampart top` while requests run (three screens, then it exits; interactive, it refreshes
+/// every second until `q`), and where the status page is.
+fn live_figures(lab: &Lab, tally: &mut Tally) -> Result<()> {
+    let control = lab.dir.join("control.sock");
+    println!("\n  rampart top while 30 requests run (--iterations 3 prints three screens a second apart;");
+    println!("  without it, top refreshes every second until q):");
+    let mut cmd = lab.rampart(&["top", "--iterations", "3", "--control-socket", &control.to_string_lossy()]);
+    println!("  $ {}", shown(lab, &cmd));
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("starting rampart top")?;
+    let answered = (0..30).filter(|_| get(lab, CUSTOMER, &[]).is_ok()).count();
+    let status = crate::proc::wait_bounded(
+        &mut child,
+        "rampart top",
+        Duration::from_secs(20),
+        crate::proc::OnInterrupt::Finish,
+    )?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().context("top's output")?, &mut text).context("top's output")?;
+    print!("{}", indent(&text, 4));
+    // The last screen: both backends with a rate (not "-", which only the first screen shows).
+    let last = text.rsplit("rampart top ").next().unwrap_or("");
+    let rated = BACKENDS.iter().all(|(_, a)| {
+        last.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.first() == Some(&a.to_string().as_str()) && f.get(2).is_some_and(|r| r.parse::<f64>().is_ok())
+        })
+    });
+    tally.expect(
+        status.success() && rated && answered == 30,
+        &format!("rampart top showed both backends with their requests/s while {answered} requests ran"),
+    );
+    println!("  The status page, with live charts of requests/s and drops/s: http://{ADMIN}/ in the");
+    println!("  server namespace (`ip netns exec {} chromium http://{ADMIN}/`, or a tunnel to it).", lab.server);
+    Ok(())
 }
 
 /// Part of section 12: the daemon's counters, then SIGTERM, then the backends. `log_seen`: the

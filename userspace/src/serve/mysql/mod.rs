@@ -274,6 +274,45 @@ impl ClusterRt {
         }
     }
 
+    /// The cluster's part of a snapshot.
+    pub fn snapshot(&self) -> crate::snapshot::Cluster {
+        let d = self.state.decision();
+        let primary = match &d.primary {
+            Primary::One(a) => a.to_string(),
+            Primary::Unknown => "unknown".to_string(),
+            Primary::None => "none".to_string(),
+            Primary::Several(v) => {
+                format!("split brain: {}", v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+            }
+        };
+        let last_primary_change = self.state.last_change.lock().unwrap_or_else(|p| p.into_inner()).map(|(t, to)| {
+            crate::snapshot::PrimaryChange {
+                unix: t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
+                to: to.map(|a| a.to_string()),
+            }
+        });
+        crate::snapshot::Cluster {
+            name: self.name.clone(),
+            rw_listen: self.cfg.rw_listen.to_string(),
+            ro_listen: self.cfg.ro_listen.map(|a| a.to_string()),
+            primary,
+            last_primary_change,
+            servers: d
+                .servers
+                .iter()
+                .map(|v| crate::snapshot::MysqlServer {
+                    addr: v.addr.to_string(),
+                    role: v.role.as_str().to_string(),
+                    health: if v.role == Role::Primary || self.in_read_pool(v.addr) { "up" } else { "down" }
+                        .to_string(),
+                    lag_seconds: v.lag.map(|l| l.as_secs()),
+                    connections: self.state.conns(v.addr).load(Ordering::Relaxed),
+                    note: v.note.clone(),
+                })
+                .collect(),
+        }
+    }
+
     /// The cluster's part of the status text.
     pub fn status(&self) -> String {
         let d = self.state.decision();
