@@ -99,7 +99,7 @@ impl FwIface {
 }
 
 /// The L4 balancer (XDP): per service and per backend. Filled from the balancer's per-CPU
-/// stat maps (`LB_SERVICE_STATS`, `LB_BACKEND_STATS`) by its userspace (`lb/`).
+/// stat maps (`LB_SVC_STATS`, `LB_BE_STATS`) by its userspace (`lb/`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct L4 {
     pub services: Vec<L4Service>,
@@ -246,12 +246,14 @@ impl Snapshot {
     /// scope, or only `scope`. An interface that cannot be read is left out and logged.
     pub fn kernel(scope: Option<&Scope>) -> Self {
         let mut s = Snapshot::now();
-        s.firewall = view::read_all()
-            .into_iter()
-            .filter(|(sc, _)| scope.is_none_or(|want| want == sc))
-            .map(|(sc, v)| fw_iface(&sc, v))
-            .collect();
-        // The L4 balancer's userspace (lb/) fills `s.l4` here from its stat maps.
+        let ifaces: Vec<(Scope, view::IfaceView)> =
+            view::read_all().into_iter().filter(|(sc, _)| scope.is_none_or(|want| want == sc)).collect();
+        let mut l4 = L4::default();
+        for (sc, v) in &ifaces {
+            l4.services.extend(l4_services(sc, &v.iface, ifaces.len() > 1));
+        }
+        s.l4 = (!l4.services.is_empty()).then_some(l4);
+        s.firewall = ifaces.into_iter().map(|(sc, v)| fw_iface(&sc, v)).collect();
         s
     }
 
@@ -259,6 +261,42 @@ impl Snapshot {
     pub fn seconds_since(&self, earlier: &Snapshot) -> f64 {
         self.monotonic_ns.saturating_sub(earlier.monotonic_ns) as f64 / 1e9
     }
+}
+
+/// The services an interface balances, with their counters, read without its lock: `lb.json`
+/// is replaced whole by a rename, and counters are per-CPU map reads. `qualify` prefixes the
+/// interface when several are shown.
+fn l4_services(scope: &Scope, iface: &str, qualify: bool) -> Vec<L4Service> {
+    let (Ok(st), Ok(tables)) =
+        (crate::lb::state::load(scope, iface), crate::lb::tables::LbTables::from_pins(&scope.pin_dir(iface)))
+    else {
+        return Vec::new();
+    };
+    st.services
+        .iter()
+        .map(|svc| {
+            let c = tables.service_counters(svc.index).unwrap_or_default();
+            L4Service {
+                name: if qualify { format!("{iface} {}", svc.id) } else { svc.id.to_string() },
+                packets: c.packets,
+                bytes: c.bytes,
+                new_flows: c.new_flows,
+                backends: svc
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let c = tables.backend_counters(b.id).unwrap_or_default();
+                        L4Backend {
+                            addr: b.addr.to_string(),
+                            packets: c.packets,
+                            bytes: c.bytes,
+                            new_flows: c.new_flows,
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 fn fw_iface(scope: &Scope, v: view::IfaceView) -> FwIface {
