@@ -1,0 +1,302 @@
+//! The XDP balancer end to end, between network namespaces the test makes: a client, the
+//! balancer and three backends on one bridge (in a switch namespace). The balancer runs
+//! `rampart attach` + `rampart lb` for VIP:80/tcp; each backend runs `rampart decap` for the VIP
+//! and an HTTP server that names itself, and answers the client directly (direct server
+//! return). Real TCP connections, through the kernel's stacks:
+//! - 3,000 fresh connections all complete, each backend within ±10 % of its share;
+//! - removing a backend breaks no open connection to the others; draining one keeps its open
+//!   connections working while no new ones arrive; adding one takes about 1/N of new flows;
+//! - 1 MB up and down completes (the upload's full-size segments are answered with ICMP
+//!   Fragmentation Needed by the balancer, so the client's path MTU drops by the 20 bytes of
+//!   the outer header).
+//!
+//! Needs root and the `rampart` binary (`RAMPART_BIN`, else `target/<profile>/rampart`).
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use rampart_tests::netns::{in_netns, rampart_bin, run};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
+const LB: &str = "10.77.0.3";
+const BACKENDS: [&str; 4] = ["10.77.0.11", "10.77.0.12", "10.77.0.13", "10.77.0.14"];
+const SERVICE: &str = "10.77.100.1:80/tcp";
+
+/// The backends' HTTP server: answers `GET /` with its name, `GET /big` with 1 MB, and reads a
+/// POST's body whole before answering with its length; HTTP/1.1 keep-alive.
+const SERVER: &str = r#"
+import http.server, socketserver, sys
+name = sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def send(self, body):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        self.send(b"x" * 1048576 if self.path == "/big" else name.encode())
+    def do_POST(self):
+        n = int(self.headers["Content-Length"])
+        got = 0
+        while got < n:
+            got += len(self.rfile.read(min(65536, n - got)))
+        self.send(str(got).encode())
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+S(("0.0.0.0", 80), H).serve_forever()
+"#;
+
+struct Lab {
+    prefix: String,
+    /// client, lb, b1..b4, sw
+    made: Vec<String>,
+    servers: Vec<Child>,
+    rampart: std::path::PathBuf,
+    decap: Vec<String>,
+    lb_attached: bool,
+}
+
+impl Lab {
+    fn ns(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn ip(&self, args: &[&str]) {
+        run(Command::new("ip").args(args)).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn rampart(&self, ns: &str, args: &[&str]) -> String {
+        let out =
+            run(Command::new(&self.rampart).arg("-n").arg(self.ns(ns)).args(args)).unwrap_or_else(|e| panic!("{e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn new() -> Lab {
+        assert!(unsafe { libc::geteuid() } == 0, "the balancer's netns test makes namespaces: run it as root");
+        static N: AtomicU32 = AtomicU32::new(0);
+        let prefix = format!("rl{}{}-", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
+        let mut lab = Lab {
+            prefix,
+            made: Vec::new(),
+            servers: Vec::new(),
+            rampart: rampart_bin().unwrap_or_else(|e| panic!("{e}")),
+            decap: Vec::new(),
+            lb_attached: false,
+        };
+        let sw = lab.ns("sw");
+        lab.ip(&["netns", "add", &sw]);
+        lab.made.push(sw.clone());
+        lab.ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        lab.ip(&["-n", &sw, "link", "set", "br0", "up"]);
+        let hosts: Vec<(&str, &str)> = [("c", "10.77.0.2"), ("lb", LB)]
+            .into_iter()
+            .chain(BACKENDS.iter().enumerate().map(|(i, a)| (["b1", "b2", "b3", "b4"][i], *a)))
+            .collect();
+        for (name, addr) in hosts {
+            let ns = lab.ns(name);
+            lab.ip(&["netns", "add", &ns]);
+            lab.made.push(ns.clone());
+            let port = format!("p-{name}");
+            lab.ip(&["-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+            lab.ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"]);
+            lab.ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            lab.ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            lab.ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        }
+        // The client reaches the VIP through the balancer.
+        lab.ip(&["-n", &lab.ns("c"), "route", "add", &format!("{VIP}/32"), "via", LB]);
+        // The balancer forwards (the FIB lookup needs it, and so does the first packet to a
+        // backend whose MAC is not known yet).
+        run(Command::new("ip").args(["netns", "exec", &lab.ns("lb"), "sysctl", "-qw", "net.ipv4.ip_forward=1"]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        lab.rampart("lb", &["attach", "--iface", "eth0", "--mode", "skb"]);
+        lab.lb_attached = true;
+        lab.rampart("lb", &["lb", "service", "add", SERVICE]);
+        for (i, b) in BACKENDS.iter().enumerate() {
+            let name = format!("b{}", i + 1);
+            lab.rampart(&name, &["decap", "attach", "--iface", "eth0", "--vip", &VIP.to_string(), "--mode", "skb"]);
+            lab.decap.push(name.clone());
+            let child = Command::new("ip")
+                .args(["netns", "exec", &lab.ns(&name), "/usr/bin/python3", "-c", SERVER, &name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start a backend's HTTP server");
+            lab.servers.push(child);
+            if i < 3 {
+                lab.rampart("lb", &["lb", "backend", "add", SERVICE, b]);
+            }
+        }
+        // The servers listen within a second or so; wait until each answers directly.
+        for (i, b) in BACKENDS.iter().enumerate() {
+            let addr: SocketAddr = format!("{b}:80").parse().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let c = lab.ns("c");
+            let ok = in_netns(&c, move || {
+                while Instant::now() < deadline {
+                    if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                false
+            })
+            .unwrap();
+            assert!(ok, "backend b{} did not start listening", i + 1);
+        }
+        lab
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.servers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for d in &self.decap {
+            let _ =
+                Command::new(&self.rampart).args(["-n", &self.ns(d), "decap", "detach", "--iface", "eth0"]).output();
+        }
+        if self.lb_attached {
+            let _ = Command::new(&self.rampart).args(["-n", &self.ns("lb"), "detach", "--iface", "eth0"]).output();
+        }
+        for ns in self.made.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// One request on `s`; the body.
+fn request(s: &mut TcpStream, head: &str, body: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::other("closed before the answer ended"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return Ok(buf[end + 4..end + 4 + len].to_vec());
+            }
+        }
+    }
+}
+
+fn get_name(s: &mut TcpStream) -> std::io::Result<String> {
+    let body = request(s, &format!("GET / HTTP/1.1\r\nHost: {VIP}\r\n\r\n"), b"")?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+fn connect() -> TcpStream {
+    let s = TcpStream::connect_timeout(&SocketAddr::new(VIP.into(), 80), Duration::from_secs(5))
+        .expect("connect to the VIP");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// `n` fresh connections from the client, one request each: how many each backend answered.
+fn spread(lab: &Lab, n: usize) -> std::collections::BTreeMap<String, usize> {
+    in_netns(&lab.ns("c"), move || {
+        let mut count = std::collections::BTreeMap::new();
+        for i in 0..n {
+            let mut s = connect();
+            let name = get_name(&mut s).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            *count.entry(name).or_insert(0) += 1;
+        }
+        count
+    })
+    .unwrap()
+}
+
+#[test]
+fn connections_spread_survive_changes_and_carry_bulk_data() {
+    let lab = Lab::new();
+
+    // 1. 3,000 fresh connections: all answered, each backend within ±10 % of a third.
+    let count = spread(&lab, 3000);
+    assert_eq!(count.values().sum::<usize>(), 3000);
+    assert_eq!(count.keys().cloned().collect::<Vec<_>>(), ["b1", "b2", "b3"], "{count:?}");
+    for (b, n) in &count {
+        assert!((900..=1100).contains(n), "{b} got {n} of 3000: {count:?}");
+    }
+    let list = lab.rampart("lb", &["lb", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let flows: u64 =
+        v["services"][0]["backends"].as_array().unwrap().iter().map(|b| b["new_flows"].as_u64().unwrap()).sum();
+    assert!(flows >= 3000, "lb list counts {flows} new flows for 3000 connections: {list}");
+
+    // 2. Long-lived connections, then a backend removed: none of the others' connections breaks.
+    let c = lab.ns("c");
+    let (mut open, names) = in_netns(&c, || {
+        let mut open = Vec::new();
+        let mut names = Vec::new();
+        for _ in 0..60 {
+            let mut s = connect();
+            names.push(get_name(&mut s).unwrap());
+            open.push(s);
+        }
+        (open, names)
+    })
+    .unwrap();
+    for b in ["b1", "b2", "b3"] {
+        assert!(names.iter().any(|n| n == b), "no open connection reached {b}: {names:?}");
+    }
+    lab.rampart("lb", &["lb", "backend", "delete", SERVICE, BACKENDS[2]]);
+    for (s, was) in open.iter_mut().zip(&names) {
+        if was != "b3" {
+            assert_eq!(&get_name(s).expect("a connection to a remaining backend broke"), was);
+        }
+    }
+    // 3. Drain b2: its open connections still work, and no new connection reaches it.
+    lab.rampart("lb", &["lb", "backend", "drain", SERVICE, BACKENDS[1]]);
+    for (s, was) in open.iter_mut().zip(&names) {
+        if was == "b2" {
+            assert_eq!(get_name(s).expect("a drained backend's connection broke"), "b2");
+        }
+    }
+    let count = spread(&lab, 300);
+    assert_eq!(count.keys().cloned().collect::<Vec<_>>(), ["b1"], "{count:?}");
+    // 4. Add b4 (and bring b2 back): about a third of new flows go to it.
+    lab.rampart("lb", &["lb", "backend", "ready", SERVICE, BACKENDS[1]]);
+    lab.rampart("lb", &["lb", "backend", "add", SERVICE, BACKENDS[3]]);
+    let count = spread(&lab, 900);
+    let b4 = count.get("b4").copied().unwrap_or(0);
+    assert!((240..=360).contains(&b4), "b4 took {b4} of 900 new flows: {count:?}");
+    drop(open);
+
+    // 5. 1 MB down (direct from the backend) and 1 MB up (through the balancer, whose
+    // full-size segments it answers with ICMP Fragmentation Needed).
+    let (down, up) = in_netns(&c, || {
+        let mut s = connect();
+        let down = request(&mut s, &format!("GET /big HTTP/1.1\r\nHost: {VIP}\r\n\r\n"), b"").unwrap().len();
+        let body = vec![b'u'; 1 << 20];
+        let head = format!("POST /up HTTP/1.1\r\nHost: {VIP}\r\nContent-Length: {}\r\n\r\n", body.len());
+        let up = String::from_utf8(request(&mut s, &head, &body).unwrap()).unwrap();
+        (down, up)
+    })
+    .unwrap();
+    assert_eq!(down, 1 << 20);
+    assert_eq!(up, (1 << 20).to_string());
+    let list = lab.rampart("lb", &["lb", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert!(v["events"]["icmp_too_big"].as_u64().unwrap() >= 1, "no ICMP too-big was sent: {list}");
+}
