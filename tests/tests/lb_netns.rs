@@ -80,6 +80,12 @@ impl Lab {
     }
 
     fn new() -> Lab {
+        Self::build(true)
+    }
+
+    /// `cli_service`: the service and three backends made with `rampart lb`; else none (a test
+    /// applies a config).
+    fn build(cli_service: bool) -> Lab {
         assert!(unsafe { libc::geteuid() } == 0, "the balancer's netns test makes namespaces: run it as root");
         static N: AtomicU32 = AtomicU32::new(0);
         let prefix = format!("rl{}{}-", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
@@ -117,9 +123,11 @@ impl Lab {
         // backend whose MAC is not known yet).
         run(Command::new("ip").args(["netns", "exec", &lab.ns("lb"), "sysctl", "-qw", "net.ipv4.ip_forward=1"]))
             .unwrap_or_else(|e| panic!("{e}"));
-        lab.rampart("lb", &["attach", "--iface", "eth0", "--mode", "skb"]);
-        lab.lb_attached = true;
-        lab.rampart("lb", &["lb", "service", "add", SERVICE]);
+        if cli_service {
+            lab.rampart("lb", &["attach", "--iface", "eth0", "--mode", "skb"]);
+            lab.lb_attached = true;
+            lab.rampart("lb", &["lb", "service", "add", SERVICE]);
+        }
         for (i, b) in BACKENDS.iter().enumerate() {
             let name = format!("b{}", i + 1);
             lab.rampart(&name, &["decap", "attach", "--iface", "eth0", "--vip", &VIP.to_string(), "--mode", "skb"]);
@@ -131,7 +139,7 @@ impl Lab {
                 .spawn()
                 .expect("start a backend's HTTP server");
             lab.servers.push(child);
-            if i < 3 {
+            if i < 3 && cli_service {
                 lab.rampart("lb", &["lb", "backend", "add", SERVICE, b]);
             }
         }
@@ -299,4 +307,95 @@ fn connections_spread_survive_changes_and_carry_bulk_data() {
     let list = lab.rampart("lb", &["lb", "list", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert!(v["events"]["icmp_too_big"].as_u64().unwrap() >= 1, "no ICMP too-big was sent: {list}");
+}
+
+fn backends_json(lab: &Lab) -> Vec<serde_json::Value> {
+    let list = lab.rampart("lb", &["lb", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    v["services"][0]["backends"].as_array().cloned().unwrap_or_default()
+}
+
+/// `[[service]]` applied by `attach --config`, and `rampart serve`'s health checks: a backend
+/// whose server stops is taken out of the table (new connections avoid it) and put back when
+/// it listens again.
+#[test]
+fn config_applies_services_and_the_daemon_checks_their_health() {
+    let mut lab = Lab::build(false);
+    let dir = std::env::temp_dir().join(format!("{}cfg", lab.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("rampart.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[admin]
+listen = "127.0.0.1:9109"
+control_socket = "{}/control.sock"
+
+[[interface]]
+name = "eth0"
+mode = "skb"
+
+[[service]]
+vip = "{VIP}:80"
+backends = [{{ addr = "{}" }}, {{ addr = "{}" }}, {{ addr = "{}", weight = 100 }}]
+health = {{ kind = "tcp", interval = "300ms", timeout = "200ms", rise = 2, fall = 2 }}
+"#,
+            dir.display(),
+            BACKENDS[0],
+            BACKENDS[1],
+            BACKENDS[2]
+        ),
+    )
+    .unwrap();
+    let out = lab.rampart("lb", &["attach", "--config", config.to_str().unwrap()]);
+    lab.lb_attached = true;
+    assert!(out.contains("balancing 1 service(s) over 3 backend(s)"), "{out}");
+    let count = spread(&lab, 300);
+    assert_eq!(count.keys().cloned().collect::<Vec<_>>(), ["b1", "b2", "b3"], "{count:?}");
+
+    // The daemon, in the balancer's namespace, checks the backends.
+    let mut daemon = Command::new(&lab.rampart)
+        .args(["-n", &lab.ns("lb"), "serve", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start rampart serve");
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _daemon = Kill(&mut daemon);
+    let wait_health = |lab: &Lab, addr: &str, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let b = backends_json(lab);
+            let h = b.iter().find(|x| x["addr"] == addr).map(|x| x["health"].clone());
+            if h.as_ref().and_then(|h| h.as_str()) == Some(want) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{addr} never became {want}: {b:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    // b1's server stops: the checks take it down, new connections go to b2 and b3 only.
+    let _ = lab.servers[0].kill();
+    let _ = lab.servers[0].wait();
+    wait_health(&lab, BACKENDS[0], "down");
+    let count = spread(&lab, 200);
+    assert!(!count.contains_key("b1"), "{count:?}");
+    assert_eq!(count.values().sum::<usize>(), 200);
+    // It listens again: back up, and it takes new connections again.
+    lab.servers[0] = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("b1"), "/usr/bin/python3", "-c", SERVER, "b1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_health(&lab, BACKENDS[0], "up");
+    let count = spread(&lab, 300);
+    assert!(count.get("b1").copied().unwrap_or(0) > 50, "{count:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
