@@ -5,9 +5,11 @@
 //! after rampart's XDP firewall is attached with the rule file of README.md. Part two ([`https`]):
 //! with the firewall still attached, `rampart serve` terminates HTTPS on the server's port 443
 //! and proxies to a pool of two web backends, shown with curl. Each expectation is printed as ✔
-//! or ✘. Everything the demo creates is removed by [`Lab`]'s `Drop`, on success, failure or
+//! or ✘. Part three ([`lb`]): the XDP L4 balancer in front of three web backends. Everything the
+//! demo creates is removed by [`Lab`]'s `Drop`, on success, failure or
 //! Ctrl-C.
 mod https;
+mod lb;
 
 use std::{
     fmt::Write as _,
@@ -150,6 +152,11 @@ struct Lab {
     /// `rampart attach` succeeded and no `detach` has yet.
     attached: bool,
     cleaned: bool,
+    /// This run's number in namespace names.
+    id: u32,
+    /// rampart commands (namespace, arguments) that undo what part three attached, run before
+    /// the namespaces go (pins outlive a deleted namespace).
+    undo: Vec<(String, Vec<String>)>,
 }
 
 impl Lab {
@@ -166,6 +173,8 @@ impl Lab {
             rampart: rampart.to_path_buf(),
             attached: false,
             cleaned: false,
+            id,
+            undo: Vec::new(),
         }
     }
 
@@ -202,6 +211,15 @@ impl Lab {
         {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        for (netns, args) in std::mem::take(&mut self.undo).into_iter().rev() {
+            let mut cmd = Command::new(&self.rampart);
+            cmd.args(["-n", &netns]).args(&args);
+            match capture_with(&mut cmd, limit, OnInterrupt::Finish) {
+                Ok(out) if out.success() => {}
+                Ok(out) => problems.push(format!("`{}`: {}", show(&cmd), out.text())),
+                Err(e) => problems.push(format!("{e:#}")),
+            }
         }
         if self.attached {
             let mut cmd = self.rampart(&["detach", "--iface", IFACE]);
@@ -546,10 +564,13 @@ pub fn run(rampart: &Path) -> Result<()> {
         },
     );
 
-    heading(13, "Clean up");
+    // Part three: the L4 balancer in front of three web backends.
+    lb::run(&mut lab, &mut tally, 13)?;
+
+    heading(14, "Clean up");
     let problems = lab.cleanup();
     if problems.is_empty() {
-        tally.expect(true, &format!("removed both namespaces (and the veth pair with them) and {}", lab.dir.display()));
+        tally.expect(true, &format!("removed every namespace (and the veth pairs and the bridge with them) and {}", lab.dir.display()));
     }
     for p in problems {
         println!("  ✘ {p}");
