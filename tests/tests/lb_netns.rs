@@ -15,6 +15,7 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
@@ -398,4 +399,147 @@ health = {{ kind = "tcp", interval = "300ms", timeout = "200ms", rise = 2, fall 
     let count = spread(&lab, 300);
     assert!(count.get("b1").copied().unwrap_or(0) > 50, "{count:?}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two balancers behind an ECMP router (roadmap 5's first step): the router spreads flows to
+/// the VIP over both by an L4 hash; one balancer is lost (its program detached and the router's
+/// route withdrawn, as a routing daemon would); the flows it carried now reach the other one,
+/// which has no connection-table entry for them but computes the same Maglev table, so they
+/// reach the same backends: established connections survive.
+#[test]
+fn ecmp_two_balancers_one_lost_connections_survive() {
+    assert!(unsafe { libc::geteuid() } == 0, "the balancer's netns test makes namespaces: run it as root");
+    static N: AtomicU32 = AtomicU32::new(100);
+    let prefix = format!("re{}{}-", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
+    let mut lab = Lab {
+        prefix,
+        made: Vec::new(),
+        servers: Vec::new(),
+        rampart: rampart_bin().unwrap_or_else(|e| panic!("{e}")),
+        decap: Vec::new(),
+        lb_attached: false,
+    };
+    let sw = lab.ns("sw");
+    lab.ip(&["netns", "add", &sw]);
+    lab.made.push(sw.clone());
+    lab.ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
+    lab.ip(&["-n", &sw, "link", "set", "br0", "up"]);
+    // Client ── router ── bridge { lb1, lb2, b1, b2, b3 }.
+    let (c, r) = (lab.ns("c"), lab.ns("r"));
+    for ns in [&c, &r] {
+        lab.ip(&["netns", "add", ns]);
+        lab.made.push(ns.clone());
+        lab.ip(&["-n", ns, "link", "set", "lo", "up"]);
+    }
+    lab.ip(&["-n", &c, "link", "add", "eth0", "type", "veth", "peer", "name", "up0", "netns", &r]);
+    lab.ip(&["-n", &c, "link", "set", "eth0", "up"]);
+    lab.ip(&["-n", &c, "addr", "add", "10.78.1.2/24", "dev", "eth0"]);
+    lab.ip(&["-n", &c, "route", "add", "default", "via", "10.78.1.1"]);
+    lab.ip(&["-n", &r, "link", "set", "up0", "up"]);
+    lab.ip(&["-n", &r, "addr", "add", "10.78.1.1/24", "dev", "up0"]);
+    let hosts = [
+        ("r", "10.77.0.1"),
+        ("lb1", "10.77.0.3"),
+        ("lb2", "10.77.0.4"),
+        ("b1", BACKENDS[0]),
+        ("b2", BACKENDS[1]),
+        ("b3", BACKENDS[2]),
+    ];
+    for (name, addr) in hosts {
+        let ns = lab.ns(name);
+        if name != "r" {
+            lab.ip(&["netns", "add", &ns]);
+            lab.made.push(ns.clone());
+            lab.ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        let port = format!("p-{name}");
+        lab.ip(&["-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth1", "netns", &ns]);
+        lab.ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"]);
+        lab.ip(&["-n", &ns, "link", "set", "eth1", "up"]);
+        lab.ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth1"]);
+    }
+    let sysctl = |ns: &str, kv: &str| {
+        run(Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", kv])).unwrap_or_else(|e| panic!("{e}"));
+    };
+    sysctl(&r, "net.ipv4.ip_forward=1");
+    sysctl(&r, "net.ipv4.fib_multipath_hash_policy=1");
+    let vip = format!("{VIP}/32");
+    lab.ip(&["-n", &r, "route", "add", &vip, "nexthop", "via", "10.77.0.3", "nexthop", "via", "10.77.0.4"]);
+    for lb in ["lb1", "lb2"] {
+        sysctl(&lab.ns(lb), "net.ipv4.ip_forward=1");
+        // Attached in the balancer's own scope (its namespace): detached in Drop below.
+        lab.rampart(lb, &["attach", "--iface", "eth1", "--mode", "skb"]);
+        lab.rampart(lb, &["lb", "service", "add", SERVICE]);
+        for b in &BACKENDS[..3] {
+            lab.rampart(lb, &["lb", "backend", "add", SERVICE, b]);
+        }
+    }
+    struct Detach<'a>(&'a Path, [String; 2]);
+    impl Drop for Detach<'_> {
+        fn drop(&mut self) {
+            for ns in &self.1 {
+                let _ = Command::new(self.0).args(["-n", ns, "detach", "--iface", "eth1"]).output();
+            }
+        }
+    }
+    let rampart = lab.rampart.clone();
+    let _detach = Detach(&rampart, [lab.ns("lb1"), lab.ns("lb2")]);
+    for (i, name) in ["b1", "b2", "b3"].iter().enumerate() {
+        let ns = lab.ns(name);
+        lab.ip(&["-n", &ns, "route", "add", "10.78.1.0/24", "via", "10.77.0.1"]);
+        lab.rampart(name, &["decap", "attach", "--iface", "eth1", "--vip", &VIP.to_string(), "--mode", "skb"]);
+        lab.decap.push(name.to_string());
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "/usr/bin/python3", "-c", SERVER, name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a backend's HTTP server");
+        lab.servers.push(child);
+        let addr: SocketAddr = format!("{}:80", BACKENDS[i]).parse().unwrap();
+        let up = in_netns(&r, move || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            false
+        })
+        .unwrap();
+        assert!(up, "backend {name} did not start listening");
+    }
+
+    // 200 established connections, through both balancers.
+    let (mut open, names) = in_netns(&c, || {
+        let mut open = Vec::new();
+        let mut names = Vec::new();
+        for _ in 0..200 {
+            let mut s = connect();
+            names.push(get_name(&mut s).unwrap());
+            open.push(s);
+        }
+        (open, names)
+    })
+    .unwrap();
+    let via = |lb: &str| -> u64 {
+        let list = lab.rampart(lb, &["lb", "list", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+        v["services"][0]["new_flows"].as_u64().unwrap()
+    };
+    let (f1, f2) = (via("lb1"), via("lb2"));
+    assert!(f1 >= 20 && f2 >= 20, "the router did not spread the flows over both balancers: {f1} and {f2}");
+
+    // lb1 is lost: its program goes, and the router withdraws its route.
+    lab.rampart("lb1", &["detach", "--iface", "eth1"]);
+    lab.ip(&["-n", &r, "route", "replace", &vip, "via", "10.77.0.4"]);
+    let mut survived = 0;
+    for (s, was) in open.iter_mut().zip(&names) {
+        if get_name(s).ok().as_deref() == Some(was.as_str()) {
+            survived += 1;
+        }
+    }
+    assert!(survived >= 198, "only {survived} of 200 established connections survived losing a balancer");
+    assert!(via("lb2") > f2, "lb2 took over no flow");
 }
