@@ -351,8 +351,8 @@ health = {{ kind = "tcp", interval = "300ms", timeout = "200ms", rise = 2, fall 
     let out = lab.rampart("lb", &["attach", "--config", config.to_str().unwrap()]);
     lab.lb_attached = true;
     assert!(out.contains("balancing 1 service(s) over 3 backend(s)"), "{out}");
-    let count = spread(&lab, 300);
-    assert_eq!(count.keys().cloned().collect::<Vec<_>>(), ["b1", "b2", "b3"], "{count:?}");
+    let first = spread(&lab, 300);
+    assert_eq!(first.keys().cloned().collect::<Vec<_>>(), ["b1", "b2", "b3"], "{first:?}");
 
     // The daemon, in the balancer's namespace, checks the backends.
     let mut daemon = Command::new(&lab.rampart)
@@ -369,6 +369,50 @@ health = {{ kind = "tcp", interval = "300ms", timeout = "200ms", rise = 2, fall 
         }
     }
     let _daemon = Kill(&mut daemon);
+
+    // /metrics counts exactly the flows each backend got (one SYN, one connection-table miss,
+    // per connection), and promtool finds the exposition clean.
+    let scrape = in_netns(&lab.ns("lb"), || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = TcpStream::connect("127.0.0.1:9109") {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+                let mut text = String::new();
+                let _ = s.read_to_string(&mut text);
+                if let Some(i) = text.find("\r\n\r\n") {
+                    return text[i + 4..].to_string();
+                }
+            }
+            assert!(Instant::now() < deadline, "the daemon's admin address never answered");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .unwrap();
+    for (i, name) in ["b1", "b2", "b3"].iter().enumerate() {
+        let series = format!(
+            "rampart_lb_backend_new_flows_total{{netns=\"{}\",iface=\"eth0\",service=\"{SERVICE}\",backend=\"{}\"}}",
+            lab.ns("lb"),
+            BACKENDS[i]
+        );
+        let got: Option<u64> = scrape.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.trim().parse().ok());
+        assert_eq!(got, Some(first[*name] as u64), "{series} in:\n{scrape}");
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; cargo xtask setup installs it)");
+    promtool.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let wait_health = |lab: &Lab, addr: &str, want: &str| {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

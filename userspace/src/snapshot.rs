@@ -248,11 +248,10 @@ impl Snapshot {
         let mut s = Snapshot::now();
         let ifaces: Vec<(Scope, view::IfaceView)> =
             view::read_all().into_iter().filter(|(sc, _)| scope.is_none_or(|want| want == sc)).collect();
-        let mut l4 = L4::default();
-        for (sc, v) in &ifaces {
-            l4.services.extend(l4_services(sc, &v.iface, ifaces.len() > 1));
-        }
-        s.l4 = (!l4.services.is_empty()).then_some(l4);
+        let lbs = crate::lb::view::read_all(scope);
+        let qualify = lbs.len() > 1;
+        let services: Vec<L4Service> = lbs.iter().flat_map(|i| l4_services(i, qualify)).collect();
+        s.l4 = (!services.is_empty()).then_some(L4 { services });
         s.firewall = ifaces.into_iter().map(|(sc, v)| fw_iface(&sc, v)).collect();
         s
     }
@@ -263,38 +262,27 @@ impl Snapshot {
     }
 }
 
-/// The services an interface balances, with their counters, read without its lock: `lb.json`
-/// is replaced whole by a rename, and counters are per-CPU map reads. `qualify` prefixes the
-/// interface when several are shown.
-fn l4_services(scope: &Scope, iface: &str, qualify: bool) -> Vec<L4Service> {
-    let (Ok(st), Ok(tables)) =
-        (crate::lb::state::load(scope, iface), crate::lb::tables::LbTables::from_pins(&scope.pin_dir(iface)))
-    else {
-        return Vec::new();
-    };
-    st.services
+/// An interface's services as the snapshot shows them; `qualify` prefixes the interface when
+/// several are shown.
+fn l4_services(i: &crate::lb::view::IfaceLb, qualify: bool) -> Vec<L4Service> {
+    i.services
         .iter()
-        .map(|svc| {
-            let c = tables.service_counters(svc.index).unwrap_or_default();
-            L4Service {
-                name: if qualify { format!("{iface} {}", svc.id) } else { svc.id.to_string() },
-                packets: c.packets,
-                bytes: c.bytes,
-                new_flows: c.new_flows,
-                backends: svc
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        let c = tables.backend_counters(b.id).unwrap_or_default();
-                        L4Backend {
-                            addr: b.addr.to_string(),
-                            packets: c.packets,
-                            bytes: c.bytes,
-                            new_flows: c.new_flows,
-                        }
-                    })
-                    .collect(),
-            }
+        .map(|(svc, c, bc)| L4Service {
+            name: if qualify { format!("{} {}", i.iface, svc.id) } else { svc.id.to_string() },
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: c.new_flows,
+            backends: svc
+                .backends
+                .iter()
+                .zip(bc)
+                .map(|(b, c)| L4Backend {
+                    addr: b.addr.to_string(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    new_flows: c.new_flows,
+                })
+                .collect(),
         })
         .collect()
 }

@@ -372,7 +372,7 @@ const FRAGMENTS: [(&str, u32); 2] = [("first", stat::FRAGMENT_FIRST), ("later", 
 pub struct FwCollector;
 
 /// The label set of one interface: `netns` (empty for the host's) and `iface`.
-fn iface_labels(scope: &Scope, iface: &str) -> [(&'static str, String); 2] {
+pub(crate) fn iface_labels(scope: &Scope, iface: &str) -> [(&'static str, String); 2] {
     let netns = match scope {
         Scope::Host => String::new(),
         Scope::Netns(n) => n.clone(),

@@ -5,7 +5,7 @@
 //! statuses are HTTP codes or classes; interfaces and rules come from what is attached; no
 //! per-client or per-URL label. Besides the families below, one collector per stage writes its
 //! figures at scrape time: [`HttpCollector`] (per backend, route and listener),
-//! [`FwCollector`] (the XDP firewall's per-CPU maps), [`ProcessCollector`] and [`BuildInfo`].
+//! [`FwCollector`] (the XDP firewall's per-CPU maps), `LbCollector` (the balancer's), [`ProcessCollector`] and [`BuildInfo`].
 
 use std::sync::{Arc, RwLock, atomic::AtomicU64};
 
@@ -129,6 +129,7 @@ impl Metrics {
         registry.register_collector(Box::new(BuildInfo));
         registry.register_collector(Box::new(HttpCollector(http.clone())));
         registry.register_collector(Box::new(FwCollector));
+        registry.register_collector(Box::new(crate::lb::view::LbCollector));
         let m = Metrics {
             requests: Family::default(),
             backend_up: Family::default(),
