@@ -104,10 +104,13 @@ pub const SLOT_USES_SRC: u32 = 1 << 0;
 pub const SLOT_USES_DST: u32 = 1 << 1;
 /// [`SlotInfo::flags`]: the rule set's shape lets one address lookup decide (see
 /// [`ClassInfo::cands`]): exactly one address field is used (the key: src when
-/// [`SLOT_USES_SRC`], else dst), every rule has at most one range per port, and every class of
+/// [`SLOT_USES_SRC`], else dst), every rule has at most [`KEYED_PORT_RANGES`] ranges per port,
+/// and every class of
 /// the key field holds at most [`KEYED_MAX`] rules. The program then checks those few rules'
 /// protocol and ports ([`RuleInfo`]) in order and skips the other lookups and the bit vectors.
 pub const SLOT_KEYED: u32 = 1 << 2;
+/// Most ranges per port a rule of a [`SLOT_KEYED`] slot has (`dport = [80, 443]` is two).
+pub const KEYED_PORT_RANGES: usize = 2;
 /// Most rules a class lists in [`ClassInfo::cands`].
 pub const KEYED_MAX: usize = 8;
 /// [`RuleInfo::proto`] of a rule that tests no protocol.
@@ -165,12 +168,13 @@ pub struct RuleInfo {
     pub action: u32,
     /// Protocol number, or [`PROTO_ANY`].
     pub proto: u32,
-    /// Inclusive port-table index range ([`NO_PORT`] is 65,536): `[0, NO_PORT]` when the rule
-    /// tests no source port, so packets without ports match only then.
-    pub sport: [u32; 2],
-    pub dport: [u32; 2],
+    /// Inclusive port-table index ranges ([`NO_PORT`] is 65,536), `[lo, hi]` each: `[0, NO_PORT]`
+    /// when the rule tests no source port, so packets without ports match only then. A rule with
+    /// one range repeats it.
+    pub sport: [[u32; 2]; KEYED_PORT_RANGES],
+    pub dport: [[u32; 2]; KEYED_PORT_RANGES],
 }
-map_type!(RuleInfo, 24);
+map_type!(RuleInfo, 8 + 16 * KEYED_PORT_RANGES);
 
 /// Index in `FW_ADDR_DESC` of the descriptor of (slot, [`FIELD_SRC`]/[`FIELD_DST`], family).
 #[inline(always)]

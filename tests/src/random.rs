@@ -246,8 +246,8 @@ pub fn random_ruleset(u: &Universe, rng: &mut impl Rng, rules: usize, filler: us
 }
 
 /// A rule set of the keyed shape (`rampart_common::fw::SLOT_KEYED`): every rule tests one
-/// address field (src, or dst for the whole set), the rare rule no address, and at most one
-/// range per port. Nested prefixes or many unaddressed rules can still make a class list more
+/// address field (src, or dst for the whole set), the rare rule no address, and mostly at most
+/// two ranges per port. Nested prefixes or many unaddressed rules can still make a class list more
 /// than `KEYED_MAX` rules: the compiler then takes the general path, which is checked too.
 pub fn random_keyed_ruleset(u: &Universe, rng: &mut impl Rng, rules: usize) -> RuleSet {
     let mut sets = BTreeMap::new();
@@ -264,8 +264,11 @@ pub fn random_keyed_ruleset(u: &Universe, rng: &mut impl Rng, rules: usize) -> R
                 addr = addr_match(u, rng, &names);
             }
             (r.src, r.dst) = if dst { (None, addr) } else { (addr, None) };
-            r.sport = r.sport.map(|p| p[..1].to_vec());
-            r.dport = r.dport.map(|p| p[..1].to_vec());
+            // `ports` gives 1-3 ranges: 3 makes the set general (also compared).
+            if rng.gen_bool(0.8) {
+                r.sport = r.sport.map(|p| p[..p.len().min(2)].to_vec());
+                r.dport = r.dport.map(|p| p[..p.len().min(2)].to_vec());
+            }
             r
         })
         .collect();

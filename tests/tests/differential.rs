@@ -58,7 +58,7 @@ fn shape(i: usize, rng: &mut StdRng) -> (usize, usize) {
 fn case(seed: u64, i: usize) -> (Universe, RuleSet, StdRng) {
     let mut rng = StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let u = Universe::random(&mut rng);
-    // Every fifth rule set has the keyed shape (one address field, single port ranges), so the
+    // Every fifth rule set has the keyed shape (one address field, mostly ≤ 2 ranges per port), so the
     // program's keyed path (`SLOT_KEYED`) is compared as often as the general one.
     let rs = if i % 5 == 4 {
         // Few enough rules that most sets keep every class list within KEYED_MAX.

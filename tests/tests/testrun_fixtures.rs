@@ -589,7 +589,8 @@ action = "deny"
 src = ["203.0.113.0/24", "2001:db8:bad::/48"]
 "#;
 
-fn keyed_fixtures() -> Vec<Fixture> {
+/// `second`: rule 1 also takes source port 5000.
+fn keyed_fixtures(second: bool) -> Vec<Fixture> {
     const BAD66: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 66);
     const BAD5: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
     const BAD6_1: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbad, 0, 0, 0, 0, 1);
@@ -601,6 +602,11 @@ fn keyed_fixtures() -> Vec<Fixture> {
         fx("keyed: tcp4 from sport 1000 (range start)", Packet::tcp4(BAD66, OTHER4, 1000, 80), allow(1)),
         fx("keyed: tcp4 from sport 2000 (range end)", Packet::tcp4(BAD66, OTHER4, 2000, 80), allow(1)),
         fx("keyed: tcp4 from sport 2001 (past the range)", Packet::tcp4(BAD66, OTHER4, 2001, 80), deny(3)),
+        fx(
+            "keyed: tcp4 from sport 5000 (rule 1's second range, if any)",
+            Packet::tcp4(BAD66, OTHER4, 5000, 80),
+            if second { allow(1) } else { deny(3) },
+        ),
         fx("keyed: udp4 from sport 1500 (not tcp)", Packet::udp4(BAD66, OTHER4, 1500, 80), deny(3)),
         fx("keyed: icmp4 from the host (no ports)", Packet::icmp4(BAD66, OTHER4), deny(3)),
         fx("keyed: icmpv6 from the v6 host", Packet::icmp6(BAD6_1, WEB6), allow(2)),
@@ -611,18 +617,20 @@ fn keyed_fixtures() -> Vec<Fixture> {
     ]
 }
 
-/// The keyed fixtures through the keyed path, and through the general path (rule 1 given a second
-/// port range, which no fixture uses, so the slot cannot be keyed): the same verdicts and rule
-/// counters either way.
+/// The keyed fixtures through the keyed path (rule 1 with one source-port range, and with two),
+/// and through the general path (three ranges, more than `KEYED_PORT_RANGES`); the extra ranges
+/// are ports no fixture uses. The same verdicts and rule counters every way.
 #[test]
 fn keyed_rule_sets_and_their_general_twin() {
-    for (sports, keyed) in [("\"1000-2000\"", true), ("[\"1000-2000\", 5000]", false)] {
+    for (sports, keyed) in
+        [("\"1000-2000\"", true), ("[\"1000-2000\", 5000]", true), ("[\"1000-2000\", 5000, 6000]", false)]
+    {
         let rs =
             parse_str(&KEYED_RULES.replace("SPORTS", sports), Path::new("keyed.toml")).expect("keyed rule set parses");
         let c = compile(&rs, Layout { slot: 0, words_per_slot: DEFAULT_WORDS / 2 }).expect("compiles");
         assert_eq!(c.info.flags & SLOT_KEYED != 0, keyed, "sport = {sports}: keyed shape");
         let mut t = runner(&rs);
-        let fixtures = keyed_fixtures();
+        let fixtures = keyed_fixtures(sports.contains("5000"));
         let mut errors = Vec::new();
         for f in &fixtures {
             if let Err(e) = check(&mut t, &rs, &f.name, &f.frame.bytes, f.expect) {

@@ -134,12 +134,10 @@ fn keyed(pkt: &Packet, slot: u32, info: &SlotInfo, sp: u32, dp: u32) -> Option<V
         }
         let rule = info.rule_base + c.cands[i] as u32;
         let r = maps::FW_RULES.get(rule)?;
-        if (r.proto == PROTO_ANY || r.proto == proto)
-            && sp >= r.sport[0]
-            && sp <= r.sport[1]
-            && dp >= r.dport[0]
-            && dp <= r.dport[1]
-        {
+        // KEYED_PORT_RANGES = 2 ranges per port, written out (a rule with one repeats it).
+        let sport = (sp >= r.sport[0][0] && sp <= r.sport[0][1]) || (sp >= r.sport[1][0] && sp <= r.sport[1][1]);
+        let dport = (dp >= r.dport[0][0] && dp <= r.dport[0][1]) || (dp >= r.dport[1][0] && dp <= r.dport[1][1]);
+        if (r.proto == PROTO_ANY || r.proto == proto) && sport && dport {
             return Some(Verdict { action: r.action, rule: Some(rule) });
         }
     }

@@ -29,8 +29,9 @@ use std::collections::{BTreeMap, HashMap};
 use rampart_common::{
     fw::{
         ADDR_HASH_LENS, ADDR_HASH_MAX_ENTRIES, ADDR_MODE_HASH, ADDR_MODE_LPM, AddrDesc, ClassInfo, FIELD_DST,
-        FIELD_SRC, KEYED_MAX, MAX_CLASSES, MAX_RULES, NO_PORT, PORT_ENTRIES, PROTO_ANY, PROTO_ENTRIES, RuleInfo,
-        SLOT_KEYED, SLOT_USES_DST, SLOT_USES_SRC, SLOTS, SUMMARY_WORDS, SlotInfo, addr_desc_index,
+        FIELD_SRC, KEYED_MAX, KEYED_PORT_RANGES, MAX_CLASSES, MAX_RULES, NO_PORT, PORT_ENTRIES, PROTO_ANY,
+        PROTO_ENTRIES, RuleInfo, SLOT_KEYED, SLOT_USES_DST, SLOT_USES_SRC, SLOTS, SUMMARY_WORDS, SlotInfo,
+        addr_desc_index,
     },
     xdp_action,
 };
@@ -262,12 +263,14 @@ fn cands_of(v: &[u64]) -> (u32, [u16; KEYED_MAX]) {
     (n as u32, cands)
 }
 
-/// A rule's conditions as the keyed path checks them, or `None` when a port has several ranges
-/// (the slot then cannot be keyed).
+/// A rule's conditions as the keyed path checks them, or `None` when a port has more than
+/// `KEYED_PORT_RANGES` ranges (the slot then cannot be keyed).
 fn rule_info(r: &Rule) -> Option<RuleInfo> {
+    let range = |r: &PortRange| [u32::from(r.lo), u32::from(r.hi)];
     let range = |p: &Option<Vec<PortRange>>| match p.as_deref() {
-        None => Some([0, NO_PORT]),
-        Some([one]) => Some([u32::from(one.lo), u32::from(one.hi)]),
+        None => Some([[0, NO_PORT]; KEYED_PORT_RANGES]),
+        Some([one]) => Some([range(one); KEYED_PORT_RANGES]),
+        Some([a, b]) => Some([range(a), range(b)]),
         Some(_) => None,
     };
     Some(RuleInfo {
@@ -541,7 +544,7 @@ pub fn compile(rs: &RuleSet, layout: Layout) -> Result<CompiledSlot, CompileErro
     let all_class = class_base + classes.intern(&bits_where(&rs.rules, nwords, |_| true))?;
     let Classes { infos: class_infos, words, .. } = classes;
 
-    // The keyed shape (`SLOT_KEYED`): one address field, single port ranges, and every class
+    // The keyed shape (`SLOT_KEYED`): one address field, ≤ KEYED_PORT_RANGES ranges per port, and every class
     // that field's tables name short enough to list.
     let simple: Option<Vec<RuleInfo>> = rs.rules.iter().map(rule_info).collect();
     let key_classes = match flags & (SLOT_USES_SRC | SLOT_USES_DST) {
@@ -557,7 +560,12 @@ pub fn compile(rs: &RuleSet, layout: Layout) -> Result<CompiledSlot, CompileErro
         None => rs
             .rules
             .iter()
-            .map(|r| RuleInfo { action: r.action.xdp(), proto: PROTO_ANY, sport: [0, NO_PORT], dport: [0, NO_PORT] })
+            .map(|r| RuleInfo {
+                action: r.action.xdp(),
+                proto: PROTO_ANY,
+                sport: [[0, NO_PORT]; KEYED_PORT_RANGES],
+                dport: [[0, NO_PORT]; KEYED_PORT_RANGES],
+            })
             .collect(),
     };
     let flags = if keyed { flags | SLOT_KEYED } else { flags };
@@ -659,8 +667,8 @@ fn eval_checked(c: &CompiledSlot, pkt: &PacketFields) -> Option<(u32, Option<usi
         for &r in k.cands.iter().take((k.cand_count as usize).min(KEYED_MAX)) {
             let ri = c.rules.get(usize::from(r))?;
             if (ri.proto == PROTO_ANY || ri.proto == u32::from(pkt.proto))
-                && (ri.sport[0]..=ri.sport[1]).contains(&sp)
-                && (ri.dport[0]..=ri.dport[1]).contains(&dp)
+                && ri.sport.iter().any(|r| (r[0]..=r[1]).contains(&sp))
+                && ri.dport.iter().any(|r| (r[0]..=r[1]).contains(&dp))
             {
                 return Some((ri.action, Some(usize::from(r))));
             }
@@ -910,9 +918,13 @@ mod tests {
         assert_eq!((k.cand_count, &k.cands[..2]), (2, &[0u16, 1][..]));
         let z = &c.classes[v4_entry(&c.dst4, "0.0.0.0/0") as usize];
         assert_eq!((z.cand_count, z.cands[0]), (1, 1));
-        assert_eq!(c.rules[1], RuleInfo { action: xdp_action::PASS, proto: 17, sport: [0, NO_PORT], dport: [1, 9] });
+        assert_eq!(
+            c.rules[1],
+            RuleInfo { action: xdp_action::PASS, proto: 17, sport: [[0, NO_PORT]; 2], dport: [[1, 9]; 2] }
+        );
+        assert!(keyed("[[rule]]\naction = \"deny\"\nsrc = \"10.0.0.0/8\"\ndport = [1, 3]\n"), "two port ranges");
         assert!(!keyed("[[rule]]\naction = \"deny\"\nsrc = \"10.0.0.0/8\"\ndst = \"10.0.0.0/8\"\n"), "both addresses");
-        assert!(!keyed("[[rule]]\naction = \"deny\"\nsrc = \"10.0.0.0/8\"\ndport = [1, 3]\n"), "two port ranges");
+        assert!(!keyed("[[rule]]\naction = \"deny\"\nsrc = \"10.0.0.0/8\"\ndport = [1, 3, 5]\n"), "three port ranges");
         assert!(!keyed("[[rule]]\naction = \"deny\"\nproto = \"tcp\"\n"), "no address");
         let nine = "[[rule]]\naction = \"deny\"\nproto = \"tcp\"\n".repeat(8)
             + "[[rule]]\naction = \"deny\"\nsrc = \"10.0.0.0/8\"\n";
@@ -942,7 +954,7 @@ proto = "icmp"
         );
         let c = compile(&rs, layout(1)).unwrap();
         check_invariants(&c, &rs);
-        // Only src among the addresses, one range per port, ≤ 8 rules per src class: keyed.
+        // Only src among the addresses, ≤ 2 ranges per port, ≤ 8 rules per src class: keyed.
         assert_eq!(c.info.flags, SLOT_USES_SRC | SLOT_KEYED);
         assert_eq!((c.info.default_action, c.info.rule_count, c.info.summary_words), (xdp_action::DROP, 4, 1));
         assert_eq!(c.info.rule_base, MAX_RULES);
