@@ -102,6 +102,19 @@ map_type!(Active, 8);
 pub const SLOT_USES_SRC: u32 = 1 << 0;
 /// [`SlotInfo::flags`]: some rule constrains the destination address.
 pub const SLOT_USES_DST: u32 = 1 << 1;
+/// [`SlotInfo::flags`]: the rule set's shape lets one address lookup decide (see
+/// [`ClassInfo::cands`]): exactly one address field is used (the key: src when
+/// [`SLOT_USES_SRC`], else dst), every rule has at most [`KEYED_PORT_RANGES`] ranges per port,
+/// and every class of
+/// the key field holds at most [`KEYED_MAX`] rules. The program then checks those few rules'
+/// protocol and ports ([`RuleInfo`]) in order and skips the other lookups and the bit vectors.
+pub const SLOT_KEYED: u32 = 1 << 2;
+/// Most ranges per port a rule of a [`SLOT_KEYED`] slot has (`dport = [80, 443]` is two).
+pub const KEYED_PORT_RANGES: usize = 2;
+/// Most rules a class lists in [`ClassInfo::cands`].
+pub const KEYED_MAX: usize = 8;
+/// [`RuleInfo::proto`] of a rule that tests no protocol.
+pub const PROTO_ANY: u32 = 256;
 
 /// `FW_SLOTS[slot]`: what the program needs to know about one rule set.
 #[repr(C)]
@@ -138,19 +151,30 @@ pub struct ClassInfo {
     pub rank: [u16; SUMMARY_WORDS],
     /// Index in `FW_WORDS` of the class's first stored (non-zero) word.
     pub words_base: u32,
-    pub _pad: u32,
+    /// Rules in the vector when at most [`KEYED_MAX`], else `KEYED_MAX + 1`.
+    pub cand_count: u32,
+    /// The vector's rules (slot-relative, ascending) when `cand_count ≤ KEYED_MAX`: what a
+    /// [`SLOT_KEYED`] slot's program checks instead of ANDing vectors.
+    pub cands: [u16; KEYED_MAX],
 }
-map_type!(ClassInfo, 10 * SUMMARY_WORDS + 8);
+map_type!(ClassInfo, 10 * SUMMARY_WORDS + 8 + 2 * KEYED_MAX);
 
-/// `FW_RULES[rule_base + r]`: the action of rule `r`.
+/// `FW_RULES[rule_base + r]`: the action of rule `r`, and (read only in a [`SLOT_KEYED`] slot)
+/// its protocol and port conditions.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RuleInfo {
     /// XDP action (`xdp_action::PASS` for allow, `DROP` for deny).
     pub action: u32,
-    pub _pad: u32,
+    /// Protocol number, or [`PROTO_ANY`].
+    pub proto: u32,
+    /// Inclusive port-table index ranges ([`NO_PORT`] is 65,536), `[lo, hi]` each: `[0, NO_PORT]`
+    /// when the rule tests no source port, so packets without ports match only then. A rule with
+    /// one range repeats it.
+    pub sport: [[u32; 2]; KEYED_PORT_RANGES],
+    pub dport: [[u32; 2]; KEYED_PORT_RANGES],
 }
-map_type!(RuleInfo, 8);
+map_type!(RuleInfo, 8 + 16 * KEYED_PORT_RANGES);
 
 /// Index in `FW_ADDR_DESC` of the descriptor of (slot, [`FIELD_SRC`]/[`FIELD_DST`], family).
 #[inline(always)]

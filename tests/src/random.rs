@@ -245,6 +245,36 @@ pub fn random_ruleset(u: &Universe, rng: &mut impl Rng, rules: usize, filler: us
     RuleSet { default: if rng.gen_bool(0.5) { Action::Allow } else { Action::Deny }, sets, rules }
 }
 
+/// A rule set of the keyed shape (`rampart_common::fw::SLOT_KEYED`): every rule tests one
+/// address field (src, or dst for the whole set), the rare rule no address, and mostly at most
+/// two ranges per port. Nested prefixes or many unaddressed rules can still make a class list more
+/// than `KEYED_MAX` rules: the compiler then takes the general path, which is checked too.
+pub fn random_keyed_ruleset(u: &Universe, rng: &mut impl Rng, rules: usize) -> RuleSet {
+    let mut sets = BTreeMap::new();
+    for i in 0..rng.gen_range(0..=2) {
+        sets.insert(format!("set{i}"), cidrs(u, rng, 4));
+    }
+    let names: Vec<String> = sets.keys().cloned().collect();
+    let dst = rng.gen_bool(0.3);
+    let rules = (0..rules)
+        .map(|i| {
+            let mut r = random_rule(u, rng, &names, i as u32 + 1);
+            let mut addr = addr_match(u, rng, &names);
+            while addr.is_none() && rng.gen_bool(0.9) {
+                addr = addr_match(u, rng, &names);
+            }
+            (r.src, r.dst) = if dst { (None, addr) } else { (addr, None) };
+            // `ports` gives 1-3 ranges: 3 makes the set general (also compared).
+            if rng.gen_bool(0.8) {
+                r.sport = r.sport.map(|p| p[..p.len().min(2)].to_vec());
+                r.dport = r.dport.map(|p| p[..p.len().min(2)].to_vec());
+            }
+            r
+        })
+        .collect();
+    RuleSet { default: if rng.gen_bool(0.5) { Action::Allow } else { Action::Deny }, sets, rules }
+}
+
 fn transport(u: &Universe, rng: &mut impl Rng, v6: bool) -> Transport {
     match rng.gen_range(0..20) {
         0..=7 => Transport::Tcp {

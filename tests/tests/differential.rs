@@ -24,11 +24,11 @@ use rampart::fw::{
 };
 use rampart_common::{
     Counter,
-    fw::{ADDR_MODE_HASH, ADDR_MODE_LPM, DEFAULT_WORDS, SLOT_USES_DST, SLOT_USES_SRC, stat},
+    fw::{ADDR_MODE_HASH, ADDR_MODE_LPM, DEFAULT_WORDS, SLOT_KEYED, SLOT_USES_DST, SLOT_USES_SRC, stat},
 };
 use rampart_tests::{
     packet::hex,
-    random::{Universe, random_frame, random_ruleset},
+    random::{Universe, random_frame, random_keyed_ruleset, random_ruleset},
     testrun::FwTestRun,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -58,8 +58,16 @@ fn shape(i: usize, rng: &mut StdRng) -> (usize, usize) {
 fn case(seed: u64, i: usize) -> (Universe, RuleSet, StdRng) {
     let mut rng = StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let u = Universe::random(&mut rng);
-    let (n, filler) = shape(i, &mut rng);
-    let rs = random_ruleset(&u, &mut rng, n, filler);
+    // Every fifth rule set has the keyed shape (one address field, mostly ≤ 2 ranges per port), so the
+    // program's keyed path (`SLOT_KEYED`) is compared as often as the general one.
+    let rs = if i % 5 == 4 {
+        // Few enough rules that most sets keep every class list within KEYED_MAX.
+        let n = rng.gen_range(1..20);
+        random_keyed_ruleset(&u, &mut rng, n)
+    } else {
+        let (n, filler) = shape(i, &mut rng);
+        random_ruleset(&u, &mut rng, n, filler)
+    };
     (u, rs, rng)
 }
 
@@ -74,6 +82,9 @@ struct Tally {
     /// Address tables (used field × family) looked up by the LPM trie, by hash probes.
     lpm_tables: usize,
     hash_tables: usize,
+    /// Rule sets compiled to the keyed path (`SLOT_KEYED`), and frames they classified.
+    keyed_sets: usize,
+    keyed_cases: usize,
 }
 
 fn run_rule_set(
@@ -89,6 +100,11 @@ fn run_rule_set(
     // Which address lookups this rule set exercises (the install compiles the same way).
     let c = compile(&rs, Layout { slot: 0, words_per_slot: DEFAULT_WORDS / 2 })
         .map_err(|e| format!("rule set {i}: compile: {e}"))?;
+    let keyed = c.info.flags & SLOT_KEYED != 0;
+    tally.keyed_sets += usize::from(keyed);
+    if keyed {
+        tally.keyed_cases += packets;
+    }
     // addr_desc order: src v4, src v6, dst v4, dst v6.
     for (k, d) in c.addr_desc.iter().enumerate() {
         let flag = if k < 2 { SLOT_USES_SRC } else { SLOT_USES_DST };
@@ -196,6 +212,8 @@ fn kernel_matches_reference_on_random_rule_sets() {
                 total.rule_matches += t.rule_matches;
                 total.lpm_tables += t.lpm_tables;
                 total.hash_tables += t.hash_tables;
+                total.keyed_sets += t.keyed_sets;
+                total.keyed_cases += t.keyed_cases;
                 for (k, v) in t.verdicts {
                     *total.verdicts.entry(k).or_default() += v;
                 }
@@ -213,12 +231,14 @@ fn kernel_matches_reference_on_random_rule_sets() {
         .collect();
     eprintln!(
         "differential: {} cases in {secs:.1} s (RAMPART_SEED={seed}); matched a rule: {}, fragments: {}; \
-         address tables: {} LPM, {} hash; {}",
+         address tables: {} LPM, {} hash; keyed rule sets: {} ({} frames); {}",
         total.cases,
         total.rule_matches,
         total.fragments,
         total.lpm_tables,
         total.hash_tables,
+        total.keyed_sets,
+        total.keyed_cases,
         by_name.join(" ")
     );
     assert_eq!(total.cases, rule_sets * packets, "every case ran");
@@ -231,5 +251,11 @@ fn kernel_matches_reference_on_random_rule_sets() {
         "address tables: {} LPM, {} hash",
         total.lpm_tables,
         total.hash_tables
+    );
+    // Both classification paths must be compared: keyed and general.
+    assert!(
+        rule_sets < 20 || (total.keyed_sets * 20 >= rule_sets && total.keyed_sets * 2 <= rule_sets),
+        "{} of {rule_sets} rule sets keyed",
+        total.keyed_sets
     );
 }

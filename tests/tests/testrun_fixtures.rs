@@ -12,11 +12,12 @@ use std::{
 };
 
 use rampart::fw::{
+    compile::{Layout, compile},
     reference::{self, RefVerdict},
     rules::{RuleSet, parse_str},
 };
 use rampart_common::{
-    fw::stat,
+    fw::{DEFAULT_WORDS, SLOT_KEYED, stat},
     xdp_action::{DROP, PASS},
 };
 use rampart_tests::{
@@ -553,5 +554,100 @@ fn fixture_table_is_consistent() {
         if f.sweep {
             assert_eq!(cut_model(&f.frame, f.frame.len(), f.expect), f.expect, "{}", f.name);
         }
+    }
+}
+
+/// A rule set of the keyed shape (`SLOT_KEYED`: only source addresses, one range per port), so
+/// the program decides from the source class's rule list. Rule indexes are what the fixtures
+/// name; `SPORTS` is rule 1's source ports.
+const KEYED_RULES: &str = r#"
+default = "allow"
+
+# 0: no DNS from the bad net
+[[rule]]
+action = "deny"
+src = "203.0.113.0/24"
+proto = "udp"
+dport = "53"
+
+# 1: but one host of it may open TCP from some source ports
+[[rule]]
+action = "allow"
+src = "203.0.113.66"
+proto = "tcp"
+sport = SPORTS
+
+# 2: and one v6 host may ping
+[[rule]]
+action = "allow"
+src = "2001:db8:bad::1"
+proto = "icmpv6"
+
+# 3: the rest of both nets is denied
+[[rule]]
+action = "deny"
+src = ["203.0.113.0/24", "2001:db8:bad::/48"]
+"#;
+
+/// `second`: rule 1 also takes source port 5000.
+fn keyed_fixtures(second: bool) -> Vec<Fixture> {
+    const BAD66: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 66);
+    const BAD5: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
+    const BAD6_1: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbad, 0, 0, 0, 0, 1);
+    const BAD6_2: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbad, 0, 0, 0, 0, 2);
+    const DEFAULT_ALLOW: Expect = Expect { action: PASS, stat: stat::DEFAULT_ALLOW, frag: None, rule: None };
+    vec![
+        fx("keyed: udp4 :53 from the bad net", Packet::udp4(BAD5, OTHER4, 1, 53), deny(0)),
+        fx("keyed: udp4 :53 from the allowed host (rule 0 first)", Packet::udp4(BAD66, OTHER4, 1500, 53), deny(0)),
+        fx("keyed: tcp4 from sport 1000 (range start)", Packet::tcp4(BAD66, OTHER4, 1000, 80), allow(1)),
+        fx("keyed: tcp4 from sport 2000 (range end)", Packet::tcp4(BAD66, OTHER4, 2000, 80), allow(1)),
+        fx("keyed: tcp4 from sport 2001 (past the range)", Packet::tcp4(BAD66, OTHER4, 2001, 80), deny(3)),
+        fx(
+            "keyed: tcp4 from sport 5000 (rule 1's second range, if any)",
+            Packet::tcp4(BAD66, OTHER4, 5000, 80),
+            if second { allow(1) } else { deny(3) },
+        ),
+        fx("keyed: udp4 from sport 1500 (not tcp)", Packet::udp4(BAD66, OTHER4, 1500, 80), deny(3)),
+        fx("keyed: icmp4 from the host (no ports)", Packet::icmp4(BAD66, OTHER4), deny(3)),
+        fx("keyed: icmpv6 from the v6 host", Packet::icmp6(BAD6_1, WEB6), allow(2)),
+        fx("keyed: tcp6 from the v6 host", Packet::tcp6(BAD6_1, WEB6, 1500, 80), deny(3)),
+        fx("keyed: icmpv6 from another v6 host", Packet::icmp6(BAD6_2, WEB6), deny(3)),
+        fx("keyed: udp4 from elsewhere: default", Packet::udp4(CLIENT4, OTHER4, 1, 53), DEFAULT_ALLOW),
+        fx("keyed: tcp6 from elsewhere: default", Packet::tcp6(CLIENT6, WEB6, 1500, 80), DEFAULT_ALLOW),
+    ]
+}
+
+/// The keyed fixtures through the keyed path (rule 1 with one source-port range, and with two),
+/// and through the general path (three ranges, more than `KEYED_PORT_RANGES`); the extra ranges
+/// are ports no fixture uses. The same verdicts and rule counters every way.
+#[test]
+fn keyed_rule_sets_and_their_general_twin() {
+    for (sports, keyed) in
+        [("\"1000-2000\"", true), ("[\"1000-2000\", 5000]", true), ("[\"1000-2000\", 5000, 6000]", false)]
+    {
+        let rs =
+            parse_str(&KEYED_RULES.replace("SPORTS", sports), Path::new("keyed.toml")).expect("keyed rule set parses");
+        let c = compile(&rs, Layout { slot: 0, words_per_slot: DEFAULT_WORDS / 2 }).expect("compiles");
+        assert_eq!(c.info.flags & SLOT_KEYED != 0, keyed, "sport = {sports}: keyed shape");
+        let mut t = runner(&rs);
+        let fixtures = keyed_fixtures(sports.contains("5000"));
+        let mut errors = Vec::new();
+        for f in &fixtures {
+            if let Err(e) = check(&mut t, &rs, &f.name, &f.frame.bytes, f.expect) {
+                errors.push(format!("sport = {sports}: {e}"));
+            }
+        }
+        let counters = t.rule_counters().expect("read rule counters");
+        for (r, c) in counters.iter().enumerate() {
+            let want: Vec<&Fixture> = fixtures.iter().filter(|f| f.expect.rule == Some(r)).collect();
+            let bytes: u64 = want.iter().map(|f| f.frame.len() as u64).sum();
+            if want.is_empty() || c.packets != want.len() as u64 || c.bytes != bytes {
+                errors.push(format!(
+                    "sport = {sports}: rule {r}: counter {c:?}, want {} packets / {bytes} bytes",
+                    want.len()
+                ));
+            }
+        }
+        report(errors, "keyed fixtures", fixtures.len());
     }
 }

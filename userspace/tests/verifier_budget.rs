@@ -6,8 +6,10 @@ use aya::{Ebpf, programs::Xdp};
 use rampart::bpf::FIREWALL_OBJ;
 use rampart_common::fw::PROGRAM_NAME;
 
-/// A regression guard, about 1.5 times today's ~206,500: the firewall ~77,500 (the candidate loop
-/// in `fw/mod.rs` ~60,000 of it, walked once; the IPv6 extension-header walk, a global function,
+/// A regression guard, about 1.35 times today's ~224,000: the firewall ~95,000 (the candidate
+/// loop in `fw/mod.rs` ~60,000 of it, walked once; the keyed path ~17,000, its two port ranges
+/// each way branching in each of 8 iterations, which is still cheaper than branch-free compares
+/// (~376,000: they defeat state pruning); the IPv6 extension-header walk, a global function,
 /// ~9,500) and the balancer's global functions (`lb/mod.rs`) ~129,000, each checked once on its
 /// own. Going over means some path now reaches the candidate loop in a state of its own (see the
 /// notes in `parse.rs` and `fw/mod.rs`), or a balancer function grew a branch per path.

@@ -159,6 +159,15 @@ impl Rampart {
         let prog: &Xdp = self.ebpf.program(rampart_common::fw::PROGRAM_NAME).context("program")?.try_into()?;
         Ok(prog.info()?.id())
     }
+    /// Which classification path the compiler chose for the live rule set, for the report.
+    fn path(&self) -> Result<&'static str> {
+        let info = self.tables.slot_info(self.tables.active_slot()?)?;
+        Ok(if info.flags & rampart_common::fw::SLOT_KEYED != 0 {
+            "keyed (one address lookup, then the class's few candidate rules)"
+        } else {
+            "general (a lookup per field, then the AND of bit vectors)"
+        })
+    }
     /// Attaches in native mode to `iface` in namespace `ns` (tables are already installed, so
     /// the first packet sees the whole rule set).
     fn attach(&mut self, ns: &str, iface: &str) -> Result<()> {
@@ -376,12 +385,14 @@ fn testrun_section(dir: &Path, rounds: usize, repeat: u32, out: &mut String) -> 
     };
     // xdp-filter needs an interface: a throwaway pair of namespaces joined by a veth.
     let net = Flood::new("xf")?;
+    let mut paths = Vec::new();
     for n in [10u32, 1_000, 10_000] {
         let addrs: Vec<[u8; 4]> = (0..n).map(rule_addr).collect();
         let last = rule_addr(n - 1);
         let xf = XdpFilter::load(&net.rx_ns, &net.rx_if, XF_NEEDS, &addrs)?;
         loaded.push(format!("{} addresses: `xdp-filter load -m native -p allow -f {}` → {}", thousands(n as f64), XF_NEEDS.features(), xf.attached.describe()));
         let rp = Rampart::load(&rampart_rules(n), dir)?;
+        paths.push(format!("{} rules: {}", thousands(n as f64), rp.path()?));
         let mut items = vec![min_item(&format!("- (in the {} group)", thousands(n as f64)))?];
         for (probe, frame) in probes(last) {
             items.push(Item { program: "xdp-filter", rules: format!("{} addresses", thousands(n as f64)), probe, id: xf.prog_id()?, frame });
@@ -409,6 +420,7 @@ fn testrun_section(dir: &Path, rounds: usize, repeat: u32, out: &mut String) -> 
     let t0 = Instant::now();
     let rp = Rampart::load(&text, dir)?;
     let load_s = t0.elapsed().as_secs_f64();
+    paths.push(format!("3 rules + 1,000,000-prefix set: {}", rp.path()?));
     let mut items = vec![min_item("- (in the set group)")?];
     for (probe, frame) in probes(last) {
         items.push(Item {
@@ -452,8 +464,10 @@ fn testrun_section(dir: &Path, rounds: usize, repeat: u32, out: &mut String) -> 
     }
     writeln!(
         out,
-        "\nrampart: `{}` loaded with its tables filled, test-run by its id.",
-        rampart_common::fw::PROGRAM_NAME
+        "\nrampart: `{}` loaded with its tables filled, test-run by its id. The path its compiler chose \
+         from each rule set's shape: {}.",
+        rampart_common::fw::PROGRAM_NAME,
+        paths.join("; ")
     )?;
     writeln!(out, "\nLoading the 1,000,000-prefix rule set (parse + compile + map writes) took {load_s:.1} s.\n")?;
     Ok(floors)

@@ -29,8 +29,9 @@ use std::collections::{BTreeMap, HashMap};
 use rampart_common::{
     fw::{
         ADDR_HASH_LENS, ADDR_HASH_MAX_ENTRIES, ADDR_MODE_HASH, ADDR_MODE_LPM, AddrDesc, ClassInfo, FIELD_DST,
-        FIELD_SRC, MAX_CLASSES, MAX_RULES, NO_PORT, PORT_ENTRIES, PROTO_ENTRIES, RuleInfo, SLOT_USES_DST,
-        SLOT_USES_SRC, SLOTS, SUMMARY_WORDS, SlotInfo, addr_desc_index,
+        FIELD_SRC, KEYED_MAX, KEYED_PORT_RANGES, MAX_CLASSES, MAX_RULES, NO_PORT, PORT_ENTRIES, PROTO_ANY,
+        PROTO_ENTRIES, RuleInfo, SLOT_KEYED, SLOT_USES_DST, SLOT_USES_SRC, SLOTS, SUMMARY_WORDS, SlotInfo,
+        addr_desc_index,
     },
     xdp_action,
 };
@@ -219,12 +220,14 @@ impl Classes {
             *r = below as u16;
             below += sparse.summary[s].count_ones();
         }
+        let (cand_count, cands) = cands_of(v);
         self.infos.push(ClassInfo {
             summary: sparse.summary,
             rank,
             // Within the slot: `needed` ≤ words_per_slot, so words_base + its words ≤ the end.
             words_base: self.words_lo + self.words.len() as u32,
-            _pad: 0,
+            cand_count,
+            cands,
         });
         self.words.extend_from_slice(&sparse.words);
         self.by_vec.insert(sparse, n as u32);
@@ -239,6 +242,43 @@ impl Classes {
         }
         self.intern(&v)
     }
+}
+
+/// `ClassInfo::cand_count` and `cands` of a dense vector: its first rules, ascending.
+fn cands_of(v: &[u64]) -> (u32, [u16; KEYED_MAX]) {
+    let mut cands = [0u16; KEYED_MAX];
+    let mut n = 0;
+    for (w, &word) in v.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            if n == KEYED_MAX {
+                return (KEYED_MAX as u32 + 1, cands);
+            }
+            // Rule indexes are < MAX_RULES = 16,384: they fit a u16.
+            cands[n] = (w * 64 + bits.trailing_zeros() as usize) as u16;
+            n += 1;
+            bits &= bits - 1;
+        }
+    }
+    (n as u32, cands)
+}
+
+/// A rule's conditions as the keyed path checks them, or `None` when a port has more than
+/// `KEYED_PORT_RANGES` ranges (the slot then cannot be keyed).
+fn rule_info(r: &Rule) -> Option<RuleInfo> {
+    let range = |r: &PortRange| [u32::from(r.lo), u32::from(r.hi)];
+    let range = |p: &Option<Vec<PortRange>>| match p.as_deref() {
+        None => Some([[0, NO_PORT]; KEYED_PORT_RANGES]),
+        Some([one]) => Some([range(one); KEYED_PORT_RANGES]),
+        Some([a, b]) => Some([range(a), range(b)]),
+        Some(_) => None,
+    };
+    Some(RuleInfo {
+        action: r.action.xdp(),
+        proto: r.proto.map_or(PROTO_ANY, u32::from),
+        sport: range(&r.sport)?,
+        dport: range(&r.dport)?,
+    })
 }
 
 fn bits_where(rules: &[Rule], nwords: usize, pred: impl Fn(&Rule) -> bool) -> Vec<u64> {
@@ -504,6 +544,31 @@ pub fn compile(rs: &RuleSet, layout: Layout) -> Result<CompiledSlot, CompileErro
     let all_class = class_base + classes.intern(&bits_where(&rs.rules, nwords, |_| true))?;
     let Classes { infos: class_infos, words, .. } = classes;
 
+    // The keyed shape (`SLOT_KEYED`): one address field, ≤ KEYED_PORT_RANGES ranges per port, and every class
+    // that field's tables name short enough to list.
+    let simple: Option<Vec<RuleInfo>> = rs.rules.iter().map(rule_info).collect();
+    let key_classes = match flags & (SLOT_USES_SRC | SLOT_USES_DST) {
+        SLOT_USES_SRC => Some((&src4, &src6)),
+        SLOT_USES_DST => Some((&dst4, &dst6)),
+        _ => None,
+    };
+    let short = |abs: u32| class_infos[(abs - class_base) as usize].cand_count as usize <= KEYED_MAX;
+    let keyed = simple.is_some()
+        && key_classes.is_some_and(|(t4, t6)| t4.iter().all(|e| short(e.2)) && t6.iter().all(|e| short(e.2)));
+    let rules: Vec<RuleInfo> = match simple {
+        Some(rules) => rules,
+        None => rs
+            .rules
+            .iter()
+            .map(|r| RuleInfo {
+                action: r.action.xdp(),
+                proto: PROTO_ANY,
+                sport: [[0, NO_PORT]; KEYED_PORT_RANGES],
+                dport: [[0, NO_PORT]; KEYED_PORT_RANGES],
+            })
+            .collect(),
+    };
+    let flags = if keyed { flags | SLOT_KEYED } else { flags };
     let info = SlotInfo {
         default_action: rs.default.xdp(),
         rule_count: n as u32,
@@ -512,7 +577,6 @@ pub fn compile(rs: &RuleSet, layout: Layout) -> Result<CompiledSlot, CompileErro
         all_class,
         rule_base: layout.slot * MAX_RULES,
     };
-    let rules = rs.rules.iter().map(|r| RuleInfo { action: r.action.xdp(), _pad: 0 }).collect();
     // src and dst share each family's hash map: this slot's half of it.
     let (mut budget4, mut budget6) = ((ADDR_HASH_MAX_ENTRIES / SLOTS) as usize, (ADDR_HASH_MAX_ENTRIES / SLOTS) as usize);
     let mut addr_desc = [AddrDesc::default(); 4];
@@ -594,12 +658,28 @@ pub fn eval(c: &CompiledSlot, pkt: &PacketFields) -> (u32, Option<usize>) {
 fn eval_checked(c: &CompiledSlot, pkt: &PacketFields) -> Option<(u32, Option<usize>)> {
     let info = &c.info;
     let slot = c.layout.slot;
+    let class = |id: u32| c.classes.get(id.checked_sub(slot * MAX_CLASSES)? as usize);
+    if info.flags & SLOT_KEYED != 0 {
+        // `firewall::classify`'s keyed path: the key field's class lists its rules; the first
+        // whose protocol and ports hold wins.
+        let k = class(addr_lookup(c, pkt, info.flags & SLOT_USES_SRC != 0)?)?;
+        let (sp, dp) = (pkt.sport.map_or(NO_PORT, u32::from), pkt.dport.map_or(NO_PORT, u32::from));
+        for &r in k.cands.iter().take((k.cand_count as usize).min(KEYED_MAX)) {
+            let ri = c.rules.get(usize::from(r))?;
+            if (ri.proto == PROTO_ANY || ri.proto == u32::from(pkt.proto))
+                && ri.sport.iter().any(|r| (r[0]..=r[1]).contains(&sp))
+                && ri.dport.iter().any(|r| (r[0]..=r[1]).contains(&dp))
+            {
+                return Some((ri.action, Some(usize::from(r))));
+            }
+        }
+        return Some((info.default_action, None));
+    }
     let src = if info.flags & SLOT_USES_SRC != 0 { addr_lookup(c, pkt, true)? } else { info.all_class };
     let dst = if info.flags & SLOT_USES_DST != 0 { addr_lookup(c, pkt, false)? } else { info.all_class };
     let proto = *c.proto.get(usize::from(pkt.proto))?;
     let sport = *c.sport.get(pkt.sport.map_or(NO_PORT, u32::from) as usize)?;
     let dport = *c.dport.get(pkt.dport.map_or(NO_PORT, u32::from) as usize)?;
-    let class = |id: u32| c.classes.get(id.checked_sub(slot * MAX_CLASSES)? as usize);
     // FW_WORDS is shared by both slots; a read outside this slot's words finds 0 here (the
     // kernel would find the other slot's data, which a consistent summary never reaches).
     let word = |index: u32| {
@@ -822,6 +902,36 @@ mod tests {
         want
     }
 
+    /// Which rule sets take the keyed path, and what a class lists.
+    #[test]
+    fn keyed_shape() {
+        let parse = |text: &str| parse(&format!("default = \"allow\"\n{text}"));
+        let keyed = |text: &str| compile(&parse(text), layout(0)).unwrap().info.flags & SLOT_KEYED != 0;
+        let c = compile(
+            &parse("[[rule]]\naction = \"deny\"\ndst = \"10.0.0.0/8\"\n[[rule]]\naction = \"allow\"\nproto = \"udp\"\ndport = \"1-9\"\n"),
+            layout(0),
+        )
+        .unwrap();
+        assert_eq!(c.info.flags, SLOT_USES_DST | SLOT_KEYED, "dst is a key too");
+        // Slot 0: absolute class ids are local ones.
+        let k = &c.classes[v4_entry(&c.dst4, "10.0.0.0/8") as usize];
+        assert_eq!((k.cand_count, &k.cands[..2]), (2, &[0u16, 1][..]));
+        let z = &c.classes[v4_entry(&c.dst4, "0.0.0.0/0") as usize];
+        assert_eq!((z.cand_count, z.cands[0]), (1, 1));
+        assert_eq!(
+            c.rules[1],
+            RuleInfo { action: xdp_action::PASS, proto: 17, sport: [[0, NO_PORT]; 2], dport: [[1, 9]; 2] }
+        );
+        assert!(keyed("[[rule]]\naction = \"deny\"\nsrc = \"10.0.0.0/8\"\ndport = [1, 3]\n"), "two port ranges");
+        assert!(!keyed("[[rule]]\naction = \"deny\"\nsrc = \"10.0.0.0/8\"\ndst = \"10.0.0.0/8\"\n"), "both addresses");
+        assert!(!keyed("[[rule]]\naction = \"deny\"\nsrc = \"10.0.0.0/8\"\ndport = [1, 3, 5]\n"), "three port ranges");
+        assert!(!keyed("[[rule]]\naction = \"deny\"\nproto = \"tcp\"\n"), "no address");
+        let nine = "[[rule]]\naction = \"deny\"\nproto = \"tcp\"\n".repeat(8)
+            + "[[rule]]\naction = \"deny\"\nsrc = \"10.0.0.0/8\"\n";
+        assert!(!keyed(&nine), "the 10/8 class holds 9 rules");
+        assert!(keyed(&nine.replacen("[[rule]]\naction = \"deny\"\nproto = \"tcp\"\n", "", 1)), "8 rules fit");
+    }
+
     #[test]
     fn hand_checked_small_set() {
         let rs = parse(
@@ -844,7 +954,8 @@ proto = "icmp"
         );
         let c = compile(&rs, layout(1)).unwrap();
         check_invariants(&c, &rs);
-        assert_eq!(c.info.flags, SLOT_USES_SRC);
+        // Only src among the addresses, ≤ 2 ranges per port, ≤ 8 rules per src class: keyed.
+        assert_eq!(c.info.flags, SLOT_USES_SRC | SLOT_KEYED);
         assert_eq!((c.info.default_action, c.info.rule_count, c.info.summary_words), (xdp_action::DROP, 4, 1));
         assert_eq!(c.info.rule_base, MAX_RULES);
         assert!(c.info.all_class >= MAX_CLASSES);
