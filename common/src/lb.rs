@@ -58,7 +58,8 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "LB_SVC_STATS";
     pub const BACKEND_STATS: &str = "LB_BE_STATS";
     pub const STATS: &str = "LB_STATS";
-    pub const ALL: [&str; 8] = [CONFIG, VIPS, BACKENDS, RING, CONNTRACK, SERVICE_STATS, BACKEND_STATS, STATS];
+    pub const PORTS: &str = "LB_PORTS";
+    pub const ALL: [&str; 9] = [CONFIG, VIPS, BACKENDS, RING, CONNTRACK, SERVICE_STATS, BACKEND_STATS, STATS, PORTS];
     // The kernel keeps 15 bytes of a map's name (BPF_OBJ_NAME_LEN): longer names would not be
     // found by name in `bpftool map` or by tests.
     const _: () = {
@@ -69,6 +70,11 @@ pub mod map_names {
         }
     };
 }
+
+/// Words of `LB_PORTS`: one bit per destination port, set when some service uses the port. The
+/// pipeline tests it (an array read the verifier inlines) before the stage, so traffic to
+/// other ports, and all traffic when there are no services, pays about nothing for the stage.
+pub const PORT_WORDS: u32 = 65_536 / 64;
 
 /// Address family values in keys: 4 or 6, as `Packet::family`.
 pub const FAMILY_V4: u8 = 4;

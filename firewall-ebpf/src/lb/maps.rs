@@ -9,7 +9,7 @@ use rampart_common::{
     Counter,
     lb::{
         BackendInfo, DEFAULT_CONNTRACK_ENTRIES, FlowKey, FlowValue, LbConfig, LbCounter, MAX_BACKENDS, MAX_SERVICES,
-        RING_ENTRIES, VipInfo, VipKey, stat,
+        PORT_WORDS, RING_ENTRIES, VipInfo, VipKey, stat,
     },
 };
 
@@ -40,3 +40,6 @@ pub static LB_BE_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(M
 /// What happened to service packets (`rampart_common::lb::stat`).
 #[map]
 pub static LB_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+/// Ports some service uses, one bit each (`rampart_common::lb::PORT_WORDS`).
+#[map]
+pub static LB_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);

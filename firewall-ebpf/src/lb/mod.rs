@@ -21,7 +21,9 @@ use rampart_common::{
     },
 };
 
-use self::maps::{LB_BACKENDS, LB_BE_STATS, LB_CONFIG, LB_CONNTRACK, LB_RING, LB_STATS, LB_SVC_STATS, LB_VIPS};
+use self::maps::{
+    LB_BACKENDS, LB_BE_STATS, LB_CONFIG, LB_CONNTRACK, LB_PORTS, LB_RING, LB_STATS, LB_SVC_STATS, LB_VIPS,
+};
 use crate::{
     count,
     parse::{Frag, Packet},
@@ -50,6 +52,11 @@ const ICMP6_QUOTE: usize = 200;
 #[inline(always)]
 pub fn balance(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     if !pkt.has_ports {
+        return None;
+    }
+    // No service on this port (or none at all): the stage costs one inlined array read.
+    let word = *LB_PORTS.get(pkt.dport as u32 >> 6)?;
+    if word & (1u64 << (pkt.dport & 63)) == 0 {
         return None;
     }
     let meta = (pkt.l3_off as u64 & meta::L3_MASK)

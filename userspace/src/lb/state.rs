@@ -395,8 +395,7 @@ impl LbState {
     /// and health, so their flows stay where they are; weights and the admin state follow the
     /// file (every listed backend is `ready`); a service whose table size changed is made anew.
     pub fn apply(&mut self, desired: &[Desired]) -> Result<()> {
-        self.services
-            .retain(|s| desired.iter().any(|d| d.id == s.id && d.table_size == s.table_size));
+        self.services.retain(|s| desired.iter().any(|d| d.id == s.id && d.table_size == s.table_size));
         for d in desired {
             if self.service(&d.id).is_err() {
                 self.add_service(d.id, d.table_size)?;
@@ -434,6 +433,23 @@ pub struct Desired {
 /// table before its VIP; positions (Maglev deltas) before a removed backend is retired; a
 /// removed service's VIP first.
 pub fn sync(t: &mut LbTables, old: &LbState, new: &LbState) -> Result<(), LbTablesError> {
+    // The ports of both (every VIP the packets may meet meanwhile) first; the new ones last.
+    t.write_ports(&port_bitmap([old, new]))?;
+    sync_services(t, old, new)?;
+    t.write_ports(&port_bitmap([new]))
+}
+
+/// One bit per destination port any service of `states` uses.
+fn port_bitmap<const N: usize>(states: [&LbState; N]) -> Vec<u64> {
+    let mut words = vec![0u64; rampart_common::lb::PORT_WORDS as usize];
+    for s in states.iter().flat_map(|st| &st.services) {
+        let p = s.id.vip.port() as usize;
+        words[p / 64] |= 1 << (p % 64);
+    }
+    words
+}
+
+fn sync_services(t: &mut LbTables, old: &LbState, new: &LbState) -> Result<(), LbTablesError> {
     let old_by_id: BTreeMap<ServiceId, &Service> = old.services.iter().map(|s| (s.id, s)).collect();
     let new_by_id: BTreeMap<ServiceId, &Service> = new.services.iter().map(|s| (s.id, s)).collect();
     // Removed services stop matching at once.
@@ -674,7 +690,11 @@ mod tests {
         st.set_admin(&a, ip("10.0.1.2"), Admin::Drain).unwrap();
         let kept = st.service(&a).unwrap().clone();
         st.apply(&[
-            Desired { id: a, table_size: 251, backends: vec![(ip("10.0.1.1"), 100), (ip("10.0.1.2"), 7), (ip("10.0.1.3"), 1)] },
+            Desired {
+                id: a,
+                table_size: 251,
+                backends: vec![(ip("10.0.1.1"), 100), (ip("10.0.1.2"), 7), (ip("10.0.1.3"), 1)],
+            },
             Desired { id: c, table_size: 13, backends: vec![(ip("10.0.2.1"), 1)] },
         ])
         .unwrap();
@@ -684,7 +704,11 @@ mod tests {
         let b1 = s.backend(ip("10.0.1.1")).unwrap();
         assert_eq!((b1.id, b1.health), (kept.backends[0].id, Health::Down), "health is the daemon's");
         let b2 = s.backend(ip("10.0.1.2")).unwrap();
-        assert_eq!((b2.id, b2.weight, b2.admin), (kept.backends[1].id, 7, Admin::Ready), "the file sets weight and admin");
+        assert_eq!(
+            (b2.id, b2.weight, b2.admin),
+            (kept.backends[1].id, 7, Admin::Ready),
+            "the file sets weight and admin"
+        );
         assert_eq!(s.backends.len(), 3);
         assert_eq!(st.service(&c).unwrap().backends.len(), 1);
         // A new table size makes the service anew.

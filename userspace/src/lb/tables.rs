@@ -59,6 +59,7 @@ pub struct LbTables {
     service_stats: PerCpuArray<MapData, LbCounter>,
     backend_stats: PerCpuArray<MapData, LbCounter>,
     stats: PerCpuArray<MapData, Counter>,
+    ports: Array<MapData, u64>,
 }
 
 fn typed<T: TryFrom<Map, Error = MapError>>(map: &'static str, m: Map) -> Result<T> {
@@ -103,6 +104,7 @@ impl LbTables {
             service_stats: typed(names::SERVICE_STATS, get(names::SERVICE_STATS)?)?,
             backend_stats: typed(names::BACKEND_STATS, get(names::BACKEND_STATS)?)?,
             stats: typed(names::STATS, get(names::STATS)?)?,
+            ports: typed(names::PORTS, get(names::PORTS)?)?,
         })
     }
 
@@ -120,7 +122,13 @@ impl LbTables {
         self.conntrack.pin(&path).map_err(|source| LbTablesError::Pin { map: names::CONNTRACK, path, source })?;
         pin(names::SERVICE_STATS, self.service_stats.map())?;
         pin(names::BACKEND_STATS, self.backend_stats.map())?;
-        pin(names::STATS, self.stats.map())
+        pin(names::STATS, self.stats.map())?;
+        pin(names::PORTS, self.ports.map())
+    }
+
+    /// Writes the bitmap of ports some service uses (`rampart_common::lb::PORT_WORDS` words).
+    pub fn write_ports(&mut self, words: &[u64]) -> Result<()> {
+        Ok(write_array(&mut self.ports, names::PORTS, 0, words)?)
     }
 
     pub fn config(&self) -> Result<LbConfig> {
