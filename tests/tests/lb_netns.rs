@@ -61,7 +61,8 @@ struct Lab {
     made: Vec<String>,
     servers: Vec<Child>,
     rampart: std::path::PathBuf,
-    decap: Vec<String>,
+    /// Backends (namespace name, interface) with `decap` attached, detached in Drop.
+    decap: Vec<(String, &'static str)>,
     lb_attached: bool,
 }
 
@@ -132,7 +133,7 @@ impl Lab {
         for (i, b) in BACKENDS.iter().enumerate() {
             let name = format!("b{}", i + 1);
             lab.rampart(&name, &["decap", "attach", "--iface", "eth0", "--vip", &VIP.to_string(), "--mode", "skb"]);
-            lab.decap.push(name.clone());
+            lab.decap.push((name.clone(), "eth0"));
             let child = Command::new("ip")
                 .args(["netns", "exec", &lab.ns(&name), "/usr/bin/python3", "-c", SERVER, &name])
                 .stdout(Stdio::null())
@@ -171,9 +172,8 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for d in &self.decap {
-            let _ =
-                Command::new(&self.rampart).args(["-n", &self.ns(d), "decap", "detach", "--iface", "eth0"]).output();
+        for (d, iface) in &self.decap {
+            let _ = Command::new(&self.rampart).args(["-n", &self.ns(d), "decap", "detach", "--iface", iface]).output();
         }
         if self.lb_attached {
             let _ = Command::new(&self.rampart).args(["-n", &self.ns("lb"), "detach", "--iface", "eth0"]).output();
@@ -532,7 +532,7 @@ fn ecmp_two_balancers_one_lost_connections_survive() {
         let ns = lab.ns(name);
         lab.ip(&["-n", &ns, "route", "add", "10.78.1.0/24", "via", "10.77.0.1"]);
         lab.rampart(name, &["decap", "attach", "--iface", "eth1", "--vip", &VIP.to_string(), "--mode", "skb"]);
-        lab.decap.push(name.to_string());
+        lab.decap.push((name.to_string(), "eth1"));
         let child = Command::new("ip")
             .args(["netns", "exec", &ns, "/usr/bin/python3", "-c", SERVER, name])
             .stdout(Stdio::null())
