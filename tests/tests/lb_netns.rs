@@ -87,10 +87,12 @@ impl Lab {
 
     /// `cli_service`: the service and three backends made with `rampart lb`; else none (a test
     /// applies a config).
-    fn build(cli_service: bool) -> Lab {
+    /// A switch namespace with a bridge, nothing on it yet; names start with `tag` and are
+    /// unique per test run.
+    fn empty(tag: &str) -> Lab {
         assert!(unsafe { libc::geteuid() } == 0, "the balancer's netns test makes namespaces: run it as root");
         static N: AtomicU32 = AtomicU32::new(0);
-        let prefix = format!("rl{}{}-", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
+        let prefix = format!("{tag}{}{}-", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
         let mut lab = Lab {
             prefix,
             made: Vec::new(),
@@ -99,25 +101,37 @@ impl Lab {
             decap: Vec::new(),
             lb_attached: false,
         };
-        let sw = lab.ns("sw");
-        lab.ip(&["netns", "add", &sw]);
-        lab.made.push(sw.clone());
+        let sw = lab.add_ns("sw");
         lab.ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
         lab.ip(&["-n", &sw, "link", "set", "br0", "up"]);
-        let hosts: Vec<(&str, &str)> = [("c", "10.77.0.2"), ("lb", LB)]
-            .into_iter()
-            .chain(BACKENDS.iter().enumerate().map(|(i, a)| (["b1", "b2", "b3", "b4"][i], *a)))
-            .collect();
-        for (name, addr) in hosts {
-            let ns = lab.ns(name);
-            lab.ip(&["netns", "add", &ns]);
-            lab.made.push(ns.clone());
-            let port = format!("p-{name}");
-            lab.ip(&["-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
-            lab.ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"]);
-            lab.ip(&["-n", &ns, "link", "set", "lo", "up"]);
-            lab.ip(&["-n", &ns, "link", "set", "eth0", "up"]);
-            lab.ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        lab
+    }
+
+    /// A new namespace `name` (loopback up), removed in Drop.
+    fn add_ns(&mut self, name: &str) -> String {
+        let ns = self.ns(name);
+        self.ip(&["netns", "add", &ns]);
+        self.made.push(ns.clone());
+        self.ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Puts namespace `name` (made if `new`) on the bridge: interface `iface` with `addr`/24.
+    fn join(&mut self, name: &str, addr: &str, iface: &str, new: bool) {
+        let ns = if new { self.add_ns(name) } else { self.ns(name) };
+        let (sw, port) = (self.ns("sw"), format!("p-{name}"));
+        self.ip(&["-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", iface, "netns", &ns]);
+        self.ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"]);
+        self.ip(&["-n", &ns, "link", "set", iface, "up"]);
+        self.ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", iface]);
+    }
+
+    fn build(cli_service: bool) -> Lab {
+        let mut lab = Lab::empty("rl");
+        lab.join("c", "10.77.0.2", "eth0", true);
+        lab.join("lb", LB, "eth0", true);
+        for (i, addr) in BACKENDS.iter().enumerate() {
+            lab.join(&format!("b{}", i + 1), addr, "eth0", true);
         }
         // The client reaches the VIP through the balancer.
         lab.ip(&["-n", &lab.ns("c"), "route", "add", &format!("{VIP}/32"), "via", LB]);
@@ -452,29 +466,9 @@ health = {{ kind = "tcp", interval = "300ms", timeout = "200ms", rise = 2, fall 
 /// reach the same backends: established connections survive.
 #[test]
 fn ecmp_two_balancers_one_lost_connections_survive() {
-    assert!(unsafe { libc::geteuid() } == 0, "the balancer's netns test makes namespaces: run it as root");
-    static N: AtomicU32 = AtomicU32::new(100);
-    let prefix = format!("re{}{}-", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
-    let mut lab = Lab {
-        prefix,
-        made: Vec::new(),
-        servers: Vec::new(),
-        rampart: rampart_bin().unwrap_or_else(|e| panic!("{e}")),
-        decap: Vec::new(),
-        lb_attached: false,
-    };
-    let sw = lab.ns("sw");
-    lab.ip(&["netns", "add", &sw]);
-    lab.made.push(sw.clone());
-    lab.ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
-    lab.ip(&["-n", &sw, "link", "set", "br0", "up"]);
+    let mut lab = Lab::empty("re");
     // Client ── router ── bridge { lb1, lb2, b1, b2, b3 }.
-    let (c, r) = (lab.ns("c"), lab.ns("r"));
-    for ns in [&c, &r] {
-        lab.ip(&["netns", "add", ns]);
-        lab.made.push(ns.clone());
-        lab.ip(&["-n", ns, "link", "set", "lo", "up"]);
-    }
+    let (c, r) = (lab.add_ns("c"), lab.add_ns("r"));
     lab.ip(&["-n", &c, "link", "add", "eth0", "type", "veth", "peer", "name", "up0", "netns", &r]);
     lab.ip(&["-n", &c, "link", "set", "eth0", "up"]);
     lab.ip(&["-n", &c, "addr", "add", "10.78.1.2/24", "dev", "eth0"]);
@@ -490,17 +484,7 @@ fn ecmp_two_balancers_one_lost_connections_survive() {
         ("b3", BACKENDS[2]),
     ];
     for (name, addr) in hosts {
-        let ns = lab.ns(name);
-        if name != "r" {
-            lab.ip(&["netns", "add", &ns]);
-            lab.made.push(ns.clone());
-            lab.ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        }
-        let port = format!("p-{name}");
-        lab.ip(&["-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth1", "netns", &ns]);
-        lab.ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"]);
-        lab.ip(&["-n", &ns, "link", "set", "eth1", "up"]);
-        lab.ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth1"]);
+        lab.join(name, addr, "eth1", name != "r");
     }
     let sysctl = |ns: &str, kv: &str| {
         run(Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", kv])).unwrap_or_else(|e| panic!("{e}"));
