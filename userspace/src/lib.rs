@@ -6,6 +6,7 @@ pub mod fw;
 pub mod lb;
 pub mod netns;
 pub mod paths;
+pub mod pipeline;
 pub mod pki;
 pub mod probe;
 pub mod serve;

@@ -17,6 +17,7 @@ use rampart::{
     lb::state::{self as lb_state, Balancer, Desired, Proto, ServiceId},
     netns::{self, NetnsError},
     paths::Scope,
+    pipeline,
     xdp::{self, AttachMode},
 };
 
@@ -43,7 +44,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             attach(&scope, &iface, mode, rules.as_deref())
         }
         Cmd::Detach { iface } => {
-            xdp::detach(&scope, &iface)?;
+            pipeline::detach(&scope, &iface)?;
             println!("detached {iface}");
             Ok(ExitCode::SUCCESS)
         }
@@ -79,7 +80,7 @@ fn attach_mode(mode: Mode) -> AttachMode {
 
 fn attach(scope: &Scope, iface: &str, mode: Mode, rules: Option<&Path>) -> Result<ExitCode> {
     let rs = rules.map(rules::parse_file).transpose()?;
-    let r = xdp::attach(scope, iface, attach_mode(mode), rs)?;
+    let r = pipeline::attach(scope, iface, attach_mode(mode), rs)?;
     println!("attached to {} (ifindex {}) in {} mode, program id {}", r.iface, r.ifindex, r.mode, r.program_id);
     Ok(ExitCode::SUCCESS)
 }
@@ -138,7 +139,7 @@ fn attach_config(scope: &Scope, path: &Path) -> Result<ExitCode> {
     }
     let mut done: Vec<String> = Vec::new();
     for (name, mode, rules) in new {
-        match xdp::attach(scope, &name, mode, rules) {
+        match pipeline::attach(scope, &name, mode, rules) {
             Ok(r) => {
                 println!(
                     "attached to {} (ifindex {}) in {} mode, program id {}",
@@ -148,7 +149,7 @@ fn attach_config(scope: &Scope, path: &Path) -> Result<ExitCode> {
             }
             Err(e) => {
                 for n in done.iter().rev() {
-                    match xdp::detach(scope, n) {
+                    match pipeline::detach(scope, n) {
                         Ok(()) => println!("detached {n} again"),
                         Err(undo) => log::error!("{n}: detaching again after a failed attach: {undo}"),
                     }
