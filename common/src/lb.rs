@@ -41,6 +41,11 @@ pub const NO_BACKEND: u32 = u32::MAX;
 /// Default entries of the connection table (all CPUs together); `conntrack_entries` sets it.
 /// LRU maps are preallocated: about 100 bytes an entry.
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 16;
+/// Fewest entries `conntrack_entries` takes: the table is split into one LRU list per CPU, and
+/// each list needs room for more than a handful of flows.
+pub const MIN_CONNTRACK_ENTRIES: u32 = 1 << 10;
+/// Most entries `conntrack_entries` takes: 2^26, about 6.4 GiB of preallocated kernel memory.
+pub const MAX_CONNTRACK_ENTRIES: u32 = 1 << 26;
 /// A UDP flow not seen for this long is hashed again (its backend may have changed).
 pub const DEFAULT_UDP_TIMEOUT_SECS: u32 = 30;
 

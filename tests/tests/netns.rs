@@ -433,12 +433,14 @@ fn attach_from_a_config_file_applies_every_interface_or_none() {
         .expect("write rules");
     net.write_file("bad.rules.toml", BAD_RULES).expect("write rules");
     // Relative rule paths are relative to the config file.
-    let config = |second_iface: &str, second_rules: &str| {
+    let config_ct = |second_iface: &str, second_rules: &str, conntrack: u32| {
         format!(
-            "[[interface]]\nname = \"{SERVER_IF}\"\nmode = \"skb\"\nrules = \"front.rules.toml\"\n\n\
+            "[[interface]]\nname = \"{SERVER_IF}\"\nmode = \"skb\"\nrules = \"front.rules.toml\"\n\
+             conntrack_entries = {conntrack}\n\n\
              [[interface]]\nname = \"{second_iface}\"\nmode = \"skb\"\nrules = \"{second_rules}\"\n"
         )
     };
+    let config = |second_iface: &str, second_rules: &str| config_ct(second_iface, second_rules, 8192);
     let attached = |net: &TestNet| -> Vec<String> {
         let st = net.rampart_json(&net.server, &["status", "--json"]).expect("status --json");
         let mut names: Vec<String> = st["interfaces"]
@@ -481,6 +483,15 @@ fn attach_from_a_config_file_applies_every_interface_or_none() {
     let out = attach(&net, &good);
     assert!(out.status.success(), "attach --config: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(attached(&net), ["lo".to_string(), SERVER_IF.to_string()]);
+    // The connection table has the size the file gives, the default where it gives none.
+    let st = net.rampart_json(&net.server, &["status", "--json"]).expect("status --json");
+    let sizes: Vec<(String, u64)> = st["interfaces"]
+        .as_array()
+        .expect("interfaces")
+        .iter()
+        .map(|i| (i["iface"].as_str().unwrap().to_string(), i["conntrack_entries"].as_u64().unwrap_or(0)))
+        .collect();
+    assert!(sizes.contains(&(SERVER_IF.to_string(), 8192)) && sizes.contains(&("lo".to_string(), 65536)), "{st}");
     let list = net.fw_list().expect("fw list");
     assert_eq!(list["mode"].as_str(), Some("skb"), "{list}");
     assert_eq!(list["rules"].as_array().map(Vec::len), Some(8), "{list}");
@@ -498,6 +509,15 @@ fn attach_from_a_config_file_applies_every_interface_or_none() {
         "default = \"allow\"\n\n[[rule]]\naction = \"deny\"\nproto = \"tcp\"\ndport = 1\n",
     )
     .expect("write rules");
+    // But not with another connection-table size, which only a new attach can give: refused,
+    // saying so, with the rules in force left as they were.
+    let resized = net.write_file("resized.toml", &config_ct("lo", "lo.rules.toml", 16384)).expect("write config");
+    let out = attach(&net, &resized);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "attach --config with another conntrack_entries succeeded: {out:?}");
+    assert!(err.contains("conntrack_entries = 16384") && err.contains("8192") && err.contains("detach"), "{err}");
+    let list = net.fw_list().expect("fw list");
+    assert_eq!(list["rules"].as_array().map(Vec::len), Some(8), "a refused config changed the rules: {list}");
     let out = attach(&net, &good);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "attach --config again: {}", String::from_utf8_lossy(&out.stderr));

@@ -34,10 +34,14 @@ enum Cmd {
         /// Start with these rules instead of an empty rule set.
         #[arg(long, value_name = "FILE")]
         rules: Option<PathBuf>,
+        /// Entries of the L4 balancer's connection table, all CPUs together (preallocated,
+        /// about 100 bytes each; fixed until detach) [default: 65536].
+        #[arg(long, value_name = "N")]
+        conntrack_entries: Option<u32>,
         /// Apply every [[interface]] of this config file (rampart.toml), with its mode and rule
         /// file: attach where not attached yet, load the rules where attached already. All rule
         /// files are checked first; if one is bad, or an attach fails, nothing changes.
-        #[arg(long, value_name = "FILE", conflicts_with_all = ["iface", "rules", "mode"])]
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["iface", "rules", "mode", "conntrack_entries"])]
         config: Option<PathBuf>,
     },
     /// Detach the firewall from an interface and remove every pin and state file it made.

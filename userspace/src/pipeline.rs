@@ -20,7 +20,7 @@ use std::{
 use aya::{EbpfLoader, programs::Xdp};
 use rampart_common::{
     fw::{PROGRAM_NAME, map_names},
-    lb::map_names as lb_map_names,
+    lb::{DEFAULT_CONNTRACK_ENTRIES, map_names as lb_map_names},
 };
 
 use crate::{
@@ -76,6 +76,15 @@ pub enum PipelineError {
     },
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("{iface}: {why}")]
+    Setting { iface: String, why: String },
+    #[error("{iface}: connection table {}", path.display())]
+    Conntrack {
+        iface: String,
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
 }
 
 type Result<T, E = PipelineError> = std::result::Result<T, E>;
@@ -90,10 +99,24 @@ pub struct AttachReport {
     pub pin_dir: PathBuf,
 }
 
-/// Loads `rampart_fw`, installs `rules` (default: no rules, `default = "allow"`, so nothing is
-/// dropped until rules are loaded) and attaches it to `iface` with its link and maps pinned.
-/// On failure everything made so far is removed.
-pub fn attach(scope: &Scope, iface: &str, mode: AttachMode, rules: Option<RuleSet>) -> Result<AttachReport> {
+/// How to attach: the mode, the rules to start with and the connection table's size.
+/// `Default`: auto mode, no rules (`default = "allow"`: nothing is dropped until rules are
+/// loaded), [`DEFAULT_CONNTRACK_ENTRIES`].
+#[derive(Clone, Debug, Default)]
+pub struct AttachOptions {
+    pub mode: AttachMode,
+    pub rules: Option<RuleSet>,
+    /// Entries of the balancer's connection table (all CPUs together). It is sized when the
+    /// program is loaded: changing it takes a detach and a new attach.
+    pub conntrack_entries: Option<u32>,
+}
+
+/// Loads the pipeline program, installs `opts.rules` and the balancer's settings, and attaches
+/// it to `iface` with its link and maps pinned. On failure everything made so far is removed.
+pub fn attach(scope: &Scope, iface: &str, opts: AttachOptions) -> Result<AttachReport> {
+    if let Some(n) = opts.conntrack_entries {
+        lb::check_conntrack_entries(n).map_err(|why| PipelineError::Setting { iface: iface.to_string(), why })?;
+    }
     let ifindex = ifindex(iface, scope)?;
     ensure_bpffs()?;
     let pin_dir = scope.pin_dir(iface);
@@ -111,7 +134,7 @@ pub fn attach(scope: &Scope, iface: &str, mode: AttachMode, rules: Option<RuleSe
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(already()),
         Err(e) => return Err(fs_err("create directory", &pin_dir)(e).into()),
     }
-    match attach_claimed(scope, iface, ifindex, mode, rules, &pin_dir) {
+    match attach_claimed(scope, iface, ifindex, opts, &pin_dir) {
         Ok(r) => Ok(r),
         Err(e) => {
             if let Err(undo) = remove_all(scope, iface) {
@@ -126,13 +149,13 @@ fn attach_claimed(
     scope: &Scope,
     iface: &str,
     ifindex: u32,
-    mode: AttachMode,
-    rules: Option<RuleSet>,
+    opts: AttachOptions,
     pin_dir: &Path,
 ) -> Result<AttachReport> {
     let tables_err = |source| PipelineError::Tables { iface: iface.to_string(), source: Box::new(source) };
     let prog_err = |op| move |source| PipelineError::Program { iface: iface.to_string(), op, source: Box::new(source) };
     let mut ebpf = EbpfLoader::new()
+        .map_max_entries(lb_map_names::CONNTRACK, opts.conntrack_entries.unwrap_or(DEFAULT_CONNTRACK_ENTRIES))
         .load(FIREWALL_OBJ)
         .map_err(|source| PipelineError::Load { iface: iface.to_string(), source: Box::new(source) })?;
     let mut tables = FwTables::from_ebpf(&mut ebpf).map_err(tables_err)?;
@@ -151,14 +174,14 @@ fn attach_claimed(
 
     // Tables first: the first packet the program sees finds a complete rule set.
     let rules =
-        rules.unwrap_or_else(|| RuleSet { default: Action::Allow, sets: Default::default(), rules: Vec::new() });
+        opts.rules.unwrap_or_else(|| RuleSet { default: Action::Allow, sets: Default::default(), rules: Vec::new() });
     let report = tables.install(&rules).map_err(tables_err)?;
     tables.pin_all(pin_dir).map_err(tables_err)?;
     // The balancer stage: its settings, no services yet (`rampart lb`, `attach --config`).
     lb.set_config(&lb::state::default_config()).map_err(lb_err)?;
     lb.pin_all(pin_dir).map_err(lb_err)?;
 
-    let (used, link) = attach_link(prog, iface, ifindex, mode)?;
+    let (used, link) = attach_link(prog, iface, ifindex, opts.mode)?;
     let program_id = pin_link(link, iface, pin_dir)?;
 
     let next_id = rules.rules.iter().map(|r| r.id).max().unwrap_or(0) + 1;
@@ -174,6 +197,14 @@ fn attach_claimed(
     };
     state::create(scope, iface, &st)?;
     Ok(AttachReport { iface: iface.to_string(), ifindex, mode: used, program_id, pin_dir: pin_dir.to_path_buf() })
+}
+
+/// Entries of the connection table the program attached to `iface` was loaded with.
+pub fn conntrack_entries(scope: &Scope, iface: &str) -> Result<u32> {
+    let path = scope.pin_dir(iface).join(lb_map_names::CONNTRACK);
+    let err = |source| PipelineError::Conntrack { iface: iface.to_string(), path: path.clone(), source };
+    let info = aya::maps::MapInfo::from_pin(&path).map_err(err)?;
+    Ok(info.max_entries())
 }
 
 /// Detaches the program from `iface` and removes every pin and state file attach made.
@@ -272,21 +303,23 @@ mod tests {
         Rule { id: 0, action, src, dst: None, proto: None, sport: None, dport: None, comment: None }
     }
 
-    fn lifecycle(mode: AttachMode, want: UsedMode) {
+    fn lifecycle(mode: AttachMode, want: UsedMode, conntrack: Option<u32>) {
         require_root();
         let lab = Lab::new();
         let scope = lab.scope();
         let guard = NetnsGuard::enter(&lab.ns).expect("enter namespace");
 
-        let r = attach(&scope, "rpa", mode, None).expect("attach");
+        let opts = AttachOptions { mode, rules: None, conntrack_entries: conntrack };
+        let r = attach(&scope, "rpa", opts.clone()).expect("attach");
         assert_eq!(r.mode, want);
+        assert_eq!(conntrack_entries(&scope, "rpa").unwrap(), conntrack.unwrap_or(DEFAULT_CONNTRACK_ENTRIES));
         assert!(xdp_on(&lab));
         for name in std::iter::once(LINK_PIN).chain(map_names::ALL).chain(lb_map_names::ALL) {
             assert!(scope.pin_dir("rpa").join(name).exists(), "{name}");
         }
         assert_eq!(attached_ifaces(&scope).unwrap(), vec!["rpa".to_string()]);
         assert_eq!(program_id(&scope, "rpa").unwrap(), r.program_id);
-        let again = attach(&scope, "rpa", mode, None).unwrap_err();
+        let again = attach(&scope, "rpa", opts).unwrap_err();
         assert!(matches!(again, PipelineError::AlreadyAttached { .. }), "{again}");
         assert!(scope.pin_dir("rpa").join(LINK_PIN).exists(), "a refused attach removed pins");
 
@@ -332,12 +365,12 @@ mod tests {
 
     #[test]
     fn skb_attach_update_detach_leaves_nothing() {
-        lifecycle(AttachMode::Skb, UsedMode::Skb);
+        lifecycle(AttachMode::Skb, UsedMode::Skb, Some(4096));
     }
 
     #[test]
     fn native_attach_update_detach_leaves_nothing() {
-        lifecycle(AttachMode::Native, UsedMode::Native);
+        lifecycle(AttachMode::Native, UsedMode::Native, None);
     }
 
     #[test]
@@ -346,9 +379,27 @@ mod tests {
         let lab = Lab::new();
         let scope = lab.scope();
         let _guard = NetnsGuard::enter(&lab.ns).expect("enter namespace");
-        let err = attach(&scope, "nosuch0", AttachMode::Auto, None).unwrap_err();
+        let err = attach(&scope, "nosuch0", AttachOptions::default()).unwrap_err();
         assert!(matches!(err, PipelineError::Xdp(XdpError::NoIface { .. })), "{err}");
         assert!(!Path::new(paths::BPFFS_ROOT).join(scope.dir_name()).exists());
         assert!(!Path::new(paths::RUN_ROOT).join(scope.dir_name()).exists());
+    }
+
+    /// A connection-table size out of range is refused before anything is made.
+    #[test]
+    fn conntrack_size_out_of_range_makes_nothing() {
+        require_root();
+        let lab = Lab::new();
+        let scope = lab.scope();
+        let _guard = NetnsGuard::enter(&lab.ns).expect("enter namespace");
+        use rampart_common::lb::{MAX_CONNTRACK_ENTRIES, MIN_CONNTRACK_ENTRIES};
+        for n in [0, MIN_CONNTRACK_ENTRIES - 1, MAX_CONNTRACK_ENTRIES + 1] {
+            let opts = AttachOptions { conntrack_entries: Some(n), ..Default::default() };
+            let err = attach(&scope, "rpa", opts).unwrap_err();
+            assert!(matches!(err, PipelineError::Setting { .. }), "{err}");
+            assert!(err.to_string().contains("conntrack_entries"), "{err}");
+            assert!(!xdp_on(&lab));
+            assert!(!Path::new(paths::BPFFS_ROOT).join(scope.dir_name()).exists());
+        }
     }
 }

@@ -23,9 +23,10 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 
 /// The mode asked for on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttachMode {
     /// Native (driver) mode, else generic (skb) mode.
+    #[default]
     Auto,
     Native,
     Skb,

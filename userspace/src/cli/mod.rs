@@ -17,7 +17,7 @@ use rampart::{
     lb::state::{self as lb_state, Balancer, Desired, Proto, ServiceId},
     netns::{self, NetnsError},
     paths::Scope,
-    pipeline,
+    pipeline::{self, AttachOptions},
     xdp::{self, AttachMode},
 };
 
@@ -39,9 +39,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
     match cli.cmd {
         Cmd::Attach { config: Some(config), .. } => attach_config(&scope, &config),
-        Cmd::Attach { iface, mode, rules, config: None } => {
+        Cmd::Attach { iface, mode, rules, conntrack_entries, config: None } => {
             let iface = iface.ok_or_else(|| anyhow!("attach needs --iface IF or --config FILE"))?;
-            attach(&scope, &iface, mode, rules.as_deref())
+            attach(&scope, &iface, mode, rules.as_deref(), conntrack_entries)
         }
         Cmd::Detach { iface } => {
             pipeline::detach(&scope, &iface)?;
@@ -78,9 +78,16 @@ fn attach_mode(mode: Mode) -> AttachMode {
     }
 }
 
-fn attach(scope: &Scope, iface: &str, mode: Mode, rules: Option<&Path>) -> Result<ExitCode> {
+fn attach(
+    scope: &Scope,
+    iface: &str,
+    mode: Mode,
+    rules: Option<&Path>,
+    conntrack_entries: Option<u32>,
+) -> Result<ExitCode> {
     let rs = rules.map(rules::parse_file).transpose()?;
-    let r = pipeline::attach(scope, iface, attach_mode(mode), rs)?;
+    let opts = AttachOptions { mode: attach_mode(mode), rules: rs, conntrack_entries };
+    let r = pipeline::attach(scope, iface, opts)?;
     println!("attached to {} (ifindex {}) in {} mode, program id {}", r.iface, r.ifindex, r.mode, r.program_id);
     Ok(ExitCode::SUCCESS)
 }
@@ -112,12 +119,13 @@ fn attach_config(scope: &Scope, path: &Path) -> Result<ExitCode> {
             XdpMode::Native => AttachMode::Native,
             XdpMode::Skb => AttachMode::Skb,
         };
-        plan.push((name, mode, rules));
+        let conntrack_entries = i.conntrack_entries.as_ref().map(|n| *n.get_ref());
+        plan.push((name, AttachOptions { mode, rules, conntrack_entries }));
     }
     // Each interface's [[service]] sections, checked against what it balances now before
     // anything changes: a bad edit (duplicate, family, table) stops the command here.
     let mut services: Vec<(String, Vec<Desired>)> = Vec::new();
-    for (name, ..) in &plan {
+    for (name, _) in &plan {
         let desired = desired_services(&cfg, name);
         let mut next = lb_state::load(scope, name)?;
         next.apply(&desired).with_context(|| format!("[[service]] sections for {name} in {}", path.display()))?;
@@ -127,19 +135,32 @@ fn attach_config(scope: &Scope, path: &Path) -> Result<ExitCode> {
         services.push((name.clone(), desired));
     }
     let attached = xdp::attached_ifaces(scope)?;
-    let (reload, new): (Vec<_>, Vec<_>) = plan.into_iter().partition(|(name, ..)| attached.contains(name));
+    let (reload, new): (Vec<_>, Vec<_>) = plan.into_iter().partition(|(name, _)| attached.contains(name));
     // Interfaces attached already are opened (and locked) before anything is attached, so that
     // one that cannot be opened stops the command while nothing has changed yet.
     let mut reloads = Vec::new();
-    for (name, _, rules) in reload {
-        match rules {
+    for (name, opts) in reload {
+        // The connection table is sized at load time: a different size needs a fresh attach,
+        // which would lose every flow's entry, so it is refused rather than done or ignored.
+        if let Some(want) = opts.conntrack_entries {
+            let have = pipeline::conntrack_entries(scope, &name)?;
+            if have != want {
+                bail!(
+                    "[[interface]] {name} in {}: conntrack_entries = {want}, but {name} is attached with {have}; \
+                     the table is sized when the program is loaded: detach and attach again to change it \
+                     (established flows then lose their entries). Nothing was changed",
+                    path.display()
+                );
+            }
+        }
+        match opts.rules {
             Some(rs) => reloads.push((Firewall::open(scope, &name)?, rs)),
             None => println!("{name}: attached already; the config names no rule file, so its rules stay"),
         }
     }
     let mut done: Vec<String> = Vec::new();
-    for (name, mode, rules) in new {
-        match pipeline::attach(scope, &name, mode, rules) {
+    for (name, opts) in new {
+        match pipeline::attach(scope, &name, opts) {
             Ok(r) => {
                 println!(
                     "attached to {} (ifindex {}) in {} mode, program id {}",

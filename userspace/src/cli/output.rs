@@ -164,6 +164,8 @@ enum IfaceJson {
         rules: usize,
         sets: usize,
         default: Action,
+        /// Entries of the balancer's connection table (fixed when the program was loaded).
+        conntrack_entries: u32,
         /// Every `FW_STATS` counter by name: verdicts (rule_allow … malformed_l4), then
         /// fragment_later / fragment_first.
         counters: Named,
@@ -195,6 +197,7 @@ fn iface_status(scope: &Scope, iface: &str) -> Result<IfaceJson> {
         return Ok(IfaceJson::Gone { iface: iface.to_string(), ifindex, gone });
     }
     let program_id = xdp::program_id(scope, iface)?;
+    let conntrack_entries = rampart::pipeline::conntrack_entries(scope, iface)?;
     let stats = fw.stats()?;
     let counters = Named(stat::NAMES.iter().enumerate().map(|(i, n)| (*n, stats[i])).collect());
     let st = fw.state();
@@ -206,6 +209,7 @@ fn iface_status(scope: &Scope, iface: &str) -> Result<IfaceJson> {
         rules: st.rules.rules.len(),
         sets: st.rules.sets.len(),
         default: st.rules.default,
+        conntrack_entries,
         counters,
     })
 }
@@ -246,10 +250,11 @@ pub fn status(scope: &Scope, json: bool, control_socket: &Path) -> Result<ExitCo
     } else {
         for i in &out.interfaces {
             match i {
-                IfaceJson::Ok { iface, ifindex, mode, program_id, rules, sets, default, counters } => {
+                IfaceJson::Ok { iface, ifindex, mode, program_id, rules, sets, default, conntrack_entries, counters } => {
                     let n = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
                     println!(
-                        "{iface} (ifindex {ifindex}): {mode} mode, program id {program_id}, {}, {}, default {default}",
+                        "{iface} (ifindex {ifindex}): {mode} mode, program id {program_id}, {}, {}, default {default}, \
+                         connection table {conntrack_entries} entries",
                         n(*rules, "rule", "rules"),
                         n(*sets, "set", "sets"),
                     );

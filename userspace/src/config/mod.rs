@@ -121,6 +121,8 @@ pub struct Interface {
     pub mode: XdpMode,
     /// The rule file (relative to this config file); absent: no rules, everything passes.
     pub rules: Option<Spanned<PathBuf>>,
+    /// Entries of the L4 balancer's connection table on this interface (absent: 65,536).
+    pub conntrack_entries: Option<Spanned<u32>>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
@@ -602,6 +604,11 @@ impl Config {
             } else if !names.insert(n.clone()) {
                 c.at(i.name.span(), format!("interface {n:?} is listed twice"));
             }
+            if let Some(ct) = &i.conntrack_entries
+                && let Err(e) = crate::lb::check_conntrack_entries(*ct.get_ref())
+            {
+                c.at(ct.span(), e);
+            }
         }
         let mut services = HashSet::new();
         for s in &self.services {
@@ -616,7 +623,9 @@ impl Config {
                 }
                 (None, n) if n != 1 => c.at(
                     s.vip.span(),
-                    format!("[[service]] {vip}: say which [[interface]] balances it (interface = \"…\"): the file has {n}"),
+                    format!(
+                        "[[service]] {vip}: say which [[interface]] balances it (interface = \"…\"): the file has {n}"
+                    ),
                 ),
                 _ => {}
             }
@@ -630,7 +639,13 @@ impl Config {
             let mut seen = HashSet::new();
             for b in &s.backends {
                 if b.addr.is_ipv4() != vip.is_ipv4() {
-                    c.at(s.vip.span(), format!("[[service]] {vip}: backend {} is not of the VIP's address family (IP-in-IP keeps it)", b.addr));
+                    c.at(
+                        s.vip.span(),
+                        format!(
+                            "[[service]] {vip}: backend {} is not of the VIP's address family (IP-in-IP keeps it)",
+                            b.addr
+                        ),
+                    );
                 }
                 if b.addr.is_unspecified() || b.addr.is_multicast() || b.addr.is_loopback() {
                     c.at(s.vip.span(), format!("[[service]] {vip}: backend {} cannot receive traffic", b.addr));
@@ -1000,6 +1015,22 @@ health = { path = "/healthz", interval = "500ms", expect = 204 }
         assert_eq!(diags.len(), 1, "{diags:?}");
         assert_eq!((diags[0].line, diags[0].col), (7, 9), "{diags:?}");
         assert!(diags[0].message.contains("bad.rules.toml:4"), "{diags:?}");
+    }
+
+    #[test]
+    fn conntrack_entries_is_checked_where_it_is_written() {
+        let ok = Config::parse("[[interface]]\nname = \"eth0\"\nconntrack_entries = 1048576\n", Path::new("r.toml"));
+        let ok = ok.expect("a size in range is taken");
+        assert_eq!(ok.interfaces[0].conntrack_entries.as_ref().map(|n| *n.get_ref()), Some(1 << 20));
+        for (value, why) in [("0", "out of range"), ("100", "out of range"), ("1000000000", "out of range")] {
+            let text = format!("[[interface]]\nname = \"eth0\"\nconntrack_entries = {value}\n");
+            let Err(ConfigError::Invalid(diags)) = Config::parse(&text, Path::new("r.toml")) else {
+                panic!("conntrack_entries = {value} was taken")
+            };
+            assert_eq!(diags.len(), 1, "{diags:?}");
+            assert_eq!((diags[0].line, diags[0].col), (3, 21), "{diags:?}");
+            assert!(diags[0].message.contains(why) && diags[0].message.contains("conntrack_entries"), "{diags:?}");
+        }
     }
 
     #[test]

@@ -10,3 +10,17 @@ pub mod decap;
 pub mod state;
 pub mod tables;
 pub mod view;
+
+use rampart_common::lb::{DEFAULT_CONNTRACK_ENTRIES, MAX_CONNTRACK_ENTRIES, MIN_CONNTRACK_ENTRIES};
+
+/// Checks a connection-table size (`--conntrack-entries`, `conntrack_entries`).
+pub fn check_conntrack_entries(n: u32) -> Result<(), String> {
+    if (MIN_CONNTRACK_ENTRIES..=MAX_CONNTRACK_ENTRIES).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!(
+            "conntrack_entries {n} is out of range: {MIN_CONNTRACK_ENTRIES}..={MAX_CONNTRACK_ENTRIES} \
+             (the default is {DEFAULT_CONNTRACK_ENTRIES})"
+        ))
+    }
+}
