@@ -279,7 +279,8 @@ pub async fn run(config_path: &Path, scope: crate::paths::Scope) -> Result<(), S
         log::warn!("not applied by the daemon in this version: {n}");
     }
     let tls_shared = TlsShared::default();
-    let control_path = config.admin.control_socket.clone();
+    // Relative to the config file, as every other path in it.
+    let control_path = config.resolve(config_path.parent().unwrap_or(Path::new(".")), &config.admin.control_socket);
     let metrics = Arc::new(Metrics::new());
     let g = Arc::new(Generation::build(config, config_path, None, &tls_shared, &metrics.http)?);
     let shared = Arc::new(Shared {

@@ -58,13 +58,14 @@ impl Site {
         Site { dir, ca, ca_file }
     }
 
-    /// The text of a rampart.toml: the admin listener and control socket, one https listener
+    /// The text of a rampart.toml: the admin listener and control socket (relative, so at
+    /// `dir/control.sock` beside the file, whatever the daemon's working directory), one https listener
     /// serving both certificates (with `https_extra` added to its table), then `rest`.
     pub fn config_text(&self, listen: SocketAddr, admin: SocketAddr, https_extra: &str, rest: &str) -> String {
         format!(
             r#"[admin]
 listen = "{admin}"
-control_socket = "{sock}"
+control_socket = "control.sock"
 drain_timeout = "5s"
 
 [[https]]
@@ -76,8 +77,7 @@ certs = [
 {https_extra}
 
 {rest}
-"#,
-            sock = self.dir.path("control.sock").display(),
+"#
         )
     }
 
