@@ -55,6 +55,10 @@ const APT_PACKAGES: &[&str] = &[
     // the status page in headless Chromium (DOM dumps and a screenshot).
     "tmux",
     "chromium",
+    // The seeds' stack (examples/stack/): the application server is Python over MariaDB, and
+    // nmap checks the firewall zones from the attacker's side.
+    "python3-pymysql",
+    "nmap",
 ];
 
 /// The bpf-linker release the kernel crate is linked with (its LLVM 22 matches nightly's).
