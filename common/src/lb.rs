@@ -12,6 +12,8 @@
 //!    flow_hash(flow) % ring_size]`, the service's Maglev table, and the flow is recorded. An
 //!    entry is made on every miss, whatever the TCP flags (Katran's choice): a flow whose entry
 //!    was evicted is hashed again and lands on the same backend while the backend set is the same.
+//!    A TCP SYN without ACK skips step 1 (as Katran's does): it opens a new connection, which
+//!    goes where the table says now, not where an old connection on the same ports went.
 //! 3. the packet is encapsulated (IPv4 in IPv4, IPv6 in IPv6) towards the backend and sent on
 //!    with the next hop from `bpf_fib_lookup`; the backend decapsulates it and answers the
 //!    client directly (direct server return).

@@ -11,6 +11,10 @@ pub const IPV4_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
 /// TCP header without options.
 pub const TCP_HLEN: usize = 20;
+/// Offset of the flags byte in the TCP header, and two of its bits.
+pub const TCP_FLAGS_OFFSET: usize = 13;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 pub const UDP_HLEN: usize = 8;
 /// ICMP and ICMPv6 headers: type, code, checksum, then 4 bytes that depend on the type.
 pub const ICMP_HLEN: usize = 8;

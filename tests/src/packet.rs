@@ -18,14 +18,29 @@ pub use rampart_common::net::{
 /// 4-byte words minus 2, the others 8-byte words minus 1).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ext {
-    HopByHop { len: u8 },
-    Routing { len: u8 },
-    DestOpts { len: u8 },
+    HopByHop {
+        len: u8,
+    },
+    Routing {
+        len: u8,
+    },
+    DestOpts {
+        len: u8,
+    },
     /// `offset` in 8-byte units (13 bits), `more` = the M flag.
-    Fragment { offset: u16, more: bool, id: u32 },
-    Ah { len: u8 },
+    Fragment {
+        offset: u16,
+        more: bool,
+        id: u32,
+    },
+    Ah {
+        len: u8,
+    },
     /// Any other header in the generic (next, len, data) shape: Mobility, HIP, Shim6.
-    Generic { kind: u8, len: u8 },
+    Generic {
+        kind: u8,
+        len: u8,
+    },
 }
 
 impl Ext {
@@ -116,18 +131,39 @@ pub enum Net {
     Ipv4(Ipv4),
     Ipv6(Ipv6),
     /// Anything else behind an ethertype (ARP, LLDP…): `payload` follows the Ethernet header.
-    Other { ethertype: u16, payload: Vec<u8> },
+    Other {
+        ethertype: u16,
+        payload: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transport {
     /// `doff`: data offset field override (else 5 + options / 4).
-    Tcp { sport: u16, dport: u16, flags: u8, seq: u32, options: Vec<u8>, doff: Option<u8> },
-    Udp { sport: u16, dport: u16 },
-    Icmp { ty: u8, code: u8 },
-    Icmpv6 { ty: u8, code: u8 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        seq: u32,
+        options: Vec<u8>,
+        doff: Option<u8>,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    Icmp {
+        ty: u8,
+        code: u8,
+    },
+    Icmpv6 {
+        ty: u8,
+        code: u8,
+    },
     /// No transport header we know: the payload follows the IP header directly.
-    Raw { proto: u8 },
+    Raw {
+        proto: u8,
+    },
 }
 
 impl Transport {
@@ -305,6 +341,15 @@ impl Packet {
 
     pub fn payload(mut self, payload: impl Into<Vec<u8>>) -> Self {
         self.payload = payload.into();
+        self
+    }
+
+    /// The TCP flags (a TCP packet; panics otherwise, a test bug). `tcp4`/`tcp6` build a SYN.
+    pub fn tcp_flags(mut self, f: u8) -> Self {
+        match &mut self.transport {
+            Some(Transport::Tcp { flags, .. }) => *flags = f,
+            other => panic!("tcp_flags() on a non-TCP packet: {other:?}"),
+        }
         self
     }
 
@@ -575,9 +620,7 @@ mod tests {
 
     #[test]
     fn ipv4_udp_layout_and_checksums() {
-        let f = Packet::udp4(Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2), 1000, 53)
-            .payload_len(5)
-            .build();
+        let f = Packet::udp4(Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2), 1000, 53).payload_len(5).build();
         assert_eq!(f.len(), 14 + 20 + 8 + 5);
         assert_eq!(&f.bytes[12..14], &[0x08, 0x00]);
         assert_eq!(f.bytes[14], 0x45);

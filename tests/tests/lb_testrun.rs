@@ -301,15 +301,17 @@ fn fixtures_encapsulate_exactly() {
         for (name, frame, svc, f) in cases {
             let backend = expected_backend(&lab.state, &svc, &f);
             let before = lab.backend_counter(&svc, &backend.to_string());
-            // A miss (new flow), then a hit (the connection table): the same bytes both times.
-            for round in 0..2 {
-                let (action, out) = lab.run(&frame);
+            // A miss (new flow), then a hit (the connection table). A TCP connection's later
+            // packets carry ACK (a SYN always opens a new flow, see below).
+            let next = acked(&frame);
+            for (round, frame) in [&frame, &next].into_iter().enumerate() {
+                let (action, out) = lab.run(frame);
                 assert_eq!(action, xdp_action::TX, "{name}, round {round}");
-                assert_eq!(out, encapsulated(lab, &frame, backend, &f), "{name}, round {round}: output bytes");
+                assert_eq!(out, encapsulated(lab, frame, backend, &f), "{name}, round {round}: output bytes");
             }
             let after = lab.backend_counter(&svc, &backend.to_string());
             assert_eq!(after.packets - before.packets, 2, "{name}: backend packets");
-            assert_eq!(after.bytes - before.bytes, 2 * frame.len() as u64, "{name}: backend bytes");
+            assert_eq!(after.bytes - before.bytes, (frame.len() + next.len()) as u64, "{name}: backend bytes");
             assert_eq!(after.new_flows - before.new_flows, 1, "{name}: one new flow, then a hit");
         }
         assert_eq!(lab.stat(stat::FORWARDED), 8);
@@ -371,9 +373,24 @@ fn drained_backend_keeps_its_flows_and_removed_one_loses_them() {
             }
         }
         assert_eq!(owned.len(), 3, "100 flows reach all three backends");
-        let (drained, frame, f) = owned[0].clone();
+        let (drained, syn, f) = owned[0].clone();
+        let frame = acked(&syn);
         lab.set(|s| s.set_admin(&svc, drained, rampart::lb::state::Admin::Drain).unwrap());
-        // Its established flow stays; new flows never reach it.
+        // Its established flow stays; new flows never reach it, not even a new connection
+        // from the same client port (a SYN is hashed by the table whatever the flow's entry).
+        assert_eq!(lab.run(&frame).1, encapsulated(lab, &frame, drained, &f), "a drained backend's flow moved");
+        let reopened = expected_backend(&lab.state, &svc, &f);
+        assert_ne!(reopened, drained);
+        assert_eq!(
+            lab.run(&syn).1,
+            encapsulated(lab, &syn, reopened, &f),
+            "a new connection went to the drained backend"
+        );
+        // That SYN recorded the flow anew: its later packets follow it.
+        assert_eq!(lab.run(&frame).1, encapsulated(lab, &frame, reopened, &f), "the reopened flow's packets");
+        lab.set(|s| s.set_admin(&svc, drained, rampart::lb::state::Admin::Ready).unwrap());
+        lab.run(&syn);
+        lab.set(|s| s.set_admin(&svc, drained, rampart::lb::state::Admin::Drain).unwrap());
         assert_eq!(lab.run(&frame).1, encapsulated(lab, &frame, drained, &f), "a drained backend's flow moved");
         for port in 31000..31200 {
             let frame = Packet::tcp4(CLIENT4, VIP4, port, 80).build().bytes;
@@ -393,7 +410,8 @@ fn drained_backend_keeps_its_flows_and_removed_one_loses_them() {
         assert_ne!(moved_to, drained);
         assert_eq!(lab.run(&frame).1, encapsulated(lab, &frame, moved_to, &f));
         for (b, frame, f) in &owned[1..] {
-            assert_eq!(lab.run(frame).1, encapsulated(lab, frame, *b, f), "flow of {b} moved");
+            let frame = acked(frame);
+            assert_eq!(lab.run(&frame).1, encapsulated(lab, &frame, *b, f), "flow of {b} moved");
         }
     });
 }
@@ -511,4 +529,25 @@ fn differential_kernel_backend_equals_maglev() {
         }
         assert_eq!(seen.len(), 6, "every backend got flows: {seen:?}");
     });
+}
+
+/// `frame` as its connection's later packets are: a TCP SYN turned into an ACK (checksum
+/// fixed); any other frame as it is.
+fn acked(frame: &[u8]) -> Vec<u8> {
+    let v6 = u16::from_be_bytes([frame[12], frame[13]]) == 0x86dd;
+    let (proto, l4) = if v6 { (frame[20], 14 + 40) } else { (frame[23], 14 + 4 * (frame[14] & 0x0f) as usize) };
+    let mut out = frame.to_vec();
+    if proto != IPPROTO_TCP {
+        return out;
+    }
+    // One 16-bit word of the header changes (data offset + flags): the checksum follows it
+    // (RFC 1624, incremental update).
+    let old = u16::from_be_bytes([out[l4 + 12], out[l4 + 13]]);
+    out[l4 + 13] = rampart_tests::packet::TCP_ACK;
+    let new = u16::from_be_bytes([out[l4 + 12], out[l4 + 13]]);
+    let sum = !u16::from_be_bytes([out[l4 + 16], out[l4 + 17]]) as u32 + (!old) as u32 + new as u32;
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    out[l4 + 16..l4 + 18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    out
 }

@@ -17,7 +17,8 @@ use rampart_common::{
     lb::{BACKEND_LIVE, BackendInfo, FlowKey, FlowValue, LbConfig, NO_BACKEND, VipKey, flow_hash, stat},
     net::{
         DEFAULT_TTL, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_PKT_TOOBIG,
-        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN,
+        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN,
+        TCP_ACK, TCP_FLAGS_OFFSET, TCP_SYN,
     },
 };
 
@@ -152,9 +153,12 @@ pub extern "C" fn rampart_lb_choose(raw: *mut xdp_md, meta: u64) -> u64 {
 
     // A flow stays with its backend while that backend is live for this service (removed
     // backends are cleared of BACKEND_LIVE; drained ones keep it) and, for UDP, while it is
-    // not idle longer than the timeout.
+    // not idle longer than the timeout. A TCP SYN (without ACK) opens a new connection, so it
+    // is hashed by the current table whatever the table remembers, as Katran does: a client
+    // port reused after its backend failed or was drained must not follow the old entry.
     // SAFETY: the entry is copied out at once.
-    if let Some(entry) = unsafe { LB_CONNTRACK.get(&flow) }.copied()
+    if !opens_connection(&ctx, l4, proto)
+        && let Some(entry) = unsafe { LB_CONNTRACK.get(&flow) }.copied()
         && (!udp || now.wrapping_sub(entry.seen) <= config.udp_timeout)
         && let Some(b) = LB_BACKENDS.get(entry.backend)
         && b.flags & BACKEND_LIVE != 0
@@ -179,6 +183,19 @@ pub extern "C" fn rampart_lb_choose(raw: *mut xdp_md, meta: u64) -> u64 {
     add_lb(&LB_SVC_STATS, vip.service, 0, true);
     add_lb(&LB_BE_STATS, id, bytes, true);
     forward(id)
+}
+
+/// Whether the packet is a TCP SYN without ACK: a client opening a connection.
+#[inline(always)]
+fn opens_connection(ctx: &XdpContext, l4: usize, proto: u8) -> bool {
+    if proto != IPPROTO_TCP {
+        return false;
+    }
+    match at(ctx, l4 + TCP_FLAGS_OFFSET, 1) {
+        // SAFETY: 1 byte bounds-checked above.
+        Some(f) => (unsafe { *f }) & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        None => false,
+    }
 }
 
 /// The packet's flow, read again at the parser's offsets.
