@@ -59,6 +59,8 @@ const APT_PACKAGES: &[&str] = &[
     // nmap checks the firewall zones from the attacker's side.
     "python3-pymysql",
     "nmap",
+    // The stack's lab: veth offloads set as a NIC's would be (checksums, GRO).
+    "ethtool",
 ];
 
 /// The bpf-linker release the kernel crate is linked with (its LLVM 22 matches nightly's).
