@@ -125,7 +125,11 @@ async fn session(shared: Arc<Shared>, cluster: Arc<ClusterRt>, port: Port, clien
         Ok(s) => s,
         Err(e) => {
             let why = format!("cannot reach {target} in cluster {}: {e}", cluster.name);
-            log::warn!("mysql {}: {why}", cluster.name);
+            if cluster.state.first_connect_failure(target, d.round) {
+                log::warn!("mysql {}: {why} (logged once per server until the next check)", cluster.name);
+            } else {
+                log::debug!("mysql {}: {why}", cluster.name);
+            }
             return refuse(&shared, &cluster, port, client, &why).await;
         }
     };
