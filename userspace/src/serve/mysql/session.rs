@@ -58,8 +58,9 @@ pub async fn run_listener(shared: Arc<Shared>, listener: TcpListener, addr: Sock
         };
         let _ = tcp.set_nodelay(true);
         let Some((cluster, port)) = shared.current().mysql_for(addr) else { continue };
+        // The session runs on a connection thread of its own (see serve/pinned.rs).
         let shared2 = shared.clone();
-        shared.connections.spawn(async move { session(shared2, cluster, port, tcp).await });
+        shared.pinned.spawn(&shared.connections, tcp, move |tcp| session(shared2, cluster, port, tcp));
     }
 }
 
