@@ -398,7 +398,11 @@ pub(super) fn run(lab: &mut Lab, tally: &mut Tally, first: usize) -> Result<()> 
         "  The writer: {} inserts acknowledged by db-1, {refused} refused by rampart (ERROR 1105), {} acknowledged by db-2{}",
         on(1),
         on(2),
-        if other.is_empty() { String::new() } else { format!(", {} other errors", other.len()) }
+        match other.len() {
+            0 => String::new(),
+            1 => ", 1 other error (a connection db-1 cut as it died):".to_string(),
+            n => format!(", {n} other errors (connections db-1 cut as it died):"),
+        }
     );
     for e in other.iter().take(3) {
         println!("    {e}");
@@ -432,7 +436,7 @@ pub(super) fn run(lab: &mut Lab, tally: &mut Tally, first: usize) -> Result<()> 
     let db2 = format!("{}:{MYSQL_PORT}", DBS[1].1);
     tally.expect(
         status.contains(&format!("primary {db2}"))
-            && status.contains(&format!("last change of primary"))
+            && status.contains("last change of primary")
             && status.lines().any(|l| l.contains(&db1) && l.contains("unreachable")),
         "rampart status: db-2 is the primary, db-1 unreachable, and when the primary last changed",
     );
