@@ -8,7 +8,7 @@ mod serve_support;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output},
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
@@ -33,96 +33,40 @@ fn template() -> &'static Path {
         }
         // SAFETY: registers a plain function that only removes a directory, run at exit.
         unsafe { libc::atexit(remove_template) };
-        let out = Command::new("mariadb-install-db")
-            .args(["--no-defaults", "--user=root", "--auth-root-authentication-method=normal", "--skip-test-db"])
-            .arg(format!("--datadir={}", dir.join("data").display()))
-            .output()
-            .expect("mariadb-install-db (Debian's mariadb-server, installed by `cargo xtask setup`)");
-        assert!(out.status.success(), "mariadb-install-db: {}", String::from_utf8_lossy(&out.stderr));
+        mariadb_lab::install(&dir.join("data")).unwrap();
         dir.join("data")
     })
 }
 
-/// A mariadbd process on 127.0.0.1:`port` of the test's namespace; killed on drop.
-struct Mariadb {
-    port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
+/// A mariadbd process on 127.0.0.1 of the test's namespace (a free port); killed on drop.
+struct Mariadb(mariadb_lab::Server);
 
 impl Mariadb {
     fn start(base: &TestDir, name: &str, server_id: u32, tls: (&Path, &Path)) -> Mariadb {
-        let dir = base.path(name);
-        let cp = Command::new("cp").arg("-a").arg(template()).arg(&dir).status().unwrap();
-        assert!(cp.success());
-        let port = free_addr().port();
-        let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
-        let child = Command::new("mariadbd")
-            .arg("--no-defaults")
-            .arg("--user=root")
-            .arg(format!("--datadir={}", dir.display()))
-            .arg(format!("--socket={}", dir.join("sock").display()))
-            .arg(format!("--pid-file={}", dir.join("pid").display()))
-            .arg(format!("--port={port}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg(format!("--server-id={server_id}"))
-            .arg(format!("--log-bin={}", dir.join("bin").display()))
-            .args(["--gtid-strict-mode=1", "--log-slave-updates=1", "--skip-name-resolve"])
-            .args(["--innodb-buffer-pool-size=32M", "--max-connections=500"])
-            .arg(format!("--ssl-cert={}", tls.0.display()))
-            .arg(format!("--ssl-key={}", tls.1.display()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let m = Mariadb { port, dir, child: Some(child) };
-        for _ in 0..300 {
-            if m.try_sql("SELECT 1").is_ok() {
-                return m;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "mariadbd {name} did not start:\n{}",
-            std::fs::read_to_string(m.dir.join("stderr.log")).unwrap_or_default()
-        );
+        let addr = free_addr();
+        let mut opts = mariadb_lab::Options::new(name, &base.path(name), addr.ip(), addr.port(), server_id);
+        opts.tls = Some((tls.0.to_path_buf(), tls.1.to_path_buf()));
+        Mariadb(mariadb_lab::Server::start(template(), &opts).unwrap_or_else(|e| panic!("{e}")))
     }
 
     fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        self.0.addr()
     }
 
     /// Runs SQL as root over the server's own socket (not through rampart).
-    fn try_sql(&self, q: &str) -> Result<String, String> {
-        let out = Command::new("mariadb")
-            .arg("--no-defaults")
-            .arg(format!("--socket={}", self.dir.join("sock").display()))
-            .args(["-uroot", "-N", "-B", "-e", q])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).to_string())
-        }
-    }
-
     fn sql(&self, q: &str) -> String {
-        self.try_sql(q).unwrap_or_else(|e| panic!("{q}: {e}"))
+        self.0.try_sql(q).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.0.kill();
     }
 }
 
-impl Drop for Mariadb {
-    fn drop(&mut self) {
-        self.kill();
+impl std::ops::Deref for Mariadb {
+    type Target = mariadb_lab::Server;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
@@ -163,11 +107,7 @@ impl Cluster {
              CREATE USER 'repl'@'%' IDENTIFIED BY 'replpw'; GRANT REPLICATION SLAVE ON *.* TO 'repl'@'%'; \
              CREATE DATABASE t; CREATE TABLE t.w (id INT AUTO_INCREMENT PRIMARY KEY, v INT NOT NULL);",
         );
-        replica.sql(&format!(
-            "SET GLOBAL read_only=1; CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={}, \
-             MASTER_USER='repl', MASTER_PASSWORD='replpw', MASTER_USE_GTID=slave_pos; START SLAVE;",
-            primary.port
-        ));
+        replica.replicate_from(primary.addr(), "repl", "replpw").unwrap();
         wait_caught_up(&primary, &replica);
         dir.write("mon.pass", "monpw\n");
         let (rw, ro, admin) = (free_addr(), free_addr(), free_addr());
@@ -278,9 +218,7 @@ fn opts(port: SocketAddr) -> mysql::Opts {
 
 /// Waits (bounded: 20 s) until the replica has applied everything the primary has logged.
 fn wait_caught_up(primary: &Mariadb, replica: &Mariadb) {
-    let pos = primary.sql("SELECT @@global.gtid_binlog_pos");
-    let r = replica.sql(&format!("SELECT MASTER_GTID_WAIT('{pos}', 20)"));
-    assert_eq!(r, "0", "the replica did not reach {pos}: {}", replica.sql("SHOW SLAVE STATUS\\G"));
+    replica.wait_caught_up(primary, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The number after `key` in sysbench's report.
@@ -300,7 +238,7 @@ fn clients_work_on_both_ports_with_tls_sysbench_status_and_metrics() {
     mysql_available();
     isolated(|| async {
         let c = Cluster::start("mysql-ports");
-        let (p, r) = (c.primary.port, c.replica.port);
+        let (p, r) = (c.primary.port(), c.replica.port());
         assert_eq!(c.reaches(c.rw), Ok(p));
         assert_eq!(c.reaches(c.ro), Ok(r));
         let out = c.client(c.rw, "INSERT INTO t.w (v) VALUES (42); SELECT COUNT(*) FROM t.w WHERE v = 42", &[]);
@@ -393,7 +331,7 @@ fn stopped_replication_leaves_the_read_pool_and_split_brain_refuses_writes() {
     mysql_available();
     isolated(|| async {
         let c = Cluster::start("mysql-lag");
-        let (p, r) = (c.primary.port, c.replica.port);
+        let (p, r) = (c.primary.port(), c.replica.port());
         c.replica.sql("STOP SLAVE");
         c.wait_metric("rampart_mysql_server_up", &c.replica.addr(), 0.0);
         // No healthy replica: the read-only port leads to the primary.
@@ -428,7 +366,7 @@ fn failover_drill_moves_writes_closes_old_sessions_and_keeps_every_acknowledged_
     mysql_available();
     isolated(|| async {
         let c = Cluster::start("mysql-failover");
-        let (p, r) = (c.primary.port, c.replica.port);
+        let (p, r) = (c.primary.port(), c.replica.port());
         let old = c.conn(c.rw);
         // A writer that reconnects on any error and records what the server acknowledged.
         let stop = Arc::new(AtomicBool::new(false));
@@ -508,7 +446,7 @@ fn killed_primary_makes_the_rw_port_refuse_with_a_mysql_error() {
     mysql_available();
     isolated(|| async {
         let mut c = Cluster::start("mysql-kill");
-        let r = c.replica.port;
+        let r = c.replica.port();
         c.primary.kill();
         let killed = Instant::now();
         let took = c.wait_reaches(c.rw, Err("no writable primary in cluster main"));
@@ -535,7 +473,7 @@ fn reload_changes_ports_and_servers_without_dropping_sessions_that_stay() {
     mysql_available();
     isolated(|| async {
         let c = Cluster::start("mysql-reload");
-        let (p, r) = (c.primary.port, c.replica.port);
+        let (p, r) = (c.primary.port(), c.replica.port());
         let mut on_primary = c.conn(c.rw);
         let mut on_replica = c.conn(c.ro);
         let ro2 = free_addr();

@@ -5,11 +5,13 @@
 //! after rampart's XDP firewall is attached with the rule file of README.md. Part two ([`https`]):
 //! with the firewall still attached, `rampart serve` terminates HTTPS on the server's port 443
 //! and proxies to a pool of two web backends, shown with curl. Each expectation is printed as ✔
-//! or ✘. Part three ([`lb`]): the XDP L4 balancer in front of three web backends. Everything the
-//! demo creates is removed by [`Lab`]'s `Drop`, on success, failure or
-//! Ctrl-C.
+//! or ✘. Part three ([`lb`]): the XDP L4 balancer in front of three web backends. Part four
+//! ([`mysql`]): `rampart serve` routing MySQL to a MariaDB primary and replica, through a crash
+//! of the primary and its replica's promotion. Everything the demo creates is removed by
+//! [`Lab`]'s `Drop`, on success, failure or Ctrl-C.
 mod https;
 mod lb;
+mod mysql;
 
 use std::{
     fmt::Write as _,
@@ -148,6 +150,8 @@ struct Lab {
     backends: Vec<(String, Child)>,
     /// `rampart serve`.
     daemon: Option<Child>,
+    /// Part four's MariaDB servers (killed when dropped).
+    databases: Vec<mariadb_lab::Server>,
     rampart: PathBuf,
     /// `rampart attach` succeeded and no `detach` has yet.
     attached: bool,
@@ -170,6 +174,7 @@ impl Lab {
             listeners: None,
             backends: Vec::new(),
             daemon: None,
+            databases: Vec::new(),
             rampart: rampart.to_path_buf(),
             attached: false,
             cleaned: false,
@@ -205,6 +210,9 @@ impl Lab {
         let limit = Duration::from_secs(30);
         if let Err(e) = self.stop_daemon() {
             problems.push(format!("{e:#}"));
+        }
+        for mut db in std::mem::take(&mut self.databases) {
+            db.kill();
         }
         for (_, mut child) in
             std::mem::take(&mut self.backends).into_iter().chain(self.listeners.take().map(|c| (String::new(), c)))
@@ -485,7 +493,7 @@ pub fn run(rampart: &Path) -> Result<()> {
     let mut lab = Lab::new(rampart);
     let mut tally = Tally::default();
 
-    println!("\nrampart demo: an XDP firewall and an HTTPS reverse proxy in front of a server");
+    println!("\nrampart demo: an XDP firewall, an HTTPS reverse proxy, an XDP L4 balancer and a MySQL router");
     println!("Using {}. Everything below is removed at the end (also on Ctrl-C).", rampart.display());
 
     heading(1, "A small network in two network namespaces");
@@ -567,10 +575,16 @@ pub fn run(rampart: &Path) -> Result<()> {
     // Part three: the L4 balancer in front of three web backends.
     lb::run(&mut lab, &mut tally, 13)?;
 
-    heading(14, "Clean up");
+    // Part four: MySQL routing through a failover (sections 14 to 17).
+    mysql::run(&mut lab, &mut tally, 14)?;
+
+    heading(18, "Clean up");
     let problems = lab.cleanup();
     if problems.is_empty() {
-        tally.expect(true, &format!("removed every namespace (and the veth pairs and the bridge with them) and {}", lab.dir.display()));
+        tally.expect(
+            true,
+            &format!("removed every namespace (and the veth pairs and the bridge with them) and {}", lab.dir.display()),
+        );
     }
     for p in problems {
         println!("  ✘ {p}");

@@ -143,6 +143,9 @@ impl Contender {
 struct Sample {
     tps: f64,
     p99_ms: f64,
+    transactions: u64,
+    /// CPU time the proxy process used during the run, per transaction (µs); none for direct.
+    proxy_cpu_us: Option<f64>,
 }
 
 /// Reads transactions/s and the 99th percentile from sysbench's report.
@@ -161,8 +164,25 @@ fn parse_sysbench(report: &str) -> Result<Sample> {
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .context("transactions per second")?;
+    let transactions =
+        value("transactions:")?.split_whitespace().next().and_then(|s| s.parse().ok()).context("transactions")?;
     let p99 = value("99th percentile:")?.trim().parse().context("99th percentile")?;
-    Ok(Sample { tps, p99_ms: p99 })
+    Ok(Sample { tps, p99_ms: p99, transactions, proxy_cpu_us: None })
+}
+
+/// CPU time (user + system, all threads) process `pid` has used so far, from /proc/PID/stat.
+/// On a shared machine this is steadier than throughput: other loads slow a proxy down but do
+/// not make it spend more CPU per transaction.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name (in parentheses, which may hold spaces): utime is the
+    // 14th field of the line, stime the 15th, in clock ticks.
+    let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -198,35 +218,14 @@ fn main() -> Result<()> {
     // MariaDB: one server, as the Debian package ships it apart from the buffer pool (sized so
     // the tables stay in memory) and the binary log (on, as a primary's is).
     eprintln!("mysql-bench: initialising MariaDB in {}", d.display());
-    output(
-        Command::new("mariadb-install-db")
-            .args(["--no-defaults", "--user=root", "--auth-root-authentication-method=normal", "--skip-test-db"])
-            .arg(format!("--datadir={}", d.join("data").display())),
-    )?;
+    mariadb_lab::install(&d.join("template"))?;
     let db_port = free_port()?;
-    let sock = d.join("mysql.sock");
-    let db_args = format!(
-        "--no-defaults --user=root --port={db_port} --bind-address=127.0.0.1 --server-id=1 --log-bin \
-         --innodb-buffer-pool-size=256M --max-connections=1000 --skip-name-resolve"
-    );
-    let mut db = Proc::start(
-        "mariadbd",
-        Command::new("mariadbd")
-            .args(db_args.split_whitespace())
-            .arg(format!("--datadir={}", d.join("data").display()))
-            .arg(format!("--socket={}", sock.display()))
-            .arg(format!("--pid-file={}", d.join("mysql.pid").display())),
-        &d.join("mariadbd.log"),
-    )?;
-    wait_port(db_port, &mut db)?;
-    let root_sql = |q: &str| -> Result<String> {
-        output(
-            Command::new("mariadb")
-                .arg("--no-defaults")
-                .arg(format!("--socket={}", sock.display()))
-                .args(["-uroot", "-N", "-B", "-e", q]),
-        )
-    };
+    let mut db_opts = mariadb_lab::Options::new("mariadbd", &d.join("data"), [127, 0, 0, 1].into(), db_port, 1);
+    db_opts.buffer_pool = "256M".into();
+    db_opts.max_connections = 1000;
+    let db = mariadb_lab::Server::start(&d.join("template"), &db_opts)?;
+    let db_args = db_opts.args().join(" ");
+    let root_sql = |q: &str| db.try_sql(q);
     root_sql(
         "CREATE USER 'sb'@'%' IDENTIFIED BY 'sbpw'; GRANT ALL ON sbtest.* TO 'sb'@'%'; \
          CREATE USER 'mon'@'%' IDENTIFIED BY 'monpw'; GRANT PROCESS, REPLICATION CLIENT, SLAVE MONITOR ON *.* TO 'mon'@'%'; \
@@ -297,13 +296,31 @@ fn main() -> Result<()> {
             for k in 0..contenders.len() {
                 let ci = (k + round) % contenders.len();
                 let c = contenders[ci];
-                for p in [&mut db, &mut rampart, &mut haproxy] {
+                for p in [&mut rampart, &mut haproxy] {
                     p.alive()?;
                 }
+                db.try_sql("SELECT 1").context("MariaDB stopped answering")?;
                 eprintln!("mysql-bench: round {}/{rounds}: {workload} {} ({time} s)", round + 1, c.name());
                 let extra = [format!("--threads={}", args.threads), format!("--time={time}"), "run".to_string()];
+                let pid = match c {
+                    Contender::Direct => None,
+                    Contender::Rampart => Some(rampart.child.id()),
+                    Contender::Haproxy => Some(haproxy.child.id()),
+                };
+                let cpu_before = pid.map(cpu_time).transpose()?;
                 let report = sysbench(workload, port_of(c), &extra)?;
-                samples[w][ci].push(parse_sysbench(&report)?);
+                let mut sample = parse_sysbench(&report)?;
+                if let (Some(pid), Some(before)) = (pid, cpu_before) {
+                    let used = cpu_time(pid)?.saturating_sub(before);
+                    sample.proxy_cpu_us = Some(used.as_secs_f64() * 1e6 / sample.transactions.max(1) as f64);
+                }
+                eprintln!(
+                    "mysql-bench:   {:.0} transactions/s, p99 {:.2} ms{}",
+                    sample.tps,
+                    sample.p99_ms,
+                    sample.proxy_cpu_us.map_or(String::new(), |u| format!(", proxy CPU {u:.1} µs/transaction"))
+                );
+                samples[w][ci].push(sample);
             }
         }
     }
@@ -324,28 +341,31 @@ fn main() -> Result<()> {
     )?;
     writeln!(
         out,
-        "| workload | contender | transactions/s | p99 ms | tps vs direct | tps vs HAProxy | p99 vs HAProxy |"
+        "| workload | contender | transactions/s | p99 ms | tps vs direct | tps vs HAProxy | p99 vs HAProxy | \
+         proxy CPU µs/transaction |"
     )?;
-    writeln!(out, "| --- | --- | ---: | ---: | ---: | ---: | ---: |")?;
+    writeln!(out, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")?;
     for (w, workload) in workloads.iter().enumerate() {
-        let med: Vec<(f64, f64)> = samples[w]
+        let med: Vec<(f64, f64, Option<f64>)> = samples[w]
             .iter()
             .map(|s| {
                 let mut tps: Vec<f64> = s.iter().map(|x| x.tps).collect();
                 let mut p99: Vec<f64> = s.iter().map(|x| x.p99_ms).collect();
-                (median(&mut tps), median(&mut p99))
+                let mut cpu: Vec<f64> = s.iter().filter_map(|x| x.proxy_cpu_us).collect();
+                (median(&mut tps), median(&mut p99), (!cpu.is_empty()).then(|| median(&mut cpu)))
             })
             .collect();
         let (direct, haproxy) = (med[0], med[2]);
         for (ci, c) in contenders.iter().enumerate() {
-            let (tps, p99) = med[ci];
+            let (tps, p99, cpu) = med[ci];
             writeln!(
                 out,
-                "| {workload} | {} | {tps:.0} | {p99:.2} | {:.3}x | {:.3}x | {:.3}x |",
+                "| {workload} | {} | {tps:.0} | {p99:.2} | {:.3}x | {:.3}x | {:.3}x | {} |",
                 c.name(),
                 tps / direct.0,
                 tps / haproxy.0,
-                p99 / haproxy.1
+                p99 / haproxy.1,
+                cpu.map_or("-".to_string(), |u| format!("{u:.1}"))
             )?;
         }
     }

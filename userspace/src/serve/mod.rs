@@ -17,6 +17,7 @@ pub mod l4health;
 pub mod listener;
 pub mod metrics;
 pub mod mysql;
+pub mod pinned;
 pub mod process;
 pub mod proxy_protocol;
 pub mod runtime;
@@ -60,6 +61,8 @@ pub enum ServeError {
     Control { path: PathBuf, source: std::io::Error },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("starting the connection threads: {0}")]
+    Threads(std::io::Error),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +86,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Client connections, waited for on shutdown.
     pub connections: TaskTracker,
+    /// The connection threads that proxied MySQL sessions run on.
+    pub pinned: pinned::Pinned,
     /// Cancelled on SIGTERM/SIGINT: connections finish their requests and close.
     pub shutdown: CancellationToken,
     /// Set with `shutdown`: read after every request, where the token's lock showed in profiles.
@@ -288,6 +293,7 @@ pub async fn run(config_path: &Path, scope: crate::paths::Scope) -> Result<(), S
         generation: ArcSwap::new(g.clone()),
         metrics: metrics.clone(),
         connections: TaskTracker::new(),
+        pinned: pinned::Pinned::per_cpu().map_err(ServeError::Threads)?,
         shutdown: CancellationToken::new(),
         stopping: AtomicBool::new(false),
         listeners: tokio::sync::Mutex::new(HashMap::new()),

@@ -115,13 +115,13 @@ fn log_line(l: &str) -> String {
     l.to_string()
 }
 
-fn log_text(lab: &Lab) -> String {
-    fs::read_to_string(lab.dir.join(LOG)).unwrap_or_default()
+fn log_text(lab: &Lab, log: &str) -> String {
+    fs::read_to_string(lab.dir.join(log)).unwrap_or_default()
 }
 
-/// Prints the daemon's log from line `from` on; returns the number of lines it has.
-fn print_log(lab: &Lab, from: usize) -> usize {
-    let text = log_text(lab);
+/// Prints the daemon's log `log` from line `from` on; returns the number of lines it has.
+pub(super) fn print_log(lab: &Lab, log: &str, from: usize) -> usize {
+    let text = log_text(lab, log);
     let lines: Vec<&str> = text.lines().collect();
     for l in lines.iter().skip(from) {
         println!("    {}", log_line(l));
@@ -129,31 +129,33 @@ fn print_log(lab: &Lab, from: usize) -> usize {
     lines.len()
 }
 
-/// `rampart -n SERVER serve --config rampart.toml`, logging to [`LOG`]; waits until it is ready.
-fn start_daemon(lab: &mut Lab) -> Result<()> {
-    let log = fs::File::create(lab.dir.join(LOG)).context("creating serve.log")?;
-    let mut cmd = lab.rampart(&["serve", "--config", "rampart.toml"]);
-    cmd.current_dir(&lab.dir)
+/// `rampart -n NETNS serve --config CONFIG` (a file in the demo's directory), logging to `log`
+/// there; waits until it is ready.
+pub(super) fn start_daemon(lab: &mut Lab, netns: &str, config: &str, log: &str) -> Result<()> {
+    let file = fs::File::create(lab.dir.join(log)).with_context(|| format!("creating {log}"))?;
+    let mut cmd = Command::new(&lab.rampart);
+    cmd.args(["-n", netns, "serve", "--config", config])
+        .current_dir(&lab.dir)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(log.try_clone().context("serve.log")?)
-        .stderr(log);
-    println!("  $ {} > {LOG} 2>&1 &", shown(lab, &cmd));
+        .stdout(file.try_clone().with_context(|| log.to_string())?)
+        .stderr(file);
+    println!("  $ {} > {log} 2>&1 &", shown(lab, &cmd));
     lab.daemon = Some(cmd.spawn().with_context(|| format!("cannot start `{}`", show(&cmd)))?);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         check_interrupt()?;
-        if log_text(lab).contains("rampart serve: ready") {
+        if log_text(lab, log).contains("rampart serve: ready") {
             return Ok(());
         }
         if let Some(child) = lab.daemon.as_mut()
             && let Ok(Some(status)) = child.try_wait()
         {
             lab.daemon = None;
-            bail!("rampart serve exited ({status}) before it was ready:\n{}", log_text(lab));
+            bail!("rampart serve exited ({status}) before it was ready:\n{}", log_text(lab, log));
         }
         if Instant::now() >= deadline {
-            bail!("rampart serve was not ready within 15 s:\n{}", log_text(lab));
+            bail!("rampart serve was not ready within 15 s:\n{}", log_text(lab, log));
         }
         thread::sleep(Duration::from_millis(50));
     }
@@ -290,8 +292,9 @@ pub(super) fn run(lab: &mut Lab, tally: &mut Tally) -> Result<usize> {
     if !super::show_run(lab, &mut check)?.success() {
         bail!("the demo's rampart.toml does not check");
     }
-    start_daemon(lab)?;
-    let log_seen = print_log(lab, 0);
+    let server = lab.server.clone();
+    start_daemon(lab, &server, "rampart.toml", LOG)?;
+    let log_seen = print_log(lab, LOG, 0);
 
     heading(9, "HTTPS from the internet, through rampart, to the web pool");
     let first = curl(lab, CUSTOMER, &[]);
@@ -396,7 +399,7 @@ pub(super) fn run(lab: &mut Lab, tally: &mut Tally) -> Result<usize> {
     );
     live_figures(lab, tally)?;
     println!("  What rampart serve logged meanwhile:");
-    Ok(print_log(lab, log_seen))
+    Ok(print_log(lab, LOG, log_seen))
 }
 
 /// `rampart top` while requests run (three screens, then it exits; interactive, it refreshes
@@ -450,8 +453,8 @@ pub(super) fn stop(lab: &mut Lab, tally: &mut Tally, log_seen: usize) -> Result<
     let pid = lab.daemon.as_ref().map(|c| c.id()).context("rampart serve is not running")?;
     println!("  $ kill -TERM {pid}");
     let status = lab.stop_daemon()?.context("rampart serve is not running")?;
-    print_log(lab, log_seen);
-    let drained = log_text(lab).contains("all connections finished");
+    print_log(lab, LOG, log_seen);
+    let drained = log_text(lab, LOG).contains("all connections finished");
     tally.expect(status.success() && drained, &format!("rampart serve finished its connections and exited ({status})"));
     for (name, _) in BACKENDS {
         stop_backend(lab, name);

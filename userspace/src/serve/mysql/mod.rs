@@ -48,6 +48,8 @@ pub struct ClusterState {
     decision: watch::Sender<Arc<Decision>>,
     last_change: Mutex<Option<(SystemTime, Option<SocketAddr>)>>,
     conns: Mutex<HashMap<SocketAddr, Arc<AtomicI64>>>,
+    /// Per server, the discovery round in which a failed connection to it was last logged.
+    connect_failures: Mutex<HashMap<SocketAddr, u64>>,
 }
 
 impl ClusterState {
@@ -56,7 +58,16 @@ impl ClusterState {
             decision: watch::Sender::new(Arc::new(Decision::unknown(servers))),
             last_change: Mutex::new(None),
             conns: Mutex::new(HashMap::new()),
+            connect_failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// True for the first failed connection to `server` in discovery round `round`: a server
+    /// that dies fails every client until the next round notices, and one line per round says
+    /// so without flooding the log (the refusals are counted in the metrics).
+    pub fn first_connect_failure(&self, server: SocketAddr, round: u64) -> bool {
+        let mut seen = self.connect_failures.lock().unwrap_or_else(|p| p.into_inner());
+        seen.insert(server, round) != Some(round)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Decision>> {
@@ -351,5 +362,21 @@ impl ClusterRt {
             ));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_connection_is_logged_once_per_server_and_round() {
+        let (a, b): (SocketAddr, SocketAddr) = ("10.0.3.41:3306".parse().unwrap(), "10.0.3.42:3306".parse().unwrap());
+        let s = ClusterState::new(&[a, b]);
+        assert!(s.first_connect_failure(a, 7));
+        assert!(!s.first_connect_failure(a, 7));
+        assert!(s.first_connect_failure(b, 7));
+        assert!(s.first_connect_failure(a, 8));
+        assert!(!s.first_connect_failure(a, 8));
     }
 }

@@ -58,8 +58,9 @@ pub async fn run_listener(shared: Arc<Shared>, listener: TcpListener, addr: Sock
         };
         let _ = tcp.set_nodelay(true);
         let Some((cluster, port)) = shared.current().mysql_for(addr) else { continue };
+        // The session runs on a connection thread of its own (see serve/pinned.rs).
         let shared2 = shared.clone();
-        shared.connections.spawn(async move { session(shared2, cluster, port, tcp).await });
+        shared.pinned.spawn(&shared.connections, tcp, move |tcp| session(shared2, cluster, port, tcp));
     }
 }
 
@@ -125,7 +126,11 @@ async fn session(shared: Arc<Shared>, cluster: Arc<ClusterRt>, port: Port, clien
         Ok(s) => s,
         Err(e) => {
             let why = format!("cannot reach {target} in cluster {}: {e}", cluster.name);
-            log::warn!("mysql {}: {why}", cluster.name);
+            if cluster.state.first_connect_failure(target, d.round) {
+                log::warn!("mysql {}: {why} (logged once per server until the next check)", cluster.name);
+            } else {
+                log::debug!("mysql {}: {why}", cluster.name);
+            }
             return refuse(&shared, &cluster, port, client, &why).await;
         }
     };
