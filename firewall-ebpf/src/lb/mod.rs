@@ -153,15 +153,24 @@ pub extern "C" fn rampart_lb_choose(raw: *mut xdp_md, meta: u64) -> u64 {
     // A flow stays with its backend while that backend is live for this service (removed
     // backends are cleared of BACKEND_LIVE; drained ones keep it) and, for UDP, while it is
     // not idle longer than the timeout.
+    let slot = LB_CONNTRACK.get_ptr_mut(&flow);
     // SAFETY: the entry is copied out at once.
-    if let Some(entry) = unsafe { LB_CONNTRACK.get(&flow) }.copied()
+    if let Some(entry) = slot.map(|p| unsafe { *p })
         && (!udp || now.wrapping_sub(entry.seen) <= config.udp_timeout)
         && let Some(b) = LB_BACKENDS.get(entry.backend)
         && b.flags & BACKEND_LIVE != 0
         && b.service == vip.service
     {
-        if udp && entry.seen != now {
-            let _ = LB_CONNTRACK.insert(&flow, &FlowValue { backend: entry.backend, seen: now }, 0);
+        // Refreshed in place, as Katran does: an update would take a new LRU node and free
+        // the old one (once a second per UDP flow; with the table full it evicts another flow),
+        // while the lookup has already marked the entry recently used. A racing CPU writes the
+        // same second.
+        if udp
+            && entry.seen != now
+            && let Some(p) = slot
+        {
+            // SAFETY: the map's own value, valid while this program runs.
+            unsafe { (*p).seen = now };
         }
         add_lb(&LB_BE_STATS, entry.backend, bytes, false);
         return forward(entry.backend);
