@@ -720,7 +720,10 @@ fn flood_section(rounds: usize, seconds: f64, senders: usize, dir: &Path, out: &
          all CPUs' busy time over the packets counted (sending, the balancer, the sink together). \"XDP program's own \
          ns\": the kernel's run-time statistics of the balancer's program over each flood (BPF_ENABLE_STATS). The \
          flood's flows are unidirectional, so nftables cannot use a flowtable (it offloads only established, \
-         two-way flows) and every packet takes its conntrack + NAT + forwarding path.\n\nWhat each contender does per \
+         two-way flows) and every packet takes its conntrack + NAT + forwarding path. Unlike fw-bench, this \
+         flood has no calibration program proving the receiver is the bottleneck: when \"CPU ns per packet\" is far \
+         above the programs' own cost (sending, veth copies and other load on a shared machine), the rates are \
+         diluted towards 1×, and the programs' own ns tell them apart better than the rates do.\n\nWhat each contender does per \
          packet, and what was loaded:\n"
     )?;
     for c in &cs {
