@@ -117,6 +117,14 @@ pub struct Flood {
 
 impl Flood {
     pub fn new(tag: &str) -> Result<Self> {
+        Self::with_queues(tag, 1)
+    }
+
+    /// The same with `queues` receive and transmit queues on each veth end, so that native XDP
+    /// on either end runs one NAPI instance per queue (one per CPU) instead of one for all.
+    pub fn with_queues(tag: &str, queues: usize) -> Result<Self> {
+        let q = queues.max(1).to_string();
+        let queues = ["numtxqueues", &q, "numrxqueues", &q];
         let id = format!("{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let me = Self {
             tx_ns: format!("rb-{tag}-{id}-tx"),
@@ -128,7 +136,11 @@ impl Flood {
         };
         sh("ip", &["netns", "add", &me.tx_ns])?;
         sh("ip", &["netns", "add", &me.rx_ns])?;
-        sh("ip", &["-n", &me.tx_ns, "link", "add", &me.tx_if, "address", "02:00:00:00:00:01", "type", "veth", "peer", "name", &me.rx_if, "netns", &me.rx_ns, "address", "02:00:00:00:00:02"])?;
+        let mut link = vec!["-n", &me.tx_ns, "link", "add", &me.tx_if, "address", "02:00:00:00:00:01"];
+        link.extend(queues);
+        link.extend(["type", "veth", "peer", "name", &me.rx_if, "netns", &me.rx_ns, "address", "02:00:00:00:00:02"]);
+        link.extend(queues);
+        sh("ip", &link)?;
         sh("ip", &["-n", &me.rx_ns, "addr", "add", "198.51.100.1/24", "dev", &me.rx_if])?;
         sh("ip", &["-n", &me.tx_ns, "addr", "add", "198.51.100.2/24", "dev", &me.tx_if])?;
         for (ns, dev) in [(&me.tx_ns, &me.tx_if), (&me.rx_ns, &me.rx_if)] {
@@ -152,14 +164,27 @@ impl Flood {
         frame: &[u8],
         seconds: f64,
         senders: usize,
-        mut count: impl FnMut() -> Result<u64>,
+        count: impl FnMut() -> Result<u64>,
     ) -> Result<FloodSample> {
         let mut frame = frame.to_vec();
         frame[..6].copy_from_slice(&self.rx_mac);
         frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
-        let conf = std::env::temp_dir().join(format!("{}.trafgen", self.tx_ns));
         let bytes: Vec<String> = frame.iter().map(|b| format!("0x{b:02x}")).collect();
-        fs::write(&conf, format!("{{ {} }}\n", bytes.join(", ")))?;
+        self.measure_conf(&format!("{{ {} }}\n", bytes.join(", ")), seconds, senders, count)
+    }
+
+    /// [`Flood::measure`] with a trafgen configuration of its own (`man trafgen`: counters,
+    /// random bytes and checksums computed per packet), for floods whose packets vary. Its
+    /// frames must be addressed to `rx_mac` from 02:00:00:00:00:01.
+    pub fn measure_conf(
+        &self,
+        trafgen_conf: &str,
+        seconds: f64,
+        senders: usize,
+        mut count: impl FnMut() -> Result<u64>,
+    ) -> Result<FloodSample> {
+        let conf = std::env::temp_dir().join(format!("{}.trafgen", self.tx_ns));
+        fs::write(&conf, trafgen_conf)?;
         // Bounded by count as well as by the kill below (trafgen ignores SIGTERM mid-flood).
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.tx_ns, "trafgen", "--dev", &self.tx_if, "--conf", conf.to_str().unwrap()])

@@ -103,6 +103,9 @@ pub enum Bench {
     /// `rampart serve`'s MySQL routing: sysbench point selects and read-write transactions
     /// against MariaDB directly, through rampart and through HAProxy in `mode tcp`.
     Mysql,
+    /// The XDP layer-4 balancer: ns per packet (hit, miss, non-service) against its floor,
+    /// forwarded packets/s against the floor and nftables DNAT, connections/s against HAProxy.
+    Lb,
 }
 
 impl Bench {
@@ -111,6 +114,7 @@ impl Bench {
             Bench::Fw => "fw-bench",
             Bench::Tls => "tls-bench",
             Bench::Mysql => "mysql-bench",
+            Bench::Lb => "lb-bench",
         }
     }
 }

@@ -156,16 +156,24 @@ pub extern "C" fn rampart_lb_choose(raw: *mut xdp_md, meta: u64) -> u64 {
     // not idle longer than the timeout. A TCP SYN (without ACK) opens a new connection, so it
     // is hashed by the current table whatever the table remembers, as Katran does: a client
     // port reused after its backend failed or was drained must not follow the old entry.
+    let slot = if opens_connection(&ctx, l4, proto) { None } else { LB_CONNTRACK.get_ptr_mut(&flow) };
     // SAFETY: the entry is copied out at once.
-    if !opens_connection(&ctx, l4, proto)
-        && let Some(entry) = unsafe { LB_CONNTRACK.get(&flow) }.copied()
+    if let Some(entry) = slot.map(|p| unsafe { *p })
         && (!udp || now.wrapping_sub(entry.seen) <= config.udp_timeout)
         && let Some(b) = LB_BACKENDS.get(entry.backend)
         && b.flags & BACKEND_LIVE != 0
         && b.service == vip.service
     {
-        if udp && entry.seen != now {
-            let _ = LB_CONNTRACK.insert(&flow, &FlowValue { backend: entry.backend, seen: now }, 0);
+        // Refreshed in place, as Katran does: an update would take a new LRU node and free
+        // the old one (once a second per UDP flow; with the table full it evicts another flow),
+        // while the lookup has already marked the entry recently used. A racing CPU writes the
+        // same second.
+        if udp
+            && entry.seen != now
+            && let Some(p) = slot
+        {
+            // SAFETY: the map's own value, valid while this program runs.
+            unsafe { (*p).seen = now };
         }
         add_lb(&LB_BE_STATS, entry.backend, bytes, false);
         return forward(entry.backend);
@@ -387,6 +395,40 @@ unsafe fn write_ipv6(p: *mut u8, payload_len: u16, next: u8, flow_label: u32, sr
     }
 }
 
+/// Zeroes `*p` with sixteen 4-byte stores and returns it. `mem::zeroed()` compiled to a call
+/// to a byte-at-a-time `memset` subprogram (64 iterations per balanced packet); volatile stores
+/// keep LLVM from turning them back into one.
+///
+/// # Safety
+/// `p` must be valid for writes of a `FibParams`.
+#[inline(always)]
+unsafe fn zeroed_fib_params<'a>(p: *mut FibParams) -> &'a mut FibParams {
+    let w = p as *mut u32;
+    let mut i = 0;
+    while i < core::mem::size_of::<FibParams>() / 4 {
+        // SAFETY: within `*p`, which the caller guarantees; FibParams is 4-aligned.
+        unsafe { core::ptr::write_volatile(w.add(i), 0) };
+        i += 1;
+    }
+    // SAFETY: every byte written above; all zero is a valid value.
+    unsafe { &mut *p }
+}
+
+/// Writes a MAC address byte by byte: a 6-byte `write_unaligned` compiled to a call to a
+/// byte-loop `memmove` subprogram; volatile keeps LLVM from forming that call again.
+///
+/// # Safety
+/// `p..p + 6` must be writable.
+#[inline(always)]
+unsafe fn write_mac(p: *mut u8, mac: &[u8; 6]) {
+    let mut i = 0;
+    while i < 6 {
+        // SAFETY: the caller guarantees the bytes.
+        unsafe { core::ptr::write_volatile(p.add(i), mac[i]) };
+        i += 1;
+    }
+}
+
 /// Writes an Ethernet header at the frame's start.
 ///
 /// # Safety
@@ -396,8 +438,8 @@ unsafe fn write_eth(p: *mut u8, dst: &[u8; 6], src: &[u8; 6], ethertype: u16) {
     let t = ethertype.to_be_bytes();
     // SAFETY: the caller guarantees the bytes.
     unsafe {
-        core::ptr::write_unaligned(p as *mut [u8; 6], *dst);
-        core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], *src);
+        write_mac(p, dst);
+        write_mac(p.add(6), src);
         core::ptr::write_unaligned(p.add(12) as *mut [u8; 2], t);
     }
 }
@@ -414,8 +456,8 @@ unsafe fn keep_or_set_macs(p: *mut u8, grown: usize, resolved: bool, params: &Fi
     // SAFETY: the caller guarantees the bytes; the two ranges do not overlap (grown >= 20).
     unsafe {
         if resolved {
-            core::ptr::write_unaligned(p as *mut [u8; 6], params.dmac);
-            core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], params.smac);
+            write_mac(p, &params.dmac);
+            write_mac(p.add(6), &params.smac);
         } else {
             let old = core::ptr::read_unaligned(p.add(grown) as *const [u8; 12]);
             core::ptr::write_unaligned(p as *mut [u8; 12], old);
@@ -463,8 +505,9 @@ fn encap_v4(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u3
     let h = hash.to_be_bytes();
     let src = u64::from_ne_bytes([config.src4[0], config.src4[1], h[2], h[3], 0, 0, 0, 0]);
     let dst = backend.addr[0];
-    // SAFETY: an all-zero bpf_fib_lookup is a valid value.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    let mut raw = core::mem::MaybeUninit::<FibParams>::uninit();
+    // SAFETY: zeroed whole, and an all-zero bpf_fib_lookup is a valid value.
+    let params = unsafe { zeroed_fib_params(raw.as_mut_ptr()) };
     params.family = AF_INET;
     params.l4_protocol = IPPROTO_IPIP;
     params.__bindgen_anon_1.tot_len = outer_len as u16;
@@ -472,7 +515,7 @@ fn encap_v4(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u3
     params.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     params.__bindgen_anon_3.ipv4_src = src as u32;
     params.__bindgen_anon_4.ipv4_dst = dst as u32;
-    let hop = next_hop(ctx, &mut params, bytes);
+    let hop = next_hop(ctx, params, bytes);
     if hop == Err(BPF_FIB_LKUP_RET_FRAG_NEEDED as i64) {
         // SAFETY: the helper wrote the MTU in the union.
         let mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u64;
@@ -491,7 +534,7 @@ fn encap_v4(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u3
     };
     // SAFETY: 34 bytes bounds-checked above.
     unsafe {
-        keep_or_set_macs(p, IPV4_HLEN, hop.is_ok(), &params);
+        keep_or_set_macs(p, IPV4_HLEN, hop.is_ok(), params);
         write_ipv4(p.add(ETH_HLEN), outer_len as u16, IPPROTO_IPIP, src, dst);
     }
     match hop {
@@ -516,8 +559,9 @@ fn encap_v6(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u3
         u64::from_ne_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
         u64::from_ne_bytes([s[8], s[9], s[10], s[11], h[0], h[1], h[2], h[3]]),
     ];
-    // SAFETY: an all-zero bpf_fib_lookup is a valid value.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    let mut raw = core::mem::MaybeUninit::<FibParams>::uninit();
+    // SAFETY: zeroed whole, and an all-zero bpf_fib_lookup is a valid value.
+    let params = unsafe { zeroed_fib_params(raw.as_mut_ptr()) };
     params.family = AF_INET6;
     params.l4_protocol = IPPROTO_IPV6;
     params.__bindgen_anon_1.tot_len = outer_len as u16;
@@ -526,7 +570,7 @@ fn encap_v6(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u3
     // SAFETY: [u64; 2] and [u32; 4] have the same size; the bytes are the address.
     params.__bindgen_anon_3.ipv6_src = unsafe { core::mem::transmute::<[u64; 2], [u32; 4]>(src) };
     params.__bindgen_anon_4.ipv6_dst = unsafe { core::mem::transmute::<[u64; 2], [u32; 4]>(backend.addr) };
-    let hop = next_hop(ctx, &mut params, bytes);
+    let hop = next_hop(ctx, params, bytes);
     if hop == Err(BPF_FIB_LKUP_RET_FRAG_NEEDED as i64) {
         // SAFETY: the helper wrote the MTU in the union.
         let mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u64;
@@ -545,7 +589,7 @@ fn encap_v6(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u3
     };
     // SAFETY: 54 bytes bounds-checked above.
     unsafe {
-        keep_or_set_macs(p, IPV6_HLEN, hop.is_ok(), &params);
+        keep_or_set_macs(p, IPV6_HLEN, hop.is_ok(), params);
         write_ipv6(p.add(ETH_HLEN), inner_len as u16, IPPROTO_IPV6, hash, &src, &backend.addr);
     }
     match hop {
