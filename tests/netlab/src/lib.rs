@@ -121,6 +121,20 @@ impl Ns {
         }
     }
 
+    /// `program` inside this namespace's network only (`nsenter --net=/run/netns/NAME`):
+    /// unlike `ip netns exec`, which gives it a mount namespace of its own, it sees the host's
+    /// mounts, so BPF pins it makes under /sys/fs/bpf outlive it.
+    pub fn nsenter(&self, program: impl AsRef<OsStr>) -> Command {
+        match &self.name {
+            Some(n) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={NETNS_DIR}/{n}")).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
     /// Runs `program ARGS…` inside this namespace; its stdout, or an error unless it exits 0.
     pub fn run(&self, program: &str, args: &[&str]) -> Result<String> {
         let out = run(self.command(program).args(args))?;

@@ -133,6 +133,8 @@ fn commands_of_the_current_namespace_take_no_netns_words() {
     assert_eq!(crate_show(&Ns::current().command("true")), "true");
     let lab_ns = Ns::named("n1");
     assert_eq!(crate_show(&lab_ns.command("true")), "ip netns exec n1 true");
+    assert_eq!(crate_show(&lab_ns.nsenter("true")), "nsenter --net=/run/netns/n1 true");
+    assert_eq!(crate_show(&Ns::current().nsenter("true")), "true");
 }
 
 fn crate_show(cmd: &Command) -> String {
