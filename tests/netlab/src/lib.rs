@@ -103,11 +103,6 @@ impl Ns {
         self.name.as_deref().expect("Ns::current() has no name")
     }
 
-    /// True while `/run/netns/NAME` exists (always for [`Ns::current`]).
-    pub fn exists(&self) -> bool {
-        self.name.as_ref().is_none_or(|n| Path::new(NETNS_DIR).join(n).exists())
-    }
-
     /// `program` inside this namespace (`ip netns exec NAME program`), to add arguments to and
     /// run, or to hand to [`Lab::spawn`].
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
@@ -153,7 +148,15 @@ impl Ns {
 
     /// One end of a veth pair in this namespace, named `iface`, for [`veth`].
     pub fn end(&self, iface: &str) -> End {
-        End { ns: self.clone(), name: iface.to_string(), ..End::default() }
+        End {
+            ns: self.clone(),
+            name: iface.to_string(),
+            mac: None,
+            mtu: None,
+            txqueuelen: None,
+            master: None,
+            addrs: Vec::new(),
+        }
     }
 
     /// A bridge `name`, up.
@@ -234,7 +237,7 @@ impl fmt::Display for Ns {
 
 /// One end of a veth pair: made by [`Ns::end`], given options with the methods below, and
 /// made real by [`veth`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct End {
     ns: Ns,
     name: String,
@@ -243,12 +246,6 @@ pub struct End {
     txqueuelen: Option<u32>,
     master: Option<String>,
     addrs: Vec<String>,
-}
-
-impl Default for Ns {
-    fn default() -> Self {
-        Ns::current()
-    }
 }
 
 impl End {
