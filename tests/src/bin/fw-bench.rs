@@ -279,6 +279,8 @@ impl Drop for XdpFilter {
         let _ = run(ns.nsenter("xdp-filter").args(["unload", &self.iface, "--all"]));
         let _ = run(ns.nsenter("xdp-filter").args(["unload", &self.iface]));
         let _ = fs::remove_dir_all("/sys/fs/bpf/xdp-filter");
+        // libxdp's own directory, left empty after an unload (remove_dir leaves it if not).
+        let _ = fs::remove_dir("/sys/fs/bpf/xdp");
     }
 }
 
