@@ -154,6 +154,7 @@ impl Ns {
             mac: None,
             mtu: None,
             txqueuelen: None,
+            queues: None,
             master: None,
             addrs: Vec::new(),
         }
@@ -244,6 +245,7 @@ pub struct End {
     mac: Option<String>,
     mtu: Option<u32>,
     txqueuelen: Option<u32>,
+    queues: Option<String>,
     master: Option<String>,
     addrs: Vec<String>,
 }
@@ -263,6 +265,12 @@ impl End {
         self.txqueuelen = Some(len);
         self
     }
+    /// Its number of receive and transmit queues (set when the pair is made; 1 by default), so
+    /// that native XDP on it runs one NAPI instance per queue.
+    pub fn queues(mut self, n: u32) -> Self {
+        self.queues = Some(n.to_string());
+        self
+    }
     /// Makes it a port of `bridge` (in the same namespace).
     pub fn master(mut self, bridge: &str) -> Self {
         self.master = Some(bridge.to_string());
@@ -272,6 +280,16 @@ impl End {
     pub fn addr(mut self, cidr: &str) -> Self {
         self.addrs.push(cidr.to_string());
         self
+    }
+
+    /// What `ip link add` must be told for this end (it cannot be changed later).
+    fn creation_args<'a>(&'a self, args: &mut Vec<&'a str>) {
+        if let Some(m) = &self.mac {
+            args.extend(["address", m]);
+        }
+        if let Some(q) = &self.queues {
+            args.extend(["numtxqueues", q, "numrxqueues", q]);
+        }
     }
 
     fn finish(&self) -> Result<()> {
@@ -300,13 +318,9 @@ pub fn veth(a: End, b: End) -> Result<()> {
     // namespace has no name, so an end there goes first.
     let (first, peer) = if b.ns.name.is_none() { (&b, &a) } else { (&a, &b) };
     let mut args = vec!["link", "add", first.name.as_str()];
-    if let Some(m) = &first.mac {
-        args.extend(["address", m]);
-    }
+    first.creation_args(&mut args);
     args.extend(["type", "veth", "peer", "name", &peer.name]);
-    if let Some(m) = &peer.mac {
-        args.extend(["address", m]);
-    }
+    peer.creation_args(&mut args);
     if let Some(n) = &peer.ns.name {
         args.extend(["netns", n]);
     }

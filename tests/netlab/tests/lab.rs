@@ -40,7 +40,7 @@ fn a_routed_topology_works_and_teardown_removes_all_of_it() {
     r.bridge("br0").unwrap();
     veth(a.end("eth0").mac("02:6e:6c:00:00:01").mtu(1400).addr("10.61.1.2/24").addr("fd00:61:1::2/64"), r.end("ra"))
         .unwrap();
-    veth(b.end("eth0").txqueuelen(5000).addr("10.61.2.2/24"), r.end("rb").master("br0")).unwrap();
+    veth(b.end("eth0").txqueuelen(5000).queues(2).addr("10.61.2.2/24"), r.end("rb").master("br0")).unwrap();
     r.addr("ra", "10.61.1.1/24").unwrap();
     r.addr("br0", "10.61.2.1/24").unwrap();
     r.sysctl("net.ipv4.ip_forward", "1").unwrap();
@@ -51,7 +51,8 @@ fn a_routed_topology_works_and_teardown_removes_all_of_it() {
 
     let link = a.ip(&["-o", "link", "show", "eth0"]).unwrap();
     assert!(link.contains("mtu 1400") && link.contains("02:6e:6c:00:00:01"), "{link}");
-    assert!(b.ip(&["-o", "link", "show", "eth0"]).unwrap().contains("qlen 5000"));
+    let b_eth0 = b.ip(&["-o", "-d", "link", "show", "eth0"]).unwrap();
+    assert!(b_eth0.contains("qlen 5000") && b_eth0.contains("numtxqueues 2 numrxqueues 2"), "{b_eth0}");
     assert!(r.ip(&["-o", "link", "show", "rb"]).unwrap().contains("master br0"));
     assert!(b.ip(&["neigh", "show", "10.61.2.1"]).unwrap().contains("PERMANENT"));
     assert!(a.ip(&["-o", "addr", "show", "eth0"]).unwrap().contains("fd00:61:1::2/64"));
