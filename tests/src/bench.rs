@@ -1,16 +1,16 @@
 //! Helpers for the benchmark binaries (`src/bin/*-bench.rs`): shell-outs, a markdown table,
-//! flood rigs in throwaway network namespaces, and peers' counters.
+//! flood rigs in throwaway network namespaces ([`rampart_netlab`]), and peers' counters.
 
 use std::{
     fmt::Write as _,
     fs,
     process::{Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
+use rampart_netlab::{Lab, Ns, run, veth};
 
 use crate::tls_bench::procs::CpuSample;
 
@@ -102,10 +102,8 @@ pub fn udp4_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4]
     f
 }
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
 /// Two namespaces joined by a veth pair, for a trafgen flood from `tx` into `rx`. Removed on
-/// drop (deleting a namespace deletes its veth end, and the peer with it).
+/// drop, with every process in them.
 pub struct Flood {
     pub tx_ns: String,
     pub rx_ns: String,
@@ -113,6 +111,7 @@ pub struct Flood {
     pub rx_if: String,
     pub rx_mac: [u8; 6],
     pub rx_addr: [u8; 4],
+    lab: Lab,
 }
 
 impl Flood {
@@ -123,34 +122,27 @@ impl Flood {
     /// The same with `queues` receive and transmit queues on each veth end, so that native XDP
     /// on either end runs one NAPI instance per queue (one per CPU) instead of one for all.
     pub fn with_queues(tag: &str, queues: usize) -> Result<Self> {
-        let q = queues.max(1).to_string();
-        let queues = ["numtxqueues", &q, "numrxqueues", &q];
-        let id = format!("{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-        let me = Self {
-            tx_ns: format!("rb-{tag}-{id}-tx"),
-            rx_ns: format!("rb-{tag}-{id}-rx"),
-            tx_if: "rbtx0".into(),
-            rx_if: "rbrx0".into(),
+        let q = queues.max(1) as u32;
+        let mut lab = Lab::new(&format!("rb-{tag}"))?;
+        let (tx, rx) = (lab.ns("tx")?, lab.ns("rx")?);
+        let (tx_if, rx_if) = ("rbtx0", "rbrx0");
+        // trafgen gives up on the first EAGAIN from a full veth ring; a long queue and a real
+        // qdisc on the sender absorb the back-pressure (trafgen then goes through it:
+        // --qdisc-path).
+        veth(
+            tx.end(tx_if).mac("02:00:00:00:00:01").addr("198.51.100.2/24").txqueuelen(10000).queues(q),
+            rx.end(rx_if).mac("02:00:00:00:00:02").addr("198.51.100.1/24").queues(q),
+        )?;
+        tx.run("tc", &["qdisc", "replace", "dev", tx_if, "root", "pfifo", "limit", "10000"])?;
+        Ok(Self {
+            tx_ns: tx.name().into(),
+            rx_ns: rx.name().into(),
+            tx_if: tx_if.into(),
+            rx_if: rx_if.into(),
             rx_mac: [0x02, 0, 0, 0, 0, 0x02],
             rx_addr: [198, 51, 100, 1],
-        };
-        sh("ip", &["netns", "add", &me.tx_ns])?;
-        sh("ip", &["netns", "add", &me.rx_ns])?;
-        let mut link = vec!["-n", &me.tx_ns, "link", "add", &me.tx_if, "address", "02:00:00:00:00:01"];
-        link.extend(queues);
-        link.extend(["type", "veth", "peer", "name", &me.rx_if, "netns", &me.rx_ns, "address", "02:00:00:00:00:02"]);
-        link.extend(queues);
-        sh("ip", &link)?;
-        sh("ip", &["-n", &me.rx_ns, "addr", "add", "198.51.100.1/24", "dev", &me.rx_if])?;
-        sh("ip", &["-n", &me.tx_ns, "addr", "add", "198.51.100.2/24", "dev", &me.tx_if])?;
-        for (ns, dev) in [(&me.tx_ns, &me.tx_if), (&me.rx_ns, &me.rx_if)] {
-            sh("ip", &["-n", ns, "link", "set", dev, "up"])?;
-        }
-        // trafgen gives up on the first EAGAIN from a full veth ring; a real qdisc on the
-        // sender absorbs the back-pressure (trafgen then goes through it: --qdisc-path).
-        sh("ip", &["-n", &me.tx_ns, "link", "set", &me.tx_if, "txqueuelen", "10000"])?;
-        sh("tc", &["-n", &me.tx_ns, "qdisc", "replace", "dev", &me.tx_if, "root", "pfifo", "limit", "10000"])?;
-        Ok(me)
+            lab,
+        })
     }
 
     /// Floods `frame` (destination MAC rewritten to the receiver's) from `senders` trafgen
@@ -160,7 +152,7 @@ impl Flood {
     /// sent, so senders on every CPU keep every CPU busy with sending and receiving: the rate is
     /// then bounded by the whole per-packet cost, of which the receiving program is a part.
     pub fn measure(
-        &self,
+        &mut self,
         frame: &[u8],
         seconds: f64,
         senders: usize,
@@ -177,7 +169,7 @@ impl Flood {
     /// random bytes and checksums computed per packet), for floods whose packets vary. Its
     /// frames must be addressed to `rx_mac` from 02:00:00:00:00:01.
     pub fn measure_conf(
-        &self,
+        &mut self,
         trafgen_conf: &str,
         seconds: f64,
         senders: usize,
@@ -186,13 +178,14 @@ impl Flood {
         let conf = std::env::temp_dir().join(format!("{}.trafgen", self.tx_ns));
         fs::write(&conf, trafgen_conf)?;
         // Bounded by count as well as by the kill below (trafgen ignores SIGTERM mid-flood).
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.tx_ns, "trafgen", "--dev", &self.tx_if, "--conf", conf.to_str().unwrap()])
+        let tx = Ns::named(&self.tx_ns);
+        let mut trafgen = tx.command("trafgen");
+        trafgen
+            .args(["--dev", &self.tx_if, "--conf", conf.to_str().unwrap()])
             .args(["--cpus", &senders.max(1).to_string(), "-n", "500000000", "--no-sock-mem", "--qdisc-path"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting trafgen")?;
+            .stderr(Stdio::null());
+        let child = self.lab.spawn(&mut trafgen)?;
         thread::sleep(Duration::from_millis(500));
         let r = (|| -> Result<FloodSample> {
             let c0 = count()?;
@@ -208,14 +201,11 @@ impl Flood {
             let packets = c1.saturating_sub(c0);
             Ok(FloodSample { pps: packets as f64 / dt, busy: cpu0.busy_since(&cpu1) })
         })();
-        let _ = Command::new("ip").args(["netns", "pids", &self.tx_ns]).output().map(|o| {
-            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
-        });
-        let _ = child.kill();
-        let _ = child.wait();
+        // trafgen runs a process per CPU: all of them go.
+        let killed = self.lab.kill_all(&tx);
+        self.lab.kill(child);
         let _ = fs::remove_file(&conf);
+        killed?;
         let sample = r?;
         if sample.pps <= 0.0 {
             bail!("the receiver in {} processed no packets", self.rx_ns);
@@ -239,19 +229,6 @@ impl FloodSample {
     pub fn cpu_ns_per_packet(&self) -> f64 {
         let cores: f64 = self.busy.iter().sum::<f64>() / 100.0;
         if self.pps > 0.0 { cores * 1e9 / self.pps } else { 0.0 }
-    }
-}
-
-impl Drop for Flood {
-    fn drop(&mut self) {
-        for ns in [&self.tx_ns, &self.rx_ns] {
-            if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
     }
 }
 
@@ -391,11 +368,11 @@ impl AttachedXdp {
     /// Reads `ip -d -j link show IF` in namespace `ns`, and `xdp-loader status IF` when the
     /// program there is libxdp's dispatcher.
     pub fn of(ns: &str, iface: &str) -> Result<Self> {
-        let out = sh("ip", &["-n", ns, "-d", "-j", "link", "show", "dev", iface])?;
+        let out = Ns::named(ns).ip(&["-d", "-j", "link", "show", "dev", iface])?;
         let mut me = Self::parse_link(&out).with_context(|| format!("no XDP program on {iface} in {ns}"))?;
         if me.name == "xdp_dispatcher" {
-            let status = sh("nsenter", &[&format!("--net=/run/netns/{ns}"), "xdp-loader", "status", iface])?;
-            me.components = parse_xdp_loader_components(&status);
+            let out = run(Ns::named(ns).nsenter("xdp-loader").args(["status", iface]))?;
+            me.components = parse_xdp_loader_components(&String::from_utf8_lossy(&out.stdout));
         }
         Ok(me)
     }

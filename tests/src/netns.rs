@@ -1,6 +1,7 @@
 //! Network namespaces for packet tests: [`TestNet`] builds a client and a server namespace joined
-//! by a veth pair, runs the `rampart` binary against the server side, and removes everything in
-//! `Drop` (also when a test fails), then checks nothing is left.
+//! by a veth pair (with [`rampart_netlab`], the builder every test, benchmark and the demo use),
+//! runs the `rampart` binary against the server side, and removes everything in `Drop` (also
+//! when a test fails), then checks nothing is left.
 //!
 //! Names are unique per process and per instance (`rt-<pid>-<n>-client`), so tests can run in
 //! parallel. Addresses live only inside the namespaces (10.x and fd00::/8 ULA); the root
@@ -9,25 +10,22 @@
 
 use std::{
     fs,
-    io,
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    process::{Command, Output},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use rampart::{netns::NetnsGuard, paths::Scope};
+use rampart_netlab::{Lab, NetlabError, Ns, Proc, Undo, output, run, veth};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("network namespace tests need root (they create namespaces and attach XDP programs)")]
     NotRoot,
-    #[error("run `{cmd}`")]
-    Spawn { cmd: String, #[source] source: io::Error },
-    #[error("`{cmd}` failed ({status}): {stderr}")]
-    Failed { cmd: String, status: String, stderr: String },
+    #[error(transparent)]
+    Lab(#[from] NetlabError),
     #[error(
         "rampart binary not found at {}: build it first (`cargo build -p rampart`, which \
          `cargo xtask test` does) or set RAMPART_BIN",
@@ -35,16 +33,23 @@ pub enum NetError {
     )]
     NoBinary(PathBuf),
     #[error("{what} {}", path.display())]
-    Fs { what: &'static str, path: PathBuf, #[source] source: io::Error },
+    Fs {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("network namespace {ns}: enter")]
-    Enter { ns: String, #[source] source: rampart::netns::NetnsError },
+    Enter {
+        ns: String,
+        #[source]
+        source: rampart::netns::NetnsError,
+    },
     #[error("`{cmd}` printed no valid JSON: {stdout}")]
     Json { cmd: String, stdout: String },
 }
 
 type Result<T, E = NetError> = std::result::Result<T, E>;
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Interface names inside the namespaces (each namespace has its own name space for links).
 pub const CLIENT_IF: &str = "rt-c";
@@ -65,43 +70,9 @@ pub fn rampart_bin() -> Result<PathBuf> {
         source,
     })?;
     // target/<profile>/deps/<test> → target/<profile>/rampart
-    let guess = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("rampart"))
-        .unwrap_or_else(|| PathBuf::from("rampart"));
+    let guess =
+        exe.parent().and_then(Path::parent).map(|d| d.join("rampart")).unwrap_or_else(|| PathBuf::from("rampart"));
     if guess.is_file() { Ok(guess) } else { Err(NetError::NoBinary(guess)) }
-}
-
-fn describe(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&a.to_string_lossy());
-    }
-    s
-}
-
-/// Runs `cmd` to completion; its output whatever the exit status.
-pub fn output(cmd: &mut Command) -> Result<Output> {
-    cmd.stdin(Stdio::null()).output().map_err(|source| NetError::Spawn { cmd: describe(cmd), source })
-}
-
-/// Runs `cmd`; an error (with its stderr) unless it exits 0.
-pub fn run(cmd: &mut Command) -> Result<Output> {
-    let out = output(cmd)?;
-    if !out.status.success() {
-        return Err(NetError::Failed {
-            cmd: describe(cmd),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(out)
-}
-
-fn ip(args: &[&str]) -> Result<Output> {
-    run(Command::new("ip").args(args))
 }
 
 /// Runs `f` on a new thread inside network namespace `ns`. Sockets `f` creates stay in `ns`
@@ -131,9 +102,10 @@ pub struct TestNet {
     /// A scratch directory for rule files, removed in `Drop`.
     pub dir: PathBuf,
     rampart: PathBuf,
-    /// Interfaces (namespace, iface) rampart is attached to.
-    attached: Vec<(String, String)>,
-    children: Vec<Child>,
+    /// Interfaces (namespace, iface) rampart is attached to, and the teardown command that
+    /// detaches each.
+    attached: Vec<(String, String, Undo)>,
+    lab: Lab,
 }
 
 impl TestNet {
@@ -142,15 +114,18 @@ impl TestNet {
             return Err(NetError::NotRoot);
         }
         let rampart = rampart_bin()?;
-        let pid = std::process::id();
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let id = format!("rt-{pid}-{n}");
+        let mut lab = Lab::new("rt")?;
+        let (pid, n) = (std::process::id(), lab.serial());
         // Distinct subnets per instance are not needed (namespaces are isolated), only tidy.
         let (a, b) = ((pid % 250 + 1) as u8, (n % 256) as u8);
+        let id = lab.prefix().to_string();
         let dir = std::env::temp_dir().join(&id);
+        // From here on the lab's `Drop` removes whatever part got made.
+        let client = lab.ns("client")?;
+        let server = lab.ns("server")?;
         let net = TestNet {
-            client: format!("{id}-client"),
-            server: format!("{id}-server"),
+            client: client.name().to_string(),
+            server: server.name().to_string(),
             client_v4: Ipv4Addr::new(10, a, b, 1),
             server_v4: Ipv4Addr::new(10, a, b, 2),
             server2_v4: Ipv4Addr::new(10, a, b, 3),
@@ -160,108 +135,82 @@ impl TestNet {
             dir,
             rampart,
             attached: Vec::new(),
-            children: Vec::new(),
+            lab,
         };
-        // From here on `Drop` cleans up whatever part got made.
-        net.setup()?;
+        net.setup(&client, &server)?;
         Ok(net)
     }
 
-    fn setup(&self) -> Result<()> {
-        fs::create_dir_all(&self.dir)
-            .map_err(|source| NetError::Fs { what: "create", path: self.dir.clone(), source })?;
-        ip(&["netns", "add", &self.client])?;
-        ip(&["netns", "add", &self.server])?;
-        // Both ends are created directly inside their namespaces: nothing appears in the root one.
-        ip(&[
-            "link", "add", CLIENT_IF, "address", CLIENT_MAC, "netns", &self.client, "type", "veth", "peer", "name",
-            SERVER_IF, "address", SERVER_MAC, "netns", &self.server,
-        ])?;
-        let c4 = format!("{}/24", self.client_v4);
-        let s4 = format!("{}/24", self.server_v4);
-        let s24 = format!("{}/24", self.server2_v4);
-        let c6 = format!("{}/64", self.client_v6);
-        let s6 = format!("{}/64", self.server_v6);
-        for (ns, iface, addrs) in [
-            (&self.client, CLIENT_IF, vec![c4.as_str()]),
-            (&self.server, SERVER_IF, vec![s4.as_str(), s24.as_str()]),
-        ] {
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            for a in addrs {
-                ip(&["-n", ns, "addr", "add", a, "dev", iface])?;
-            }
-        }
-        ip(&["-n", &self.client, "addr", "add", &c6, "dev", CLIENT_IF, "nodad"])?;
-        ip(&["-n", &self.server, "addr", "add", &s6, "dev", SERVER_IF, "nodad"])?;
+    fn setup(&self, client: &Ns, server: &Ns) -> Result<()> {
+        fs::create_dir_all(&self.dir).map_err(|source| NetError::Fs {
+            what: "create",
+            path: self.dir.clone(),
+            source,
+        })?;
+        let cidr = |ip: &dyn std::fmt::Display, len: u8| format!("{ip}/{len}");
+        veth(
+            client.end(CLIENT_IF).mac(CLIENT_MAC).addr(&cidr(&self.client_v4, 24)).addr(&cidr(&self.client_v6, 64)),
+            server
+                .end(SERVER_IF)
+                .mac(SERVER_MAC)
+                .addr(&cidr(&self.server_v4, 24))
+                .addr(&cidr(&self.server2_v4, 24))
+                .addr(&cidr(&self.server_v6, 64)),
+        )?;
         // One wire packet per TCP segment, so rule counters can be compared with the sender's
         // segment count (generic XDP would otherwise see 64 KiB GSO packets).
-        ip(&["-n", &self.client, "link", "set", CLIENT_IF, "gso_max_segs", "1"])?;
+        client.link_set(CLIENT_IF, &["gso_max_segs", "1"])?;
         // Static neighbours: no ARP or NDP on the wire.
         for (ns, iface, peer, mac) in [
-            (&self.client, CLIENT_IF, self.server_v4.to_string(), SERVER_MAC),
-            (&self.client, CLIENT_IF, self.server2_v4.to_string(), SERVER_MAC),
-            (&self.client, CLIENT_IF, self.server_v6.to_string(), SERVER_MAC),
-            (&self.server, SERVER_IF, self.client_v4.to_string(), CLIENT_MAC),
-            (&self.server, SERVER_IF, self.client_v6.to_string(), CLIENT_MAC),
+            (client, CLIENT_IF, self.server_v4.to_string(), SERVER_MAC),
+            (client, CLIENT_IF, self.server2_v4.to_string(), SERVER_MAC),
+            (client, CLIENT_IF, self.server_v6.to_string(), SERVER_MAC),
+            (server, SERVER_IF, self.client_v4.to_string(), CLIENT_MAC),
+            (server, SERVER_IF, self.client_v6.to_string(), CLIENT_MAC),
         ] {
-            ip(&["-n", ns, "neigh", "replace", &peer, "lladdr", mac, "dev", iface, "nud", "permanent"])?;
+            ns.neigh(iface, &peer, mac)?;
         }
-        ip(&["-n", &self.client, "link", "set", CLIENT_IF, "up"])?;
-        ip(&["-n", &self.server, "link", "set", SERVER_IF, "up"])?;
-        self.wait_carrier()
-    }
-
-    /// Waits (bounded) until both ends report carrier.
-    fn wait_carrier(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let c = ip(&["-n", &self.client, "-o", "link", "show", CLIENT_IF])?;
-            let s = ip(&["-n", &self.server, "-o", "link", "show", SERVER_IF])?;
-            let up = |o: &Output| String::from_utf8_lossy(&o.stdout).contains("LOWER_UP");
-            if up(&c) && up(&s) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(NetError::Failed {
-                    cmd: "wait for veth carrier".into(),
-                    status: "timeout (5 s)".into(),
-                    stderr: String::from_utf8_lossy(&s.stdout).into_owned(),
-                });
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        client.wait_carrier(CLIENT_IF, Duration::from_secs(5))?;
+        server.wait_carrier(SERVER_IF, Duration::from_secs(5))?;
+        Ok(())
     }
 
     /// `rampart -n NS ARGS…`, whatever its exit status.
     pub fn rampart(&self, ns: &str, args: &[&str]) -> Result<Output> {
-        output(Command::new(&self.rampart).arg("-n").arg(ns).args(args))
+        Ok(output(Command::new(&self.rampart).arg("-n").arg(ns).args(args))?)
     }
 
     /// `rampart -n NS ARGS…`; an error unless it exits 0.
     pub fn rampart_ok(&self, ns: &str, args: &[&str]) -> Result<Output> {
-        run(Command::new(&self.rampart).arg("-n").arg(ns).args(args))
+        Ok(run(Command::new(&self.rampart).arg("-n").arg(ns).args(args))?)
     }
 
     /// Attaches rampart to the server's veth in `mode` (`native`, `skb` or `auto`).
     pub fn attach(&mut self, mode: &str) -> Result<Output> {
         let out = self.rampart_ok(&self.server, &["attach", "--iface", SERVER_IF, "--mode", mode])?;
-        self.attached.push((self.server.clone(), SERVER_IF.to_string()));
+        let server = self.server.clone();
+        self.track_attached(&server, SERVER_IF);
         Ok(out)
     }
 
     /// Has `Drop` detach rampart from `iface` in `ns`, for attaches made other than by
     /// [`TestNet::attach`] (e.g. `attach --config`); [`TestNet::detach_iface`] undoes it.
     pub fn track_attached(&mut self, ns: &str, iface: &str) {
-        let entry = (ns.to_string(), iface.to_string());
-        if !self.attached.contains(&entry) {
-            self.attached.push(entry);
+        if !self.attached.iter().any(|(n, i, _)| n == ns && i == iface) {
+            let mut detach = Command::new(&self.rampart);
+            detach.args(["-n", ns, "detach", "--iface", iface]);
+            let undo = self.lab.on_teardown(detach);
+            self.attached.push((ns.to_string(), iface.to_string(), undo));
         }
     }
 
     /// Detaches rampart from `iface` in `ns`, which `Drop` then no longer does.
     pub fn detach_iface(&mut self, ns: &str, iface: &str) -> Result<Output> {
         let out = self.rampart_ok(ns, &["detach", "--iface", iface])?;
-        self.attached.retain(|(n, i)| !(n == ns && i == iface));
+        if let Some(i) = self.attached.iter().position(|(n, f, _)| n == ns && f == iface) {
+            let (_, _, undo) = self.attached.remove(i);
+            self.lab.cancel(undo);
+        }
         Ok(out)
     }
 
@@ -298,18 +247,14 @@ impl TestNet {
         self.rampart_json(&self.server, &["fw", "list", "--iface", SERVER_IF, "--json"])
     }
 
-    /// Starts `cmd` (typically `ip netns exec …`) and keeps it to be killed in `Drop`.
-    pub fn spawn(&mut self, cmd: &mut Command) -> Result<usize> {
-        let child = cmd.spawn().map_err(|source| NetError::Spawn { cmd: describe(cmd), source })?;
-        self.children.push(child);
-        Ok(self.children.len() - 1)
+    /// Starts `cmd` (typically [`TestNet::exec`]) and keeps it to be killed in `Drop`.
+    pub fn spawn(&mut self, cmd: &mut Command) -> Result<Proc> {
+        Ok(self.lab.spawn(cmd)?)
     }
 
     /// A command run inside network namespace `ns` (`ip netns exec NS PROGRAM`).
     pub fn exec(ns: &str, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns, program]);
-        c
+        Ns::named(ns).command(program)
     }
 
     /// Pins of rampart on the server iface.
@@ -320,32 +265,25 @@ impl TestNet {
     /// `/sys/fs/bpf/rampart/<scope>` and `/run/rampart/<scope>` of a namespace.
     pub fn scope_dirs(ns: &str) -> [PathBuf; 2] {
         let scope = Scope::Netns(ns.to_string()).dir_name();
-        [
-            PathBuf::from(rampart::paths::BPFFS_ROOT).join(&scope),
-            PathBuf::from(rampart::paths::RUN_ROOT).join(&scope),
-        ]
+        [PathBuf::from(rampart::paths::BPFFS_ROOT).join(&scope), PathBuf::from(rampart::paths::RUN_ROOT).join(&scope)]
     }
 
-    /// What `ip -d link show` says about the server iface (has `xdp` / `prog/xdp` when attached).
     /// Deletes the server's veth (and with it the client's end), as an operator might while
     /// rampart is attached.
     pub fn delete_server_link(&self) -> Result<()> {
-        ip(&["-n", &self.server, "link", "del", SERVER_IF]).map(drop)
+        Ns::named(&self.server).ip(&["link", "del", SERVER_IF])?;
+        Ok(())
     }
 
+    /// What `ip -d link show` says about the server iface (has `xdp` / `prog/xdp` when attached).
     pub fn server_link(&self) -> Result<String> {
-        let out = ip(&["-n", &self.server, "-d", "link", "show", SERVER_IF])?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(Ns::named(&self.server).ip(&["-d", "link", "show", SERVER_IF])?)
     }
 
     /// Everything this instance left behind, after cleanup ran.
     fn leftovers(&self) -> Vec<String> {
         let mut left = Vec::new();
         for ns in [&self.client, &self.server] {
-            let p = Path::new("/run/netns").join(ns);
-            if p.exists() {
-                left.push(format!("namespace {}", p.display()));
-            }
             for d in Self::scope_dirs(ns) {
                 if d.exists() {
                     left.push(format!("directory {}", d.display()));
@@ -362,27 +300,11 @@ impl TestNet {
 impl Drop for TestNet {
     fn drop(&mut self) {
         let mut problems = Vec::new();
-        for c in &mut self.children {
-            // Already exited is fine; kill() then reports an error we ignore.
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for (ns, iface) in std::mem::take(&mut self.attached) {
-            match self.rampart(&ns, &["detach", "--iface", &iface]) {
-                Ok(o) if o.status.success() => {}
-                Ok(o) => problems.push(format!(
-                    "rampart -n {ns} detach --iface {iface}: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                )),
-                Err(e) => problems.push(format!("rampart detach: {e}")),
-            }
+        // Processes, then the detaches, then the namespaces (and a check that they are gone).
+        if let Err(e) = self.lab.teardown() {
+            problems.push(e.to_string());
         }
         for ns in [&self.client, &self.server] {
-            if Path::new("/run/netns").join(ns).exists()
-                && let Err(e) = ip(&["netns", "del", ns])
-            {
-                problems.push(e.to_string());
-            }
             // Fallback after a failed detach: pins would keep the program and maps alive.
             for d in Self::scope_dirs(ns) {
                 if d.exists() {

@@ -18,8 +18,9 @@ use std::{
 
 use rampart::paths::Scope;
 use rampart_common::net::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP};
+use rampart_netlab::{Ns, run, veth};
 use rampart_tests::{
-    netns::{CLIENT_IF, SERVER_IF, TestNet, in_netns, run},
+    netns::{CLIENT_IF, SERVER_IF, TestNet, in_netns},
     packet::{Packet, TCP_ACK, TCP_SYN, Transport, tcp},
 };
 
@@ -47,6 +48,9 @@ impl Lab {
     }
     fn server(&self) -> String {
         self.net.server.clone()
+    }
+    fn server_ns(&self) -> Ns {
+        Ns::named(&self.net.server)
     }
     fn decap(&mut self, args: &[&str]) -> std::process::Output {
         let mut all = vec!["decap"];
@@ -82,9 +86,7 @@ impl Lab {
         .expect("read sysctls")
     }
     fn lo_addrs(&self) -> String {
-        let out =
-            run(Command::new("ip").args(["-n", &self.server(), "-o", "addr", "show", "dev", "lo"])).expect("ip addr");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.server_ns().ip(&["-o", "addr", "show", "dev", "lo"]).expect("ip addr")
     }
     fn xdp_attached(&self) -> bool {
         self.net.server_link().expect("ip link").contains("prog/xdp")
@@ -347,11 +349,9 @@ fn attachments_in_one_scope_share_the_vip_and_the_sysctls() {
     let mut lab = Lab::new();
     let before = lab.sysctls();
     let server = lab.server();
-    let ip = |args: &[&str]| run(Command::new("ip").arg("-n").arg(&server).args(args)).expect("ip");
-    ip(&["link", "add", "rt-x", "type", "veth", "peer", "name", "rt-y"]);
-    ip(&["link", "set", "rt-x", "up"]);
-    ip(&["link", "set", "rt-y", "up"]);
-    ip(&["addr", "add", "10.99.0.7/32", "dev", "lo"]); // not rampart's
+    let ns = lab.server_ns();
+    veth(ns.end("rt-x"), ns.end("rt-y")).expect("a second veth");
+    ns.addr("lo", "10.99.0.7/32").expect("ip addr"); // not rampart's
     lab.decap_ok(&["attach", "--iface", SERVER_IF, "--vip", &format!("{VIP},10.99.0.7"), "--mode", "skb"]);
     let out = lab.net.rampart(&server, &["decap", "attach", "--iface", "rt-x", "--vip", &format!("{VIP},10.99.0.8")]);
     let out = out.expect("run rampart");
@@ -371,7 +371,7 @@ fn attachments_in_one_scope_share_the_vip_and_the_sysctls() {
     lab.attached = false;
     let lo = lab.lo_addrs();
     assert!(lo.contains("10.99.0.7/32"), "an address rampart did not add was removed: {lo}");
-    ip(&["addr", "del", "10.99.0.7/32", "dev", "lo"]);
+    ns.ip(&["addr", "del", "10.99.0.7/32", "dev", "lo"]).expect("ip addr");
     lab.assert_clean(&before);
 }
 

@@ -15,13 +15,12 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
-    path::Path,
-    process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use rampart_tests::netns::{in_netns, rampart_bin, run};
+use rampart_netlab::{self as netlab, NetlabError, Ns, Proc, Undo, run, veth};
+use rampart_tests::netns::{in_netns, rampart_bin};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
 const LB: &str = "10.77.0.3";
@@ -55,24 +54,20 @@ class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
 S(("0.0.0.0", 80), H).serve_forever()
 "#;
 
+/// The balancer's lab: every host a namespace on one bridge (in a switch namespace), built with
+/// [`rampart_netlab`]; what rampart attached is detached at teardown, before the namespaces go.
 struct Lab {
-    prefix: String,
-    /// client, lb, b1..b4, sw
-    made: Vec<String>,
-    servers: Vec<Child>,
+    net: netlab::Lab,
+    /// The backends' HTTP servers, b1.. in order.
+    servers: Vec<Proc>,
     rampart: std::path::PathBuf,
-    /// Backends (namespace name, interface) with `decap` attached, detached in Drop.
-    decap: Vec<(String, &'static str)>,
-    lb_attached: bool,
+    /// `rampart detach` at teardown, per balancer namespace (short name).
+    detach: Vec<(String, Undo)>,
 }
 
 impl Lab {
     fn ns(&self, name: &str) -> String {
-        format!("{}{name}", self.prefix)
-    }
-
-    fn ip(&self, args: &[&str]) {
-        run(Command::new("ip").args(args)).unwrap_or_else(|e| panic!("{e}"));
+        self.net.name(name)
     }
 
     fn rampart(&self, ns: &str, args: &[&str]) -> String {
@@ -81,51 +76,70 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A teardown command `rampart -n NS ARGS…` (NS by short name).
+    fn undo(&mut self, ns: &str, args: &[&str]) -> Undo {
+        let mut cmd = Command::new(&self.rampart);
+        cmd.arg("-n").arg(self.ns(ns)).args(args);
+        self.net.on_teardown(cmd)
+    }
+
+    /// `rampart attach` on balancer `ns`'s `iface`, detached at teardown.
+    fn attach(&mut self, ns: &str, iface: &str) {
+        self.rampart(ns, &["attach", "--iface", iface, "--mode", "skb"]);
+        let undo = self.undo(ns, &["detach", "--iface", iface]);
+        self.detach.push((ns.to_string(), undo));
+    }
+
+    /// Balancer `ns` was detached by the test: teardown must not detach it again.
+    fn detached(&mut self, ns: &str) {
+        if let Some(i) = self.detach.iter().position(|(n, _)| n == ns) {
+            let (_, undo) = self.detach.remove(i);
+            self.net.cancel(undo);
+        }
+    }
+
+    /// Backend `name`: `rampart decap` for the VIP on `iface` (detached at teardown) and the
+    /// HTTP server that names itself.
+    fn backend(&mut self, name: &str, iface: &str) {
+        self.rampart(name, &["decap", "attach", "--iface", iface, "--vip", &VIP.to_string(), "--mode", "skb"]);
+        self.undo(name, &["decap", "detach", "--iface", iface]);
+        let server = self.start_server(name);
+        self.servers.push(server);
+    }
+
+    fn start_server(&mut self, name: &str) -> Proc {
+        let mut cmd = Ns::named(self.ns(name)).command("/usr/bin/python3");
+        cmd.args(["-c", SERVER, name]).stdout(Stdio::null()).stderr(Stdio::null());
+        self.net.spawn(&mut cmd).expect("start a backend's HTTP server")
+    }
+
     fn new() -> Lab {
         Self::build(true)
     }
 
-    /// `cli_service`: the service and three backends made with `rampart lb`; else none (a test
-    /// applies a config).
     /// A switch namespace with a bridge, nothing on it yet; names start with `tag` and are
     /// unique per test run.
     fn empty(tag: &str) -> Lab {
-        assert!(unsafe { libc::geteuid() } == 0, "the balancer's netns test makes namespaces: run it as root");
-        static N: AtomicU32 = AtomicU32::new(0);
-        let prefix = format!("{tag}{}{}-", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
-        let mut lab = Lab {
-            prefix,
-            made: Vec::new(),
-            servers: Vec::new(),
-            rampart: rampart_bin().unwrap_or_else(|e| panic!("{e}")),
-            decap: Vec::new(),
-            lb_attached: false,
-        };
-        let sw = lab.add_ns("sw");
-        lab.ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
-        lab.ip(&["-n", &sw, "link", "set", "br0", "up"]);
-        lab
+        let mut net = netlab::Lab::new(tag).unwrap_or_else(|e| panic!("the balancer's netns test: {e}"));
+        net.ns("sw").and_then(|sw| sw.bridge("br0")).unwrap_or_else(|e| panic!("{e}"));
+        Lab { net, servers: Vec::new(), rampart: rampart_bin().unwrap_or_else(|e| panic!("{e}")), detach: Vec::new() }
     }
 
-    /// A new namespace `name` (loopback up), removed in Drop.
-    fn add_ns(&mut self, name: &str) -> String {
-        let ns = self.ns(name);
-        self.ip(&["netns", "add", &ns]);
-        self.made.push(ns.clone());
-        self.ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        ns
+    /// A new namespace `name` (loopback up), removed at teardown.
+    fn add_ns(&mut self, name: &str) -> Ns {
+        self.net.ns(name).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Puts namespace `name` (made if `new`) on the bridge: interface `iface` with `addr`/24.
     fn join(&mut self, name: &str, addr: &str, iface: &str, new: bool) {
-        let ns = if new { self.add_ns(name) } else { self.ns(name) };
-        let (sw, port) = (self.ns("sw"), format!("p-{name}"));
-        self.ip(&["-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", iface, "netns", &ns]);
-        self.ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"]);
-        self.ip(&["-n", &ns, "link", "set", iface, "up"]);
-        self.ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", iface]);
+        let ns = if new { self.add_ns(name) } else { Ns::named(self.ns(name)) };
+        let sw = Ns::named(self.ns("sw"));
+        veth(sw.end(&format!("p-{name}")).master("br0"), ns.end(iface).addr(&format!("{addr}/24")))
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// `cli_service`: the service and three backends made with `rampart lb`; else none (a test
+    /// applies a config).
     fn build(cli_service: bool) -> Lab {
         let mut lab = Lab::empty("rl");
         lab.join("c", "10.77.0.2", "eth0", true);
@@ -133,28 +147,18 @@ impl Lab {
         for (i, addr) in BACKENDS.iter().enumerate() {
             lab.join(&format!("b{}", i + 1), addr, "eth0", true);
         }
+        let ok = |r: Result<(), NetlabError>| r.unwrap_or_else(|e| panic!("{e}"));
         // The client reaches the VIP through the balancer.
-        lab.ip(&["-n", &lab.ns("c"), "route", "add", &format!("{VIP}/32"), "via", LB]);
+        ok(Ns::named(lab.ns("c")).route(&format!("{VIP}/32"), LB));
         // The balancer forwards (the FIB lookup needs it, and so does the first packet to a
         // backend whose MAC is not known yet).
-        run(Command::new("ip").args(["netns", "exec", &lab.ns("lb"), "sysctl", "-qw", "net.ipv4.ip_forward=1"]))
-            .unwrap_or_else(|e| panic!("{e}"));
+        ok(Ns::named(lab.ns("lb")).sysctl("net.ipv4.ip_forward", "1"));
         if cli_service {
-            lab.rampart("lb", &["attach", "--iface", "eth0", "--mode", "skb"]);
-            lab.lb_attached = true;
+            lab.attach("lb", "eth0");
             lab.rampart("lb", &["lb", "service", "add", SERVICE]);
         }
         for (i, b) in BACKENDS.iter().enumerate() {
-            let name = format!("b{}", i + 1);
-            lab.rampart(&name, &["decap", "attach", "--iface", "eth0", "--vip", &VIP.to_string(), "--mode", "skb"]);
-            lab.decap.push((name.clone(), "eth0"));
-            let child = Command::new("ip")
-                .args(["netns", "exec", &lab.ns(&name), "/usr/bin/python3", "-c", SERVER, &name])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start a backend's HTTP server");
-            lab.servers.push(child);
+            lab.backend(&format!("b{}", i + 1), "eth0");
             if i < 3 && cli_service {
                 lab.rampart("lb", &["lb", "backend", "add", SERVICE, b]);
             }
@@ -162,40 +166,26 @@ impl Lab {
         // The servers listen within a second or so; wait until each answers directly.
         for (i, b) in BACKENDS.iter().enumerate() {
             let addr: SocketAddr = format!("{b}:80").parse().unwrap();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let c = lab.ns("c");
-            let ok = in_netns(&c, move || {
-                while Instant::now() < deadline {
-                    if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                        return true;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                false
-            })
-            .unwrap();
+            let ok = wait_listening(&lab.ns("c"), addr);
             assert!(ok, "backend b{} did not start listening", i + 1);
         }
         lab
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &mut self.servers {
-            let _ = c.kill();
-            let _ = c.wait();
+/// From namespace `ns`: true once `addr` accepts a TCP connection (bounded: 20 s).
+fn wait_listening(ns: &str, addr: SocketAddr) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    in_netns(ns, move || {
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        for (d, iface) in &self.decap {
-            let _ = Command::new(&self.rampart).args(["-n", &self.ns(d), "decap", "detach", "--iface", iface]).output();
-        }
-        if self.lb_attached {
-            let _ = Command::new(&self.rampart).args(["-n", &self.ns("lb"), "detach", "--iface", "eth0"]).output();
-        }
-        for ns in self.made.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
+        false
+    })
+    .unwrap()
 }
 
 /// One request on `s`; the body.
@@ -336,7 +326,7 @@ fn backends_json(lab: &Lab) -> Vec<serde_json::Value> {
 #[test]
 fn config_applies_services_and_the_daemon_checks_their_health() {
     let mut lab = Lab::build(false);
-    let dir = std::env::temp_dir().join(format!("{}cfg", lab.prefix));
+    let dir = std::env::temp_dir().join(format!("{}-cfg", lab.net.prefix()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("rampart.toml");
     std::fs::write(
@@ -363,26 +353,15 @@ health = {{ kind = "tcp", interval = "300ms", timeout = "200ms", rise = 2, fall 
     )
     .unwrap();
     let out = lab.rampart("lb", &["attach", "--config", config.to_str().unwrap()]);
-    lab.lb_attached = true;
+    lab.undo("lb", &["detach", "--iface", "eth0"]);
     assert!(out.contains("balancing 1 service(s) over 3 backend(s)"), "{out}");
     let first = spread(&lab, 300);
     assert_eq!(first.keys().cloned().collect::<Vec<_>>(), ["b1", "b2", "b3"], "{first:?}");
 
     // The daemon, in the balancer's namespace, checks the backends.
-    let mut daemon = Command::new(&lab.rampart)
-        .args(["-n", &lab.ns("lb"), "serve", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start rampart serve");
-    struct Kill<'a>(&'a mut Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _daemon = Kill(&mut daemon);
+    let mut daemon = Command::new(&lab.rampart);
+    daemon.args(["-n", &lab.ns("lb"), "serve", "--config", config.to_str().unwrap()]);
+    lab.net.spawn(daemon.stdout(Stdio::null()).stderr(Stdio::null())).expect("start rampart serve");
 
     // /metrics counts exactly the flows each backend got (one SYN, one connection-table miss,
     // per connection), and promtool finds the exposition clean.
@@ -440,19 +419,13 @@ health = {{ kind = "tcp", interval = "300ms", timeout = "200ms", rise = 2, fall 
         }
     };
     // b1's server stops: the checks take it down, new connections go to b2 and b3 only.
-    let _ = lab.servers[0].kill();
-    let _ = lab.servers[0].wait();
+    lab.net.kill(lab.servers[0]);
     wait_health(&lab, BACKENDS[0], "down");
     let count = spread(&lab, 200);
     assert!(!count.contains_key("b1"), "{count:?}");
     assert_eq!(count.values().sum::<usize>(), 200);
     // It listens again: back up, and it takes new connections again.
-    lab.servers[0] = Command::new("ip")
-        .args(["netns", "exec", &lab.ns("b1"), "/usr/bin/python3", "-c", SERVER, "b1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    lab.servers[0] = lab.start_server("b1");
     wait_health(&lab, BACKENDS[0], "up");
     let count = spread(&lab, 300);
     assert!(count.get("b1").copied().unwrap_or(0) > 50, "{count:?}");
@@ -469,12 +442,9 @@ fn ecmp_two_balancers_one_lost_connections_survive() {
     let mut lab = Lab::empty("re");
     // Client ── router ── bridge { lb1, lb2, b1, b2, b3 }.
     let (c, r) = (lab.add_ns("c"), lab.add_ns("r"));
-    lab.ip(&["-n", &c, "link", "add", "eth0", "type", "veth", "peer", "name", "up0", "netns", &r]);
-    lab.ip(&["-n", &c, "link", "set", "eth0", "up"]);
-    lab.ip(&["-n", &c, "addr", "add", "10.78.1.2/24", "dev", "eth0"]);
-    lab.ip(&["-n", &c, "route", "add", "default", "via", "10.78.1.1"]);
-    lab.ip(&["-n", &r, "link", "set", "up0", "up"]);
-    lab.ip(&["-n", &r, "addr", "add", "10.78.1.1/24", "dev", "up0"]);
+    let ok = |r: Result<(), NetlabError>| r.unwrap_or_else(|e| panic!("{e}"));
+    ok(veth(c.end("eth0").addr("10.78.1.2/24"), r.end("up0").addr("10.78.1.1/24")));
+    ok(c.route("default", "10.78.1.1"));
     let hosts = [
         ("r", "10.77.0.1"),
         ("lb1", "10.77.0.3"),
@@ -486,61 +456,29 @@ fn ecmp_two_balancers_one_lost_connections_survive() {
     for (name, addr) in hosts {
         lab.join(name, addr, "eth1", name != "r");
     }
-    let sysctl = |ns: &str, kv: &str| {
-        run(Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", kv])).unwrap_or_else(|e| panic!("{e}"));
-    };
-    sysctl(&r, "net.ipv4.ip_forward=1");
-    sysctl(&r, "net.ipv4.fib_multipath_hash_policy=1");
+    ok(r.sysctl("net.ipv4.ip_forward", "1"));
+    ok(r.sysctl("net.ipv4.fib_multipath_hash_policy", "1"));
     let vip = format!("{VIP}/32");
-    lab.ip(&["-n", &r, "route", "add", &vip, "nexthop", "via", "10.77.0.3", "nexthop", "via", "10.77.0.4"]);
+    ok(r.multipath_route(&vip, &["10.77.0.3", "10.77.0.4"]));
     for lb in ["lb1", "lb2"] {
-        sysctl(&lab.ns(lb), "net.ipv4.ip_forward=1");
-        // Attached in the balancer's own scope (its namespace): detached in Drop below.
-        lab.rampart(lb, &["attach", "--iface", "eth1", "--mode", "skb"]);
+        ok(Ns::named(lab.ns(lb)).sysctl("net.ipv4.ip_forward", "1"));
+        // Attached in the balancer's own scope (its namespace): detached at teardown.
+        lab.attach(lb, "eth1");
         lab.rampart(lb, &["lb", "service", "add", SERVICE]);
         for b in &BACKENDS[..3] {
             lab.rampart(lb, &["lb", "backend", "add", SERVICE, b]);
         }
     }
-    struct Detach<'a>(&'a Path, [String; 2]);
-    impl Drop for Detach<'_> {
-        fn drop(&mut self) {
-            for ns in &self.1 {
-                let _ = Command::new(self.0).args(["-n", ns, "detach", "--iface", "eth1"]).output();
-            }
-        }
-    }
-    let rampart = lab.rampart.clone();
-    let _detach = Detach(&rampart, [lab.ns("lb1"), lab.ns("lb2")]);
     for (i, name) in ["b1", "b2", "b3"].iter().enumerate() {
-        let ns = lab.ns(name);
-        lab.ip(&["-n", &ns, "route", "add", "10.78.1.0/24", "via", "10.77.0.1"]);
-        lab.rampart(name, &["decap", "attach", "--iface", "eth1", "--vip", &VIP.to_string(), "--mode", "skb"]);
-        lab.decap.push((name.to_string(), "eth1"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns, "/usr/bin/python3", "-c", SERVER, name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start a backend's HTTP server");
-        lab.servers.push(child);
+        ok(Ns::named(lab.ns(name)).route("10.78.1.0/24", "10.77.0.1"));
+        lab.backend(name, "eth1");
         let addr: SocketAddr = format!("{}:80", BACKENDS[i]).parse().unwrap();
-        let up = in_netns(&r, move || {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            false
-        })
-        .unwrap();
+        let up = wait_listening(r.name(), addr);
         assert!(up, "backend {name} did not start listening");
     }
 
     // 200 established connections, through both balancers.
-    let (mut open, names) = in_netns(&c, || {
+    let (mut open, names) = in_netns(c.name(), || {
         let mut open = Vec::new();
         let mut names = Vec::new();
         for _ in 0..200 {
@@ -561,7 +499,7 @@ fn ecmp_two_balancers_one_lost_connections_survive() {
 
     // lb1 is lost: its program goes, and the router withdraws its route.
     lab.rampart("lb1", &["detach", "--iface", "eth1"]);
-    lab.ip(&["-n", &r, "route", "replace", &vip, "via", "10.77.0.4"]);
+    ok(r.ip(&["route", "replace", &vip, "via", "10.77.0.4"]).map(drop));
     let mut survived = 0;
     for (s, was) in open.iter_mut().zip(&names) {
         if get_name(s).ok().as_deref() == Some(was.as_str()) {
@@ -570,4 +508,5 @@ fn ecmp_two_balancers_one_lost_connections_survive() {
     }
     assert!(survived >= 198, "only {survived} of 200 established connections survived losing a balancer");
     assert!(via("lb2") > f2, "lb2 took over no flow");
+    lab.detached("lb1");
 }

@@ -8,10 +8,7 @@
 //! balancer's addresses, IP forwarding on (the FIB lookup needs it), and permanent neighbour
 //! entries for the backends, so `bpf_fib_lookup` finds MACs without any traffic.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    process::Command,
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::{
     Ebpf,
@@ -36,6 +33,7 @@ use rampart_common::{
     net::{ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP},
     xdp_action,
 };
+use rampart_netlab::{NetlabError, Ns, veth};
 use rampart_tests::{
     packet::{Packet, checksum},
     testrun::is_root,
@@ -50,11 +48,6 @@ const BACKENDS6: [&str; 3] = ["fd00:200::11", "fd00:200::12", "fd00:200::13"];
 /// A backend on the link without a neighbour entry.
 const UNRESOLVED4: &str = "10.200.0.99";
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("run a command");
-    assert!(out.status.success(), "{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-}
-
 /// The backend's MAC in the neighbour table: 02:00:00:00:00:<last byte of its address>.
 fn backend_mac(ip: IpAddr) -> [u8; 6] {
     let last = match ip {
@@ -66,8 +59,7 @@ fn backend_mac(ip: IpAddr) -> [u8; 6] {
 
 /// The interface's MAC, through `ip` (/sys shows the host's namespace, not this thread's).
 fn mac_of(iface: &str) -> [u8; 6] {
-    let out = Command::new("ip").args(["-br", "link", "show", iface]).output().expect("ip link");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = Ns::current().ip(&["-br", "link", "show", iface]).expect("ip link");
     let mac = text.split_whitespace().nth(2).expect("a MAC column");
     let v: Vec<u8> = mac.split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
     v.try_into().unwrap()
@@ -106,17 +98,17 @@ fn svc4_udp() -> ServiceId {
 impl Lab {
     fn new() -> Lab {
         assert!(is_root(), "the balancer's test-run tests load BPF programs and make namespaces: run them as root");
-        sh(&["ip", "link", "add", "lb0", "type", "veth", "peer", "name", "lb1"]);
-        sh(&["ip", "link", "set", "lb0", "up"]);
-        sh(&["ip", "link", "set", "lb1", "up"]);
-        sh(&["ip", "addr", "add", "10.200.0.1/24", "dev", "lb0"]);
-        sh(&["ip", "-6", "addr", "add", "fd00:200::1/64", "dev", "lb0", "nodad"]);
-        sh(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1", "net.ipv6.conf.all.forwarding=1"]);
+        // This thread's own namespace (see `lab_test`), which goes with the thread.
+        let here = Ns::current();
+        let ok = |r: Result<(), NetlabError>| r.unwrap_or_else(|e| panic!("{e}"));
+        ok(veth(here.end("lb0").addr("10.200.0.1/24").addr("fd00:200::1/64"), here.end("lb1")));
+        ok(here.sysctl("net.ipv4.conf.all.forwarding", "1"));
+        ok(here.sysctl("net.ipv6.conf.all.forwarding", "1"));
         for b in BACKENDS4.iter().chain(&BACKENDS6) {
             let ip: IpAddr = b.parse().unwrap();
             let m = backend_mac(ip);
             let mac = m.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":");
-            sh(&["ip", "neigh", "replace", b, "lladdr", &mac, "dev", "lb0", "nud", "permanent"]);
+            ok(here.neigh("lb0", b, &mac));
         }
         let mut ebpf = Ebpf::load(rampart::bpf::FIREWALL_OBJ).expect("load the object");
         let mut fw = FwTables::from_ebpf(&mut ebpf).expect("firewall maps");
@@ -420,7 +412,7 @@ fn drained_backend_keeps_its_flows_and_removed_one_loses_them() {
 #[test]
 fn too_big_is_answered_with_icmp() {
     lab_test(|lab| {
-        sh(&["ip", "link", "set", "lb0", "mtu", "1300"]);
+        Ns::current().link_set("lb0", &["mtu", "1300"]).unwrap_or_else(|e| panic!("{e}"));
         let client_mac = [0x02, 0xc1, 0, 0, 0, 7];
 
         let mut p = Packet::tcp4(CLIENT4, VIP4, 40000, 80).payload_len(1300 - 40);

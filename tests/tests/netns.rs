@@ -17,7 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rampart_tests::netns::{SERVER_IF, TestNet, in_netns, output};
+use rampart_netlab::output;
+use rampart_tests::netns::{SERVER_IF, TestNet, in_netns};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 // Ports of the rules below. Client source ports are fixed too, so each rule sees one flow only.

@@ -239,11 +239,9 @@ fn remove_all(scope: &Scope, iface: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        collections::BTreeMap,
-        process::Command,
-        sync::atomic::{AtomicU32, Ordering},
-    };
+    use std::collections::BTreeMap;
+
+    use rampart_netlab::{Ns, veth};
 
     use super::*;
     use crate::{
@@ -260,27 +258,19 @@ mod tests {
         assert!(unsafe { libc::geteuid() } == 0, "attach tests create namespaces: run them as root");
     }
 
-    fn ip(args: &[&str]) {
-        let out = Command::new("ip").args(args).output().expect("run ip");
-        assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    }
-
     /// A namespace holding a veth pair `rpa`/`rpb`; on drop: pins and state of the scope
-    /// removed, namespace deleted.
+    /// removed, then the namespace deleted.
     struct Lab {
         ns: String,
+        _net: rampart_netlab::Lab,
     }
 
     impl Lab {
         fn new() -> Lab {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let ns = format!("rpx{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-            ip(&["netns", "add", &ns]);
-            let lab = Lab { ns };
-            ip(&["-n", &lab.ns, "link", "add", "rpa", "type", "veth", "peer", "name", "rpb"]);
-            ip(&["-n", &lab.ns, "link", "set", "rpa", "up"]);
-            ip(&["-n", &lab.ns, "link", "set", "rpb", "up"]);
-            lab
+            let mut net = rampart_netlab::Lab::new("rpx").unwrap_or_else(|e| panic!("{e}"));
+            let ns = net.ns("x").unwrap_or_else(|e| panic!("{e}"));
+            veth(ns.end("rpa"), ns.end("rpb")).unwrap_or_else(|e| panic!("{e}"));
+            Lab { ns: ns.name().to_string(), _net: net }
         }
         fn scope(&self) -> Scope {
             Scope::Netns(self.ns.clone())
@@ -290,13 +280,11 @@ mod tests {
     impl Drop for Lab {
         fn drop(&mut self) {
             let _ = remove_all(&self.scope(), "rpa");
-            let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
         }
     }
 
     fn xdp_on(lab: &Lab) -> bool {
-        let out = Command::new("ip").args(["-n", &lab.ns, "-d", "link", "show", "rpa"]).output().expect("ip");
-        String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+        Ns::named(&lab.ns).ip(&["-d", "link", "show", "rpa"]).expect("ip").contains("prog/xdp")
     }
 
     fn rule(action: Action, src: Option<AddrMatch>) -> Rule {

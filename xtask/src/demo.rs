@@ -7,8 +7,8 @@
 //! and proxies to a pool of two web backends, shown with curl. Each expectation is printed as ✔
 //! or ✘. Part three ([`lb`]): the XDP L4 balancer in front of three web backends. Part four
 //! ([`mysql`]): `rampart serve` routing MySQL to a MariaDB primary and replica, through a crash
-//! of the primary and its replica's promotion. Everything the demo creates is removed by
-//! [`Lab`]'s `Drop`, on success, failure or Ctrl-C.
+//! of the primary and its replica's promotion. The network is built with [`rampart_netlab`];
+//! everything the demo creates is removed by [`Lab`]'s `Drop`, on success, failure or Ctrl-C.
 mod https;
 mod lb;
 mod mysql;
@@ -26,10 +26,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use rampart_netlab::{NetlabError, Ns, Proc, Undo, veth};
 
 use crate::{
     probe,
-    proc::{self, OnInterrupt, Out, capture, capture_ok, capture_with, check_interrupt, show, wait_bounded},
+    proc::{self, OnInterrupt, Out, capture, check_interrupt, show, wait_bounded},
 };
 
 /// The rule file of issue 2 and README.md, as written to `rules.toml`.
@@ -139,48 +140,42 @@ const CHECKS: [Check; 9] = [
 
 /// Everything the demo creates, removed in `Drop` (also on failure and Ctrl-C).
 struct Lab {
-    internet: String,
-    server: String,
-    /// Namespaces created so far.
-    namespaces: Vec<String>,
+    /// The namespaces (and with them the veth pairs and the bridge), the helpers running in
+    /// them, and the rampart commands that undo what was attached.
+    net: rampart_netlab::Lab,
+    internet: Ns,
+    server: Ns,
     dir: PathBuf,
     /// Part one's listeners (`xtask __serve`).
-    listeners: Option<Child>,
+    listeners: Option<Proc>,
     /// Part two's web backends (`xtask __web`), by name.
-    backends: Vec<(String, Child)>,
+    backends: Vec<(String, Proc)>,
     /// `rampart serve`.
     daemon: Option<Child>,
     /// Part four's MariaDB servers (killed when dropped).
     databases: Vec<mariadb_lab::Server>,
     rampart: PathBuf,
-    /// `rampart attach` succeeded and no `detach` has yet.
-    attached: bool,
+    /// While the firewall is attached: the `detach` cleanup runs.
+    detach: Option<Undo>,
     cleaned: bool,
-    /// This run's number in namespace names.
-    id: u32,
-    /// rampart commands (namespace, arguments) that undo what part three attached, run before
-    /// the namespaces go (pins outlive a deleted namespace).
-    undo: Vec<(String, Vec<String>)>,
 }
 
 impl Lab {
-    fn new(rampart: &Path) -> Self {
-        let id = std::process::id();
-        Lab {
-            internet: format!("rampart-internet-{id}"),
-            server: format!("rampart-server-{id}"),
-            namespaces: Vec::new(),
-            dir: std::env::temp_dir().join(format!("rampart-demo-{id}")),
+    fn new(rampart: &Path) -> Result<Self> {
+        let net = rampart_netlab::Lab::new("rampart")?;
+        Ok(Lab {
+            internet: Ns::named(net.name("internet")),
+            server: Ns::named(net.name("server")),
+            dir: std::env::temp_dir().join(format!("{}-demo", net.prefix())),
+            net,
             listeners: None,
             backends: Vec::new(),
             daemon: None,
             databases: Vec::new(),
             rampart: rampart.to_path_buf(),
-            attached: false,
+            detach: None,
             cleaned: false,
-            id,
-            undo: Vec::new(),
-        }
+        })
     }
 
     /// Pins of the program rampart attaches to the server's NIC (see `userspace/src/paths.rs`).
@@ -195,9 +190,21 @@ impl Lab {
     }
 
     fn rampart(&self, args: &[&str]) -> Command {
+        self.rampart_in(&self.server, args)
+    }
+
+    /// `rampart -n NETNS ARGS…`.
+    fn rampart_in(&self, netns: &Ns, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.rampart);
-        cmd.args(["-n", &self.server]).args(args);
+        cmd.args(["-n", netns.name()]).args(args);
         cmd
+    }
+
+    /// Has cleanup run `rampart -n NETNS ARGS…` before the namespaces go (pins outlive a
+    /// deleted namespace).
+    fn undo(&mut self, netns: &Ns, args: &[&str]) -> Undo {
+        let cmd = self.rampart_in(netns, args);
+        self.net.on_teardown(cmd)
     }
 
     /// Removes everything; returns what could not be removed. Runs to the end even after Ctrl-C.
@@ -207,44 +214,17 @@ impl Lab {
         }
         self.cleaned = true;
         let mut problems = Vec::new();
-        let limit = Duration::from_secs(30);
         if let Err(e) = self.stop_daemon() {
             problems.push(format!("{e:#}"));
         }
         for mut db in std::mem::take(&mut self.databases) {
             db.kill();
         }
-        for (_, mut child) in
-            std::mem::take(&mut self.backends).into_iter().chain(self.listeners.take().map(|c| (String::new(), c)))
-        {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for (netns, args) in std::mem::take(&mut self.undo).into_iter().rev() {
-            let mut cmd = Command::new(&self.rampart);
-            cmd.args(["-n", &netns]).args(&args);
-            match capture_with(&mut cmd, limit, OnInterrupt::Finish) {
-                Ok(out) if out.success() => {}
-                Ok(out) => problems.push(format!("`{}`: {}", show(&cmd), out.text())),
-                Err(e) => problems.push(format!("{e:#}")),
-            }
-        }
-        if self.attached {
-            let mut cmd = self.rampart(&["detach", "--iface", IFACE]);
-            match capture_with(&mut cmd, limit, OnInterrupt::Finish) {
-                Ok(out) if out.success() => self.attached = false,
-                Ok(out) => problems.push(format!("`{}`: {}", show(&cmd), out.text())),
-                Err(e) => problems.push(format!("{e:#}")),
-            }
-        }
-        for ns in std::mem::take(&mut self.namespaces).iter().rev() {
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "del", ns]);
-            match capture_with(&mut cmd, limit, OnInterrupt::Finish) {
-                Ok(out) if out.success() => {}
-                Ok(out) => problems.push(format!("`{}`: {}", show(&cmd), out.text())),
-                Err(e) => problems.push(format!("{e:#}")),
-            }
+        // The helpers, then rampart's undo commands (newest first), then the namespaces.
+        match self.net.teardown() {
+            Ok(()) => {}
+            Err(NetlabError::Teardown { problems: p, .. }) => problems.extend(p.iter().map(ToString::to_string)),
+            Err(e) => problems.push(e.to_string()),
         }
         // Whatever a failed run left pinned for the (now deleted) server namespace.
         for dir in self.scope_dirs().iter().chain([&self.dir]) {
@@ -277,7 +257,7 @@ impl Drop for Lab {
         if self.cleaned {
             return;
         }
-        eprintln!("cleaning up: namespaces {} and {}, {}", self.internet, self.server, self.dir.display());
+        eprintln!("cleaning up: namespaces {}, {}", self.net.namespaces().join(", "), self.dir.display());
         for p in self.cleanup() {
             eprintln!("cleanup: {p}");
         }
@@ -293,75 +273,46 @@ fn indent(text: &str, by: usize) -> String {
     text.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("{pad}{l}\n") }).collect()
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    capture_ok(Command::new("ip").args(args), COMMAND_LIMIT)?;
-    Ok(())
-}
-
-/// Runs `cmd` in `netns` (`ip netns exec`).
-fn in_netns(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", netns]).arg(program);
-    cmd
-}
-
-/// Writes `value` to a sysctl file inside `netns` (`ip netns exec` sees the namespace's
-/// /proc/sys/net); skipped when the kernel has no such file (no IPv6).
-fn netns_sysctl(netns: &str, file: &str, value: &str) -> Result<()> {
-    let mut cmd = in_netns(netns, "sh");
-    cmd.args(["-c", &format!("[ ! -e {file} ] || echo {value} > {file}")]);
-    capture_ok(&mut cmd, COMMAND_LIMIT)?;
-    Ok(())
-}
-
 /// The namespaces, the veth pair, the addresses, and the services in "server".
 fn build_network(lab: &mut Lab) -> Result<()> {
-    let (inet, srv) = (lab.internet.clone(), lab.server.clone());
-    for ns in [&inet, &srv] {
-        if Path::new("/run/netns").join(ns).exists() {
-            bail!(
-                "network namespace {ns} already exists (left by an earlier run?); remove it with `ip netns del {ns}`"
-            );
-        }
-        ip(&["netns", "add", ns])?;
-        lab.namespaces.push(ns.clone());
-        // IPv4 only: without IPv6 the kernel sends no neighbour discovery or MLD of its own,
-        // so the counters show exactly the demo's traffic.
-        for conf in ["all", "default"] {
-            netns_sysctl(ns, &format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1")?;
+    let (inet, srv) = (lab.net.ns("internet")?, lab.net.ns("server")?);
+    // IPv4 only: without IPv6 the kernel sends no neighbour discovery or MLD of its own, so
+    // the counters show exactly the demo's traffic (a kernel without IPv6 has nothing to turn
+    // off).
+    if Path::new("/proc/sys/net/ipv6").exists() {
+        for ns in [&inet, &srv] {
+            for conf in ["all", "default"] {
+                ns.sysctl(&format!("net.ipv6.conf.{conf}.disable_ipv6"), "1")?;
+            }
         }
     }
-    // Created directly inside the namespaces: the host's namespace never sees these names.
-    ip(&["-n", &srv, "link", "add", IFACE, "type", "veth", "peer", "name", IFACE, "netns", &inet])?;
-    ip(&["-n", &srv, "addr", "add", &format!("{SERVER_IP}/24"), "dev", IFACE])?;
+    let mut client = inet.end(IFACE);
     for addr in [CUSTOMER, ADMIN, BLOCKED] {
-        ip(&["-n", &inet, "addr", "add", &format!("{addr}/24"), "dev", IFACE])?;
+        client = client.addr(&format!("{addr}/24"));
     }
-    for ns in [&inet, &srv] {
-        ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", ns, "link", "set", IFACE, "up"])?;
-    }
+    veth(srv.end(IFACE).addr(&format!("{SERVER_IP}/24")), client)?;
     // "internet" is the server's router: replies to 198.51.100.10 and 203.0.113.66 go back
     // through it.
-    ip(&["-n", &srv, "route", "add", "default", "via", &CUSTOMER.to_string()])?;
+    srv.route("default", &CUSTOMER.to_string())?;
     start_listeners(lab)
 }
 
 fn start_listeners(lab: &mut Lab) -> Result<()> {
     let tcp = TCP_PORTS.map(|p| p.to_string()).join(",");
     let args = ["__serve", "--name", "the server", "--tcp", &tcp, "--udp", &UDP_PORT.to_string()];
-    start_helper(&lab.server, &args, "the server's listeners", |child| lab.listeners = Some(child))
+    let server = lab.server.clone();
+    lab.listeners = Some(start_helper(lab, &server, &args, "the server's listeners")?);
+    Ok(())
 }
 
-/// Starts `xtask ARGS` in `netns` and waits for it to print `ready`. `keep` receives the child
-/// as soon as it runs, so that cleanup stops it even if it never gets ready.
-fn start_helper(netns: &str, args: &[&str], what: &str, keep: impl FnOnce(Child)) -> Result<()> {
+/// Starts `xtask ARGS` in `netns` and waits for it to print `ready`. The lab keeps it from the
+/// start, so that cleanup stops it even if it never gets ready.
+fn start_helper(lab: &mut Lab, netns: &Ns, args: &[&str], what: &str) -> Result<Proc> {
     let me = std::env::current_exe().context("locating the xtask binary")?;
-    let mut cmd = in_netns(netns, &me);
+    let mut cmd = netns.command(&me);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-    let mut child = cmd.spawn().with_context(|| format!("cannot start `{}`", show(&cmd)))?;
-    let stdout = child.stdout.take().context("helper without stdout")?;
-    keep(child);
+    let helper = lab.net.spawn(&mut cmd)?;
+    let stdout = lab.net.child(helper).stdout.take().context("helper without stdout")?;
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut line = String::new();
@@ -369,7 +320,7 @@ fn start_helper(netns: &str, args: &[&str], what: &str, keep: impl FnOnce(Child)
         let _ = tx.send(line);
     });
     match rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(line) if line.trim() == "ready" => Ok(()),
+        Ok(line) if line.trim() == "ready" => Ok(helper),
         Ok(line) => bail!("{what} did not start (said {line:?})"),
         Err(_) => bail!("{what} did not start within 10 s"),
     }
@@ -381,14 +332,14 @@ fn reaches(lab: &Lab, traffic: Traffic, from: Ipv4Addr) -> Result<bool> {
     check_interrupt()?;
     let mut cmd = match traffic {
         Traffic::Ping => {
-            let mut cmd = in_netns(&lab.internet, "ping");
+            let mut cmd = lab.internet.command("ping");
             cmd.args(["-n", "-q", "-c", "1", "-W", "1", "-I", &from.to_string(), &SERVER_IP.to_string()]);
             cmd
         }
         Traffic::Tcp(port) | Traffic::Udp(port) => {
             let me = std::env::current_exe().context("locating the xtask binary")?;
             let proto = if matches!(traffic, Traffic::Tcp(_)) { "tcp" } else { "udp" };
-            let mut cmd = in_netns(&lab.internet, me);
+            let mut cmd = lab.internet.command(me);
             cmd.args(["__probe", proto, "--from", &from.to_string(), "--to", &SERVER_IP.to_string()]).args([
                 "--port",
                 &port.to_string(),
@@ -490,7 +441,7 @@ fn show_rampart(lab: &Lab, args: &[&str]) -> Result<()> {
 pub fn run(rampart: &Path) -> Result<()> {
     proc::catch_interrupts();
     let started = Instant::now();
-    let mut lab = Lab::new(rampart);
+    let mut lab = Lab::new(rampart)?;
     let mut tally = Tally::default();
 
     println!("\nrampart demo: an XDP firewall, an HTTPS reverse proxy, an XDP L4 balancer and a MySQL router");
@@ -529,7 +480,8 @@ pub fn run(rampart: &Path) -> Result<()> {
     println!("  ({} lists the set `crawlers`, one prefix per line.)", crawlers.display());
 
     heading(4, "Attach rampart to the server's NIC and load the rules");
-    lab.attached = true; // from here on, cleanup detaches (harmless if attach fails)
+    // From here on, cleanup detaches (it reports a failure if the attach itself failed).
+    lab.detach = Some(lab.undo(&lab.server.clone(), &["detach", "--iface", IFACE]));
     show_rampart(&lab, &["attach", "--iface", IFACE])?;
     show_rampart(&lab, &["fw", "load", &rules.to_string_lossy()])?;
 
@@ -560,7 +512,9 @@ pub fn run(rampart: &Path) -> Result<()> {
     heading(12, "Stop rampart serve (SIGTERM: it drains) and detach");
     https::stop(&mut lab, &mut tally, log_seen)?;
     show_rampart(&lab, &["detach", "--iface", IFACE])?;
-    lab.attached = false;
+    if let Some(undo) = lab.detach.take() {
+        lab.net.cancel(undo);
+    }
     let pins = lab.pin_dir();
     let left = pins.exists();
     tally.expect(

@@ -21,7 +21,7 @@ use std::{
     fs,
     io::Write as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
@@ -39,6 +39,7 @@ use rampart::{
     netns::NetnsGuard,
 };
 use rampart_common::{Counter, fw::stat};
+use rampart_netlab::{Ns, run};
 use rampart_tests::{
     bench::{
         AttachedXdp, BpfStats, Flood, FloodSample, Table, XdpFilterNeeds, rotation, run_bpftool, sh, udp4_frame,
@@ -234,13 +235,8 @@ impl XdpFilter {
     /// Loads it with the features `needs` asks for, fills its address map, and checks that
     /// libxdp loaded the build those features select (a heavier build would flatter rampart).
     fn load(ns: &str, iface: &str, needs: XdpFilterNeeds, addrs: &[[u8; 4]]) -> Result<Self> {
-        let run = |args: &[&str]| {
-            let mut full = vec![format!("--net=/run/netns/{ns}"), "xdp-filter".into()];
-            full.extend(args.iter().map(|s| s.to_string()));
-            let refs: Vec<&str> = full.iter().map(|s| s.as_str()).collect();
-            sh("nsenter", &refs)
-        };
-        run(&["load", "-m", "native", "-p", "allow", "-f", &needs.features(), iface])?;
+        let mut load = Ns::named(ns).nsenter("xdp-filter");
+        run(load.args(["load", "-m", "native", "-p", "allow", "-f", &needs.features(), iface]))?;
         // From here on Drop unloads it.
         let mut me = Self {
             ns: ns.into(),
@@ -279,10 +275,12 @@ impl XdpFilter {
 
 impl Drop for XdpFilter {
     fn drop(&mut self) {
-        let net = format!("--net=/run/netns/{}", self.ns);
-        let _ = sh("nsenter", &[&net, "xdp-filter", "unload", &self.iface, "--all"]);
-        let _ = sh("nsenter", &[&net, "xdp-filter", "unload", &self.iface]);
+        let ns = Ns::named(&self.ns);
+        let _ = run(ns.nsenter("xdp-filter").args(["unload", &self.iface, "--all"]));
+        let _ = run(ns.nsenter("xdp-filter").args(["unload", &self.iface]));
         let _ = fs::remove_dir_all("/sys/fs/bpf/xdp-filter");
+        // libxdp's own directory, left empty after an unload (remove_dir leaves it if not).
+        let _ = fs::remove_dir("/sys/fs/bpf/xdp");
     }
 }
 
@@ -490,19 +488,19 @@ struct Receiver {
 }
 
 fn nft_count(ns: &str) -> Result<u64> {
-    let o = sh("ip", &["netns", "exec", ns, "nft", "-j", "list", "table", "netdev", "rbench"])?;
+    let o = Ns::named(ns).run("nft", &["-j", "list", "table", "netdev", "rbench"])?;
     rampart_tests::bench::nft_counter_packets(&o)
 }
 
 fn ipt_count(ns: &str) -> Result<u64> {
-    let o = sh("ip", &["netns", "exec", ns, "iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"])?;
+    let o = Ns::named(ns).run("iptables", &["-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"])?;
     rampart_tests::bench::iptables_packets(&o)
 }
 
 fn run_stdin(ns: &str, cmd: &[&str], input: &[u8]) -> Result<()> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(cmd)
+    let mut child = Ns::named(ns)
+        .command(cmd[0])
+        .args(&cmd[1..])
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{BLOCKED, COMMAND_LIMIT, CUSTOMER, Lab, SERVER_IP, Tally, heading, in_netns, indent, shown, start_helper};
+use super::{BLOCKED, COMMAND_LIMIT, CUSTOMER, Lab, SERVER_IP, Tally, heading, indent, shown, start_helper};
 use crate::proc::{capture, capture_ok, check_interrupt, show};
 
 /// The site's name: in the certificate, and what curl asks for (`--resolve`, no DNS).
@@ -92,15 +92,16 @@ health = {{ path = "/healthz", interval = "500ms", timeout = "250ms", rise = 2, 
 
 fn start_backend(lab: &mut Lab, name: &str, addr: SocketAddrV4) -> Result<()> {
     let args = ["__web", "--name", name, "--listen", &addr.to_string()];
-    let backends = &mut lab.backends;
-    start_helper(&lab.server, &args, name, |child| backends.push((name.to_string(), child)))
+    let server = lab.server.clone();
+    let backend = start_helper(lab, &server, &args, name)?;
+    lab.backends.push((name.to_string(), backend));
+    Ok(())
 }
 
 fn stop_backend(lab: &mut Lab, name: &str) {
     if let Some(i) = lab.backends.iter().position(|(n, _)| n == name) {
-        let (_, mut child) = lab.backends.remove(i);
-        let _ = child.kill();
-        let _ = child.wait();
+        let (_, backend) = lab.backends.remove(i);
+        lab.net.kill(backend);
     }
 }
 
@@ -164,7 +165,7 @@ pub(super) fn start_daemon(lab: &mut Lab, netns: &str, config: &str, log: &str) 
 /// curl in the internet namespace, from `from`, to `https://www.example.test/` at the server's
 /// address, trusting the demo CA. Run in the demo's directory (`ca.pem` is relative).
 fn curl(lab: &Lab, from: Ipv4Addr, extra: &[&str]) -> Command {
-    let mut cmd = in_netns(&lab.internet, "curl");
+    let mut cmd = lab.internet.command("curl");
     cmd.current_dir(&lab.dir)
         .args(["-sS", "--cacert", "ca.pem", "--resolve", &format!("{HOST}:{HTTPS_PORT}:{SERVER_IP}")])
         .args(["--interface", &from.to_string()])
@@ -211,7 +212,7 @@ fn backends_of(lab: &Lab, n: usize) -> Result<Vec<String>> {
 
 /// A GET to rampart's admin listener, from inside the server namespace.
 fn admin_get(lab: &Lab, path: &str) -> Result<String> {
-    let mut cmd = in_netns(&lab.server, "curl");
+    let mut cmd = lab.server.command("curl");
     cmd.args(["-sS", "--max-time", "5", &format!("http://{ADMIN}{path}")]);
     Ok(capture_ok(&mut cmd, COMMAND_LIMIT)?.stdout)
 }
@@ -274,9 +275,8 @@ pub(super) fn run(lab: &mut Lab, tally: &mut Tally) -> Result<usize> {
 
     heading(8, "rampart serve: HTTPS on port 443, a pool of two web backends");
     // Part one's listeners held port 443 on every address; from here on it is rampart's.
-    if let Some(mut child) = lab.listeners.take() {
-        let _ = child.kill();
-        let _ = child.wait();
+    if let Some(listeners) = lab.listeners.take() {
+        lab.net.kill(listeners);
     }
     for (name, addr) in BACKENDS {
         start_backend(lab, name, addr)?;
@@ -292,7 +292,7 @@ pub(super) fn run(lab: &mut Lab, tally: &mut Tally) -> Result<usize> {
     if !super::show_run(lab, &mut check)?.success() {
         bail!("the demo's rampart.toml does not check");
     }
-    let server = lab.server.clone();
+    let server = lab.server.name().to_string();
     start_daemon(lab, &server, "rampart.toml", LOG)?;
     let log_seen = print_log(lab, LOG, 0);
 

@@ -4,30 +4,21 @@
 //! bridge (in a "switch" namespace). Requests from the customer to the VIP spread over the
 //! three backends, which answer it directly (direct server return); `rampart lb list` shows the
 //! counters.
-use std::{net::Ipv4Addr, process::Command, time::Duration};
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, Result};
+use rampart_netlab::{Ns, veth};
 
-use super::{Lab, Tally, heading, ip, start_helper};
+use super::{Lab, Tally, heading, start_helper};
 use crate::proc::{capture, capture_ok};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
 const NET: &str = "10.88.0";
 const WEB: [&str; 3] = ["web-1", "web-2", "web-3"];
 
-fn ns(lab: &Lab, name: &str) -> String {
-    format!("rampart-{name}-{}", lab.id)
-}
-
-fn rampart_in(lab: &Lab, netns: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(&lab.rampart);
-    cmd.args(["-n", netns]).args(args);
-    cmd
-}
-
 /// Runs and prints a rampart command in `netns`; an error if it fails.
-fn show(lab: &Lab, netns: &str, args: &[&str]) -> Result<String> {
-    let mut cmd = rampart_in(lab, netns, args);
+fn show(lab: &Lab, netns: &Ns, args: &[&str]) -> Result<String> {
+    let mut cmd = lab.rampart_in(netns, args);
     println!("  $ rampart -n {netns} {}", args.join(" "));
     let out = capture_ok(&mut cmd, Duration::from_secs(30))?;
     print!("{}", super::indent(&out.text(), 4));
@@ -37,49 +28,35 @@ fn show(lab: &Lab, netns: &str, args: &[&str]) -> Result<String> {
 
 pub fn run(lab: &mut Lab, tally: &mut Tally, first_section: usize) -> Result<()> {
     heading(first_section, "The XDP L4 balancer: a VIP in front of three web backends");
-    let sw = ns(lab, "switch");
-    let balancer = ns(lab, "balancer");
-    ip(&["netns", "add", &sw])?;
-    lab.namespaces.push(sw.clone());
-    ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-    ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+    let sw = lab.net.ns("switch")?;
+    sw.bridge("br0")?;
+    let balancer = lab.net.ns("balancer")?;
     // The customer joins the bridge from the "internet" namespace with a second interface.
     let mut hosts =
         vec![(lab.internet.clone(), format!("{NET}.2"), "lb-c"), (balancer.clone(), format!("{NET}.3"), "lb-b")];
     for (i, w) in WEB.iter().enumerate() {
-        hosts.push((ns(lab, w), format!("{NET}.1{}", i + 1), ["lb-w1", "lb-w2", "lb-w3"][i]));
+        hosts.push((lab.net.ns(w)?, format!("{NET}.1{}", i + 1), ["lb-w1", "lb-w2", "lb-w3"][i]));
     }
     for (netns, addr, port) in &hosts {
-        if netns != &lab.internet {
-            ip(&["netns", "add", netns])?;
-            lab.namespaces.push(netns.clone());
-            ip(&["-n", netns, "link", "set", "lo", "up"])?;
-        }
-        ip(&["-n", &sw, "link", "add", port, "type", "veth", "peer", "name", "eth1", "netns", netns])?;
-        ip(&["-n", &sw, "link", "set", port, "master", "br0", "up"])?;
-        ip(&["-n", netns, "link", "set", "eth1", "up"])?;
-        ip(&["-n", netns, "addr", "add", &format!("{addr}/24"), "dev", "eth1"])?;
+        veth(sw.end(port).master("br0"), netns.end("eth1").addr(&format!("{addr}/24")))?;
     }
-    ip(&["-n", &lab.internet, "route", "add", &format!("{VIP}/32"), "via", &format!("{NET}.3")])?;
+    lab.internet.route(&format!("{VIP}/32"), &format!("{NET}.3"))?;
     // The kernel's FIB lookup for XDP needs forwarding on the balancer (README).
-    super::netns_sysctl(&balancer, "/proc/sys/net/ipv4/ip_forward", "1")?;
+    balancer.sysctl("net.ipv4.ip_forward", "1")?;
     println!("  \"internet\" {NET}.2 ──┐");
     println!("  balancer   {NET}.3 ──┼── bridge ── web-1 {NET}.11, web-2 {NET}.12, web-3 {NET}.13");
     println!("  The customer reaches VIP {VIP}:80 through the balancer; the web backends answer it directly.\n");
 
     // The backends: decapsulation for the VIP, and a web server.
-    for (i, w) in WEB.iter().enumerate() {
-        let netns = ns(lab, w);
-        lab.undo.push((netns.clone(), vec!["decap".into(), "detach".into(), "--iface".into(), "eth1".into()]));
+    for w in WEB {
+        let netns = Ns::named(lab.net.name(w));
+        lab.undo(&netns, &["decap", "detach", "--iface", "eth1"]);
         show(lab, &netns, &["decap", "attach", "--iface", "eth1", "--vip", &VIP.to_string(), "--mode", "skb"])?;
-        let backends = &mut lab.backends;
-        start_helper(&netns, &["__web", "--name", w, "--listen", "0.0.0.0:80"], w, |c| {
-            backends.push((w.to_string(), c))
-        })?;
-        let _ = i;
+        let web = start_helper(lab, &netns, &["__web", "--name", w, "--listen", "0.0.0.0:80"], w)?;
+        lab.backends.push((w.to_string(), web));
     }
     // The balancer.
-    lab.undo.push((balancer.clone(), vec!["detach".into(), "--iface".into(), "eth1".into()]));
+    lab.undo(&balancer, &["detach", "--iface", "eth1"]);
     show(lab, &balancer, &["attach", "--iface", "eth1", "--mode", "skb"])?;
     let service = format!("{VIP}:80/tcp");
     show(lab, &balancer, &["lb", "service", "add", &service])?;
@@ -91,7 +68,7 @@ pub fn run(lab: &mut Lab, tally: &mut Tally, first_section: usize) -> Result<()>
     let mut seen = std::collections::BTreeMap::<String, usize>::new();
     let mut failed = 0;
     for _ in 0..30 {
-        let mut cmd = super::in_netns(&lab.internet, "curl");
+        let mut cmd = lab.internet.command("curl");
         cmd.args(["-s", "--max-time", "5", &format!("http://{VIP}/")]);
         let out = capture(&mut cmd, Duration::from_secs(10))?;
         match WEB.iter().find(|w| out.stdout.contains(*w)) {
@@ -106,7 +83,7 @@ pub fn run(lab: &mut Lab, tally: &mut Tally, first_section: usize) -> Result<()>
     );
     let list = show(lab, &balancer, &["lb", "list"])?;
     let _ = list;
-    let mut cmd = rampart_in(lab, &balancer, &["lb", "list", "--json"]);
+    let mut cmd = lab.rampart_in(&balancer, &["lb", "list", "--json"]);
     let out = capture_ok(&mut cmd, Duration::from_secs(10))?;
     let v: serde_json::Value = serde_json::from_str(&out.stdout).context("lb list --json")?;
     let flows: u64 = v["services"][0]["backends"]

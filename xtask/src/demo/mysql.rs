@@ -19,7 +19,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{COMMAND_LIMIT, Lab, Tally, heading, in_netns, indent, ip};
+use rampart_netlab::{Ns, veth};
+
+use super::{COMMAND_LIMIT, Lab, Tally, heading, indent};
 use crate::proc::{capture, capture_ok, check_interrupt, show};
 
 /// The router's side of the application tier and of the database zone (one bridge, two
@@ -41,42 +43,35 @@ const FOLLOW_BOUND: Duration = Duration::from_secs(2);
 /// How long any wait on the cluster may take before the demo calls it a failure.
 const WAIT_LIMIT: Duration = Duration::from_secs(10);
 
-/// This part's namespaces: "router", "app", one per server, and the "dbnet" switch.
+/// This part's namespaces: "router", "app", one per server (and the "dbnet" switch).
 struct Net {
-    router: String,
-    app: String,
-    dbs: [String; 2],
-}
-
-fn ns(lab: &Lab, name: &str) -> String {
-    format!("rampart-{name}-{}", lab.id)
+    router: Ns,
+    app: Ns,
+    dbs: [Ns; 2],
 }
 
 /// The namespaces and their links: every host joins one bridge (in its own "dbnet" namespace)
 /// with an `eth1`. All of this part's namespace code is here.
 fn build_network(lab: &mut Lab) -> Result<Net> {
-    let net = Net { router: ns(lab, "router"), app: ns(lab, "app"), dbs: [ns(lab, "db-1"), ns(lab, "db-2")] };
-    let sw = ns(lab, "dbnet");
-    ip(&["netns", "add", &sw])?;
-    lab.namespaces.push(sw.clone());
-    ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-    ip(&["-n", &sw, "link", "set", "br0", "up"])?;
-    let hosts: [(&str, Vec<String>, &str); 4] = [
+    let sw = lab.net.ns("dbnet")?;
+    sw.bridge("br0")?;
+    let net = Net {
+        router: lab.net.ns("router")?,
+        app: lab.net.ns("app")?,
+        dbs: [lab.net.ns("db-1")?, lab.net.ns("db-2")?],
+    };
+    let hosts: [(&Ns, Vec<String>, &str); 4] = [
         (&net.router, vec![format!("{ROUTER_APP}/24"), format!("{ROUTER_DB}/24")], "db-r"),
         (&net.app, vec![format!("{APP}/24")], "db-a"),
         (&net.dbs[0], vec![format!("{}/24", DBS[0].1)], "db-s1"),
         (&net.dbs[1], vec![format!("{}/24", DBS[1].1)], "db-s2"),
     ];
-    for (netns, addrs, port) in &hosts {
-        ip(&["netns", "add", netns])?;
-        lab.namespaces.push(netns.to_string());
-        ip(&["-n", netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &sw, "link", "add", port, "type", "veth", "peer", "name", "eth1", "netns", netns])?;
-        ip(&["-n", &sw, "link", "set", port, "master", "br0", "up"])?;
-        for a in addrs {
-            ip(&["-n", netns, "addr", "add", a, "dev", "eth1"])?;
+    for (netns, addrs, port) in hosts {
+        let mut end = netns.end("eth1");
+        for a in &addrs {
+            end = end.addr(a);
         }
-        ip(&["-n", netns, "link", "set", "eth1", "up"])?;
+        veth(sw.end(port).master("br0"), end)?;
     }
     Ok(net)
 }
@@ -115,7 +110,7 @@ fn db_name(server_id: u32) -> &'static str {
 /// The `mariadb` client on the application host, through the router's `port`, as the
 /// application's user.
 fn app_client(net: &Net, port: SocketAddrV4, query: &str) -> Command {
-    let mut cmd = in_netns(&net.app, "mariadb");
+    let mut cmd = net.app.command("mariadb");
     // --skip-ssl: the demo's servers offer no TLS, and without it the client prints an error
     // sent before the handshake (rampart's refusal) as the message it is, not wrapped in a
     // warning that it could not be authenticated. (TLS passes through rampart untouched:
@@ -177,7 +172,7 @@ fn operator_sql(server: &mariadb_lab::Server, query: &str) -> Result<String> {
 
 /// The admin listener, from inside the router namespace.
 fn admin_get(net: &Net, path: &str) -> Result<String> {
-    let mut cmd = in_netns(&net.router, "curl");
+    let mut cmd = net.router.command("curl");
     cmd.args(["-sS", "--max-time", "5", &format!("http://{ADMIN}{path}")]);
     Ok(capture_ok(&mut cmd, COMMAND_LIMIT)?.stdout)
 }
@@ -198,7 +193,7 @@ fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
 fn show_status(lab: &Lab, net: &Net) -> Result<String> {
     let c = control(lab);
     let mut cmd = Command::new(&lab.rampart);
-    cmd.args(["-n", &net.router, "status", "--control-socket", &c.to_string_lossy()]);
+    cmd.args(["-n", net.router.name(), "status", "--control-socket", &c.to_string_lossy()]);
     let out = super::show_run(lab, &mut cmd)?;
     if !out.success() {
         bail!("`{}` failed ({})", super::shown(lab, &cmd), out.status);
@@ -251,14 +246,14 @@ pub(super) fn run(lab: &mut Lab, tally: &mut Tally, first: usize) -> Result<()> 
     println!("         {ROUTER_DB:<11}   ├── bridge");
     println!("  db-1   {:<11} ──┤   MariaDB primary", DBS[0].1);
     println!("  db-2   {:<11} ──┘   MariaDB replica of db-1 (GTID)", DBS[1].1);
-    println!("  Each in a network namespace of its own (rampart-<name>-{}).\n", lab.id);
+    println!("  Each in a network namespace of its own ({}-<name>).\n", lab.net.prefix());
 
     let template = lab.dir.join("mariadb-template");
     println!("  $ mariadb-install-db --datadir={}   (once; each server gets a copy)", template.display());
     mariadb_lab::install(&template)?;
     for (i, (name, addr, id)) in DBS.iter().enumerate() {
         let mut opts = mariadb_lab::Options::new(name, &lab.dir.join(name), (*addr).into(), MYSQL_PORT, *id);
-        opts.netns = Some(net.dbs[i].clone());
+        opts.netns = Some(net.dbs[i].name().to_string());
         println!("  $ ip netns exec {} mariadbd {}", net.dbs[i], opts.args().join(" "));
         let server = mariadb_lab::Server::start(&template, &opts)?;
         lab.databases.push(server);
@@ -287,7 +282,7 @@ pub(super) fn run(lab: &mut Lab, tally: &mut Tally, first: usize) -> Result<()> 
     println!("\n  mysql.toml (monitor.pass holds the monitor user's password):");
     print!("{}", indent(&cfg, 4));
     let router = net.router.clone();
-    super::https::start_daemon(lab, &router, "mysql.toml", LOG)?;
+    super::https::start_daemon(lab, router.name(), "mysql.toml", LOG)?;
     // Ready when the first discovery round has named the primary and put db-2 in the read pool.
     let t = Instant::now();
     let ready = loop {
