@@ -88,11 +88,21 @@ pub struct Admin {
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Dur,
+    /// Per-request latency histograms in `/metrics` (request, backend connect and first byte,
+    /// TLS handshake). `false` leaves them out, with their clock reads: about 20 series per
+    /// route, 40 per backend and 20 per listener fewer.
+    #[serde(default = "default_true")]
+    pub latency_histograms: bool,
 }
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin { listen: None, control_socket: default_control_socket(), drain_timeout: default_drain_timeout() }
+        Admin {
+            listen: None,
+            control_socket: default_control_socket(),
+            drain_timeout: default_drain_timeout(),
+            latency_histograms: true,
+        }
     }
 }
 
@@ -616,7 +626,9 @@ impl Config {
                 }
                 (None, n) if n != 1 => c.at(
                     s.vip.span(),
-                    format!("[[service]] {vip}: say which [[interface]] balances it (interface = \"…\"): the file has {n}"),
+                    format!(
+                        "[[service]] {vip}: say which [[interface]] balances it (interface = \"…\"): the file has {n}"
+                    ),
                 ),
                 _ => {}
             }
@@ -630,7 +642,13 @@ impl Config {
             let mut seen = HashSet::new();
             for b in &s.backends {
                 if b.addr.is_ipv4() != vip.is_ipv4() {
-                    c.at(s.vip.span(), format!("[[service]] {vip}: backend {} is not of the VIP's address family (IP-in-IP keeps it)", b.addr));
+                    c.at(
+                        s.vip.span(),
+                        format!(
+                            "[[service]] {vip}: backend {} is not of the VIP's address family (IP-in-IP keeps it)",
+                            b.addr
+                        ),
+                    );
                 }
                 if b.addr.is_unspecified() || b.addr.is_multicast() || b.addr.is_loopback() {
                     c.at(s.vip.span(), format!("[[service]] {vip}: backend {} cannot receive traffic", b.addr));
@@ -903,6 +921,15 @@ health = { path = "/healthz", interval = "500ms", expect = 204 }
         assert!(p.tls_verify);
         assert_eq!(c.https[0].session_ticket_rotation.get_ref().0, Duration::from_secs(6 * 3600));
         assert_eq!(c.admin.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        assert!(c.admin.latency_histograms);
+    }
+
+    #[test]
+    fn latency_histograms_switch() {
+        let c = parse(&format!("[admin]\nlatency_histograms = false\n{MIN}")).unwrap();
+        assert!(!c.admin.latency_histograms);
+        let e = err(&format!("[admin]\nlatency_histograms = \"no\"\n{MIN}"));
+        assert!(e.starts_with("t.toml:2:22:") && e.contains("expected a boolean"), "{e}");
     }
 
     #[test]
