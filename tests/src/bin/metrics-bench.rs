@@ -413,7 +413,7 @@ impl Lab {
             "nothing else (no other attached interface on the machine)".into()
         } else {
             format!(
-                "also {} interface(s) other programs had attached in their own namespaces on this machine (the daemon \
+                "{} interface(s) other programs had attached in their own namespaces on this machine (the daemon \
                  exports every attached interface), with {other_rules} rule(s)",
                 others
             )
