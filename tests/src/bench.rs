@@ -59,9 +59,24 @@ impl Table {
 /// Average ns per run of program `id` on `frame`, measured by `bpftool prog run` (the same tool
 /// for every program, ours or a peer's).
 pub fn run_bpftool(id: u32, frame: &[u8], repeat: u32) -> Result<f64> {
+    bpftool_run(None, id, frame, repeat)
+}
+
+/// [`run_bpftool`] from inside network namespace `ns`: the test run's device is then that
+/// namespace's loopback, so what the program looks up (routes, neighbours) is the namespace's.
+pub fn run_bpftool_in(ns: &str, id: u32, frame: &[u8], repeat: u32) -> Result<f64> {
+    bpftool_run(Some(ns), id, frame, repeat)
+}
+
+fn bpftool_run(ns: Option<&str>, id: u32, frame: &[u8], repeat: u32) -> Result<f64> {
     let f = std::env::temp_dir().join(format!("rampart-bench-{}-{id}.bin", std::process::id()));
     fs::write(&f, frame)?;
-    let r = sh("bpftool", &["prog", "run", "id", &id.to_string(), "data_in", f.to_str().unwrap(), "repeat", &repeat.to_string()]);
+    let (id, repeat) = (id.to_string(), repeat.to_string());
+    let run = ["prog", "run", "id", &id, "data_in", f.to_str().unwrap(), "repeat", &repeat];
+    let r = match ns {
+        Some(ns) => sh("ip", &[&["netns", "exec", ns, "bpftool"][..], &run[..]].concat()),
+        None => sh("bpftool", &run),
+    };
     let _ = fs::remove_file(&f);
     let out = r?;
     // "Return value: 2, duration (average): 12ns"
@@ -71,6 +86,34 @@ pub fn run_bpftool(id: u32, frame: &[u8], repeat: u32) -> Result<f64> {
         .and_then(|s| s.trim().trim_end_matches("ns").trim().parse::<f64>().ok())
         .with_context(|| format!("unexpected bpftool output: {out}"))?;
     Ok(ns)
+}
+
+/// The source prefix of deny rule `i` of [`rampart_rules`]: 10.a.b.0/24, a different /24 per
+/// rule.
+pub fn rule_net(i: u32) -> [u8; 4] {
+    [10, (i >> 8) as u8, (i & 0xff) as u8, 0]
+}
+
+/// A rule file of `n` rules rampart's way: CIDRs, port ranges and order that xdp-filter cannot
+/// express. Every fourth rule is an allow with a TCP port range, the others (and the last) deny
+/// a /24 ([`rule_net`]).
+pub fn rampart_rules(n: u32) -> String {
+    let mut s = String::from("default = \"allow\"\n");
+    for i in 0..n {
+        let [a, b, c, d] = rule_net(i);
+        if i % 4 == 3 && i + 1 != n {
+            let lo = 1000 + (i % 50_000) as u16;
+            writeln!(
+                s,
+                "[[rule]]\naction = \"allow\"\nproto = \"tcp\"\nsrc = \"{a}.{b}.{c}.{d}/24\"\ndport = \"{lo}-{}\"",
+                lo + 10
+            )
+            .unwrap();
+        } else {
+            writeln!(s, "[[rule]]\naction = \"deny\"\nsrc = \"{a}.{b}.{c}.{d}/24\"").unwrap();
+        }
+    }
+    s
 }
 
 /// A 60-byte Ethernet/IPv4/UDP frame with a valid IP checksum (the stack checks it before

@@ -357,6 +357,46 @@ fn reload_keeps_counts_and_retires_removed_backends() {
     });
 }
 
+/// `[admin] latency_histograms = false`: requests are counted, no histogram is written; a
+/// reload that turns them on times only the requests after it.
+#[test]
+fn latency_histograms_switch_off_and_on_by_reload() {
+    isolated(|| async move {
+        let site = Site::new("metrics-nohist");
+        let (listen, admin, backend) = (free_addr(), free_addr(), free_addr());
+        let _b = TestBackend::start("b", backend).await;
+        let text = site.config_text(listen, admin, "", &one_pool(backend));
+        let off = text.replacen("drain_timeout = \"5s\"\n", "drain_timeout = \"5s\"\nlatency_histograms = false\n", 1);
+        assert_ne!(off, text);
+        let cfg = site.dir.write("rampart.toml", &off);
+        let d = Daemon::start(&cfg, &site.dir.path("daemon.log"));
+        let get = || {
+            let c = curl_https(listen, "site.test", "/x", &site.ca_file, &["--http1.1"]);
+            assert_eq!(c.status, 200, "{c:?}");
+        };
+        for _ in 0..3 {
+            get();
+        }
+        let b = format!("backend=\"{backend}\"");
+        let m = scrape(admin, None).body;
+        assert_eq!(metric(&m, "rampart_http_backend_requests_total", &[&b, "code=\"2xx\""]), 3.0, "{m}");
+        assert!(!m.contains("_duration_seconds"), "histograms are off, yet:\n{m}");
+        assert_promtool_clean(&m);
+
+        site.dir.replace("rampart.toml", &text);
+        let sock = site.dir.path("control.sock");
+        let out = rampart(&["reload", "--control-socket", sock.to_str().unwrap()]);
+        assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+        d.wait_log("configuration reloaded");
+        get();
+        let m = scrape(admin, None).body;
+        assert_eq!(metric(&m, "rampart_http_backend_requests_total", &[&b, "code=\"2xx\""]), 4.0, "{m}");
+        assert_eq!(metric(&m, "rampart_http_request_duration_seconds_count", &[]), 1.0, "{m}");
+        assert_eq!(metric(&m, "rampart_http_backend_first_byte_duration_seconds_count", &[&b]), 1.0, "{m}");
+        assert_promtool_clean(&m);
+    });
+}
+
 /// A Prometheus server (Debian's, from the package setup installs), killed on drop.
 struct PrometheusServer(std::process::Child);
 

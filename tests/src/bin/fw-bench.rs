@@ -42,8 +42,8 @@ use rampart_common::{Counter, fw::stat};
 use rampart_netlab::{Ns, run};
 use rampart_tests::{
     bench::{
-        AttachedXdp, BpfStats, Flood, FloodSample, Table, XdpFilterNeeds, rotation, run_bpftool, sh, udp4_frame,
-        xdp_filter_hits,
+        AttachedXdp, BpfStats, Flood, FloodSample, Table, XdpFilterNeeds, rampart_rules, rotation, rule_net,
+        run_bpftool, sh, udp4_frame, xdp_filter_hits,
     },
     tls_bench::report::{median, min_max, thousands},
 };
@@ -87,11 +87,6 @@ fn probes(last_src: [u8; 4]) -> [(&'static str, Vec<u8>); 2] {
     [(NO_MATCH, udp([192, 0, 2, 1])), (LAST_RULE, udp(last_src))]
 }
 
-/// The source prefix of deny rule `i`: 10.a.b.0/24, a different /24 per rule.
-fn rule_net(i: u32) -> [u8; 4] {
-    [10, (i >> 8) as u8, (i & 0xff) as u8, 0]
-}
-
 /// The address xdp-filter is given for rule `i` (it matches whole addresses, not prefixes).
 fn rule_addr(i: u32) -> [u8; 4] {
     let mut a = rule_net(i);
@@ -102,22 +97,6 @@ fn rule_addr(i: u32) -> [u8; 4] {
 /// xdp-filter's rule set for the rows: source addresses only, so `-f ipv4`.
 const XF_NEEDS: XdpFilterNeeds =
     XdpFilterNeeds { ipv4: true, ipv6: false, tcp_ports: false, udp_ports: false, ethernet: false };
-
-/// A rule file of `n` rules rampart's way: CIDRs, port ranges and order that xdp-filter cannot
-/// express. Every fourth rule is an allow with a TCP port range, the others deny a /24.
-fn rampart_rules(n: u32) -> String {
-    let mut s = String::from("default = \"allow\"\n");
-    for i in 0..n {
-        let [a, b, c, d] = rule_net(i);
-        if i % 4 == 3 && i + 1 != n {
-            let lo = 1000 + (i % 50_000) as u16;
-            writeln!(s, "[[rule]]\naction = \"allow\"\nproto = \"tcp\"\nsrc = \"{a}.{b}.{c}.{d}/24\"\ndport = \"{lo}-{}\"", lo + 10).unwrap();
-        } else {
-            writeln!(s, "[[rule]]\naction = \"deny\"\nsrc = \"{a}.{b}.{c}.{d}/24\"").unwrap();
-        }
-    }
-    s
-}
 
 /// A deny rule over a 1,000,000-prefix set (distinct /32s spread over 11.0.0.0/8 … 26.0.0.0/8),
 /// then three rules; the probe's source is in the set.

@@ -65,7 +65,9 @@ struct Args {
     /// Threads (rampart's tokio workers, HAProxy's nbthread, nginx's worker_processes).
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Contenders to run, in order.
+    /// Contenders to run, in order: rampart, haproxy, nginx, and rampart-nohist (rampart with
+    /// `[admin] latency_histograms = false`; beside rampart, the report gives the latency
+    /// histograms' cost: `--only rampart,rampart-nohist`).
     #[arg(long, value_delimiter = ',', default_value = "rampart,haproxy,nginx")]
     only: Vec<String>,
     /// Do not pin the contenders and the clients to separate CPUs.
@@ -131,7 +133,9 @@ fn main() -> anyhow::Result<()> {
     let kinds: Vec<Kind> = args
         .only
         .iter()
-        .map(|s| Kind::parse(s).with_context(|| format!("unknown contender {s:?} (rampart, haproxy, nginx)")))
+        .map(|s| {
+            Kind::parse(s).with_context(|| format!("unknown contender {s:?} (rampart, rampart-nohist, haproxy, nginx)"))
+        })
         .collect::<anyhow::Result<_>>()?;
     if kinds.is_empty() {
         bail!("no contender to run");
@@ -142,7 +146,7 @@ fn main() -> anyhow::Result<()> {
     if kinds.contains(&Kind::Haproxy) {
         require_tool("haproxy")?;
     }
-    let rampart_bin = if kinds.contains(&Kind::Rampart) {
+    let rampart_bin = if kinds.iter().any(|k| matches!(k, Kind::Rampart | Kind::RampartNoHistograms)) {
         Some(locate_rampart(args.rampart_bin.clone().or_else(|| std::env::var_os("RAMPART_BIN").map(PathBuf::from)))?)
     } else {
         None
@@ -789,7 +793,13 @@ fn versions_line(results: &[Contender], backend: &Server, rampart_bin: Option<&P
         .unwrap_or_else(|_| "?".into());
     let mut parts: Vec<String> = results
         .iter()
-        .map(|c| if c.kind == Kind::Rampart { format!("{} ({build})", c.label) } else { c.label.clone() })
+        .map(|c| {
+            if matches!(c.kind, Kind::Rampart | Kind::RampartNoHistograms) {
+                format!("{} ({build})", c.label)
+            } else {
+                c.label.clone()
+            }
+        })
         .collect();
     parts.push(format!("backend nginx {}", backend.version));
     parts.push(format!("OpenSSL {}", contenders::openssl_version()));

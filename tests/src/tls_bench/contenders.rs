@@ -21,6 +21,9 @@ const START_WITHIN: Duration = Duration::from_secs(20);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Rampart,
+    /// rampart with `[admin] latency_histograms = false`: beside [`Kind::Rampart`], the cost of
+    /// the per-request latency histograms (same binary, same run).
+    RampartNoHistograms,
     Haproxy,
     Nginx,
 }
@@ -29,6 +32,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Rampart => "rampart",
+            Kind::RampartNoHistograms => "rampart-nohist",
             Kind::Haproxy => "HAProxy",
             Kind::Nginx => "nginx",
         }
@@ -37,6 +41,7 @@ impl Kind {
     pub fn parse(s: &str) -> Option<Kind> {
         match s.to_ascii_lowercase().as_str() {
             "rampart" => Some(Kind::Rampart),
+            "rampart-nohist" => Some(Kind::RampartNoHistograms),
             "haproxy" => Some(Kind::Haproxy),
             "nginx" => Some(Kind::Nginx),
             _ => None,
@@ -242,7 +247,8 @@ pub fn start(kind: Kind, setup: &Setup) -> Result<Server, BenchError> {
     let cgroup = setup.limit.map(|l| l.create(kind.name())).transpose()?;
     let cg = cgroup.as_ref();
     let mut server = match kind {
-        Kind::Rampart => start_rampart(setup, addr, cg),
+        Kind::Rampart => start_rampart(setup, addr, cg, true),
+        Kind::RampartNoHistograms => start_rampart(setup, addr, cg, false),
         Kind::Haproxy => start_haproxy(setup, addr, cg),
         Kind::Nginx => start_nginx_proxy(setup, addr, cg),
     }?;
@@ -251,11 +257,17 @@ pub fn start(kind: Kind, setup: &Setup) -> Result<Server, BenchError> {
     Ok(server)
 }
 
-fn start_rampart(setup: &Setup, addr: SocketAddr, cgroup: Option<&Cgroup>) -> Result<Server, BenchError> {
+fn start_rampart(
+    setup: &Setup,
+    addr: SocketAddr,
+    cgroup: Option<&Cgroup>,
+    histograms: bool,
+) -> Result<Server, BenchError> {
     let Setup { work, cert, backend, threads, cpus, rampart_bin: bin, .. } = *setup;
-    let dir = work.sub("rampart")?;
+    let kind = if histograms { Kind::Rampart } else { Kind::RampartNoHistograms };
+    let dir = work.sub(kind.name())?;
     let conf = format!(
-        "[admin]\ncontrol_socket = \"{sock}\"\ndrain_timeout = \"1s\"\n\n\
+        "[admin]\ncontrol_socket = \"{sock}\"\ndrain_timeout = \"1s\"\nlatency_histograms = {histograms}\n\n\
          [[https]]\nlisten = \"{addr}\"\ncerts = [{{ cert = \"{c}\", key = \"{k}\" }}]\nidle_timeout = \"5m\"\n\n\
          [[route]]\npath = \"/\"\npool = \"bench\"\n\n\
          [[pool]]\nname = \"bench\"\nbackends = [\"{backend}\"]\nbalance = \"round-robin\"\n\
@@ -270,7 +282,7 @@ fn start_rampart(setup: &Setup, addr: SocketAddr, cgroup: Option<&Cgroup>) -> Re
     // The tokio runtime's worker count; tokio reads this variable when the program sets none.
     cmd.env("TOKIO_WORKER_THREADS", threads.to_string());
     cmd.env("RUST_LOG", "info");
-    let mut proc = Proc::spawn_in("rampart", cmd, &dir.join("rampart.log"), cgroup)?;
+    let mut proc = Proc::spawn_in(kind.name(), cmd, &dir.join("rampart.log"), cgroup)?;
     proc.wait_port(addr, START_WITHIN)?;
     let version = Command::new(bin)
         .arg("--version")
@@ -279,12 +291,13 @@ fn start_rampart(setup: &Setup, addr: SocketAddr, cgroup: Option<&Cgroup>) -> Re
         .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
         .unwrap_or_else(|_| "?".into());
     Ok(Server {
-        kind: Some(Kind::Rampart),
+        kind: Some(kind),
         addr,
         version,
         setup: format!(
             "tokio multi-thread runtime with {threads} worker thread(s) (TOKIO_WORKER_THREADS={threads}), \
-             rustls aws-lc-rs, session tickets + cache as shipped, no health checks"
+             rustls aws-lc-rs, session tickets + cache as shipped, no health checks, latency histograms {}",
+            if histograms { "on (the default)" } else { "off (`[admin] latency_histograms = false`)" }
         ),
         config,
         proc,

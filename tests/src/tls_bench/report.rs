@@ -430,6 +430,13 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
         let _ = writeln!(o, "\n{}", paired_line(r, h));
     }
 
+    if let (Some(r), Some(n)) = (
+        contenders.iter().find(|c| c.kind == Kind::Rampart),
+        contenders.iter().find(|c| c.kind == Kind::RampartNoHistograms),
+    ) {
+        let _ = writeln!(o, "\n{}", histogram_cost(r, n));
+    }
+
     idle_table(&mut o, contenders);
 
     if let Some(line) = client_bound(ctx, contenders) {
@@ -681,6 +688,48 @@ fn paired_line(r: &Contender, h: &Contender) -> String {
     )
 }
 
+/// The latency histograms' cost (issue 14: under 2 % of keep-alive req/s): rampart with them
+/// (`r`) against the same binary without them (`n`, `[admin] latency_histograms = false`), round
+/// by round, beside the noise: how far apart `n`'s own rounds are.
+pub fn histogram_cost(r: &Contender, n: &Contender) -> String {
+    let mut ratios = r.paired(n, Run::KeepAlive, |x| x.keepalive.rps);
+    let mut caveat = "";
+    if ratios.is_empty() {
+        // As the medians do: disturbed rounds rather than none, said as such.
+        ratios = r.rounds.iter().zip(&n.rounds).map(|(a, b)| a.keepalive.rps / b.keepalive.rps).collect();
+        ratios.retain(|x| x.is_finite());
+        caveat = " **Every round was disturbed by other programs' CPU use: these figures are from disturbed rounds.**";
+    }
+    if ratios.is_empty() {
+        return "Latency histograms' cost: no round measured both rampart contenders.".into();
+    }
+    let (lo, hi) = min_max(&ratios);
+    let cost = 1.0 - median(ratios.clone());
+    let own = n.col(Run::KeepAlive, |x| x.keepalive.rps);
+    let (nlo, nhi) = min_max(&own);
+    let noise = if median(own.clone()) > 0.0 { (nhi - nlo) / median(own) } else { f64::NAN };
+    // Only a run whose own noise is under the 2 % can say the cost is under it.
+    let verdict = if cost >= 0.02 && cost > noise {
+        "**not met**".to_string()
+    } else if noise < 0.02 {
+        if cost < 0.02 { "met".into() } else { "**not met**".into() }
+    } else {
+        format!("**cannot tell**: this run's noise ({:.1} %) is larger than the 2 % to tell", noise * 100.0)
+    };
+    let inside = if cost.abs() <= noise { "inside" } else { "outside" };
+    format!(
+        "Latency histograms' cost (issue 14: under 2 % of keep-alive req/s): {verdict}. Keep-alive req/s of rampart \
+         with histograms ÷ without (`[admin] latency_histograms = false`, same binary, alternating within rounds), \
+         per round: {} (median {:.3}×, range {lo:.3}–{hi:.3}×), so the histograms cost {:.1} % of req/s; the noise, \
+         the spread of the no-histogram contender's own rounds ((max − min) ÷ median), is {:.1} %: the difference is \
+         {inside} it.{caveat}",
+        ratios.iter().map(|x| format!("{x:.3}×")).collect::<Vec<_>>().join(", "),
+        1.0 - cost,
+        cost * 100.0,
+        noise * 100.0,
+    )
+}
+
 fn client_busy(ctx: &Context, r: &Round) -> Option<f64> {
     let v: Vec<f64> = ctx.client_cpus.iter().filter_map(|&c| r.keepalive_usage.busy.get(c).copied()).collect();
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
@@ -835,6 +884,32 @@ mod tests {
         assert!(line.contains("req/s ≥ 1.2×: 1 of 2 (ratios 1.10–1.30×, median 1.20×)"), "{line}");
         assert!(line.contains("p99 no worse: 2 of 3"), "{line}");
         assert!(line.contains("full handshakes/s ≥ 1.5×: no round where both were undisturbed"), "{line}");
+    }
+
+    #[test]
+    fn histogram_cost_against_the_noise() {
+        let round = |rps: f64, foreign: f64| Round {
+            keepalive: WrkResult { rps, ..WrkResult::default() },
+            keepalive_usage: Usage { foreign, ..Usage::default() },
+            ..Round::default()
+        };
+        let n = contender(Kind::RampartNoHistograms, vec![round(1000.0, 0.0), round(1010.0, 0.0), round(995.0, 0.0)]);
+        let r = contender(Kind::Rampart, vec![round(990.0, 0.0), round(999.9, 0.0), round(500.0, 50.0)]);
+        let line = histogram_cost(&r, &n);
+        // Rounds 1 and 2 (round 3 was disturbed): 0.99 each, so 1 %; the noise 15 / 1000.
+        assert!(line.contains(": met.") && line.contains("0.990×, 0.990×"), "{line}");
+        assert!(line.contains("cost 1.0 % of req/s") && line.contains("is 1.5 %: the difference is inside it"), "{line}");
+        let r = contender(Kind::Rampart, vec![round(900.0, 0.0), round(909.0, 0.0), round(895.5, 0.0)]);
+        let line = histogram_cost(&r, &n);
+        assert!(line.contains("**not met**") && line.contains("cost 10.0 %") && line.contains("outside it"), "{line}");
+        // A noisy run cannot say 1 % is under 2 %.
+        let n = contender(Kind::RampartNoHistograms, vec![round(1000.0, 0.0), round(1040.0, 0.0), round(980.0, 0.0)]);
+        let r = contender(Kind::Rampart, vec![round(990.0, 0.0), round(1029.6, 0.0), round(970.2, 0.0)]);
+        let line = histogram_cost(&r, &n);
+        assert!(line.contains("**cannot tell**: this run's noise (6.0 %)"), "{line}");
+        let all = |rps| contender(Kind::Rampart, vec![round(rps, 50.0)]);
+        let line = histogram_cost(&all(990.0), &contender(Kind::RampartNoHistograms, vec![round(1000.0, 50.0)]));
+        assert!(line.contains("cost 1.0 %") && line.contains("from disturbed rounds"), "{line}");
     }
 
     #[test]

@@ -88,11 +88,21 @@ pub struct Admin {
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Dur,
+    /// Per-request latency histograms in `/metrics` (request, backend connect and first byte,
+    /// TLS handshake). `false` leaves them out, with their clock reads: about 20 series per
+    /// route, 40 per backend and 20 per listener fewer.
+    #[serde(default = "default_true")]
+    pub latency_histograms: bool,
 }
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin { listen: None, control_socket: default_control_socket(), drain_timeout: default_drain_timeout() }
+        Admin {
+            listen: None,
+            control_socket: default_control_socket(),
+            drain_timeout: default_drain_timeout(),
+            latency_histograms: true,
+        }
     }
 }
 
@@ -918,6 +928,15 @@ health = { path = "/healthz", interval = "500ms", expect = 204 }
         assert!(p.tls_verify);
         assert_eq!(c.https[0].session_ticket_rotation.get_ref().0, Duration::from_secs(6 * 3600));
         assert_eq!(c.admin.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        assert!(c.admin.latency_histograms);
+    }
+
+    #[test]
+    fn latency_histograms_switch() {
+        let c = parse(&format!("[admin]\nlatency_histograms = false\n{MIN}")).unwrap();
+        assert!(!c.admin.latency_histograms);
+        let e = err(&format!("[admin]\nlatency_histograms = \"no\"\n{MIN}"));
+        assert!(e.starts_with("t.toml:2:22:") && e.contains("expected a boolean"), "{e}");
     }
 
     #[test]

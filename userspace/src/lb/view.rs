@@ -12,7 +12,7 @@ use super::{
     state::{self, Service},
     tables::LbTables,
 };
-use crate::{fw::view::iface_labels, paths::Scope};
+use crate::{fw::view::iface_labels, paths::Scope, serve::stats::Rendered};
 
 /// One interface's services with their counters.
 pub struct IfaceLb {
@@ -64,6 +64,21 @@ pub struct LbCollector;
 impl Collector for LbCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let all = read_all(None);
+        // Each backend's labels, rendered once for its four families.
+        let backend_labels: Vec<Vec<Vec<Rendered>>> = all
+            .iter()
+            .map(|i| {
+                let [(k1, netns), (k2, iface)] = iface_labels(&i.scope, &i.iface);
+                let base = Rendered::new([(k1, netns.as_str()), (k2, iface.as_str())]);
+                i.services
+                    .iter()
+                    .map(|(s, _, _)| {
+                        let svc = base.with("service", &s.id.to_string());
+                        s.backends.iter().map(|b| svc.with("backend", &b.addr.to_string())).collect()
+                    })
+                    .collect()
+            })
+            .collect();
         type Pick = fn(&LbCounter) -> u64;
         let figures: [(&str, &str, Pick); 3] = [
             ("packets", "Packets", |c| c.packets),
@@ -83,17 +98,10 @@ impl Collector for LbCollector {
             let name = format!("lb_backend_{what}");
             let mut m =
                 enc.encode_descriptor(&name, &format!("{help} sent to an L4 backend"), None, MetricType::Counter)?;
-            for i in &all {
-                let [netns, iface] = iface_labels(&i.scope, &i.iface);
-                for (s, _, bc) in &i.services {
-                    for (b, c) in s.backends.iter().zip(bc) {
-                        let labels = [
-                            netns.clone(),
-                            iface.clone(),
-                            ("service", s.id.to_string()),
-                            ("backend", b.addr.to_string()),
-                        ];
-                        m.encode_family(&labels.as_slice())?.encode_counter::<NoLabelSet, _, u64>(&pick(c), None)?;
+            for (i, labels) in all.iter().zip(&backend_labels) {
+                for ((_, _, bc), labels) in i.services.iter().zip(labels) {
+                    for (c, l) in bc.iter().zip(labels) {
+                        m.encode_family(l)?.encode_counter::<NoLabelSet, _, u64>(&pick(c), None)?;
                     }
                 }
             }
@@ -104,14 +112,11 @@ impl Collector for LbCollector {
             None,
             MetricType::Gauge,
         )?;
-        for i in &all {
-            let [netns, iface] = iface_labels(&i.scope, &i.iface);
-            for (s, _, _) in &i.services {
-                for b in &s.backends {
-                    let labels =
-                        [netns.clone(), iface.clone(), ("service", s.id.to_string()), ("backend", b.addr.to_string())];
+        for (i, labels) in all.iter().zip(&backend_labels) {
+            for ((s, _, _), labels) in i.services.iter().zip(labels) {
+                for (b, l) in s.backends.iter().zip(labels) {
                     let up = i64::from(b.effective_weight() > 0);
-                    m.encode_family(&labels.as_slice())?.encode_gauge(&up)?;
+                    m.encode_family(l)?.encode_gauge(&up)?;
                 }
             }
         }

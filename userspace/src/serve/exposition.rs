@@ -109,10 +109,15 @@ pub fn to_classic(om: &str) -> String {
             // UNIT, EOF: OpenMetrics only.
             continue;
         }
-        let sample = strip_exemplar(line);
+        // Per sample line only what is cheap (this runs for every line of a big scrape): a line
+        // without `#` has no exemplar, and `_created` is looked for right after the name.
+        let sample = if line.contains('#') { strip_exemplar(line) } else { line };
         if let Some((name, ty)) = family
             && matches!(ty, "counter" | "histogram" | "summary")
-            && sample_name(sample).strip_prefix(name) == Some("_created")
+            && sample
+                .strip_prefix(name)
+                .and_then(|r| r.strip_prefix("_created"))
+                .is_some_and(|r| r.starts_with(['{', ' ']))
         {
             continue;
         }

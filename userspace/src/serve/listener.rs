@@ -213,7 +213,7 @@ async fn serve_tls_conn(
     };
     let labels = ListenerLabels { listener: lrt.name.clone() };
     let acceptor = tokio_rustls::TlsAcceptor::from(lrt.tls.clone());
-    let t0 = std::time::Instant::now();
+    let t0 = lrt.stats.handshake.start();
     // ALPN is read here, not from `tls` below: a borrowed local keeps its slot in this future's
     // state after it is moved into `h1::serve`, 1.2 KiB more for every connection.
     let (tls, h2) = match tokio::time::timeout(lrt.client_header_timeout, acceptor.accept(Tcp(tcp))).await {

@@ -7,7 +7,10 @@
 //! figures at scrape time: [`HttpCollector`] (per backend, route and listener),
 //! [`FwCollector`] (the XDP firewall's per-CPU maps), `LbCollector` (the balancer's), [`ProcessCollector`] and [`BuildInfo`].
 
-use std::sync::{Arc, RwLock, atomic::AtomicU64};
+use std::sync::{
+    Arc, RwLock,
+    atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+};
 
 use super::{
     exposition::{self, Format},
@@ -112,6 +115,8 @@ pub struct Metrics {
     pub mysql: std::sync::Arc<super::mysql::metrics::MysqlMetrics>,
     /// Per backend, route and listener handles (see `stats`).
     pub http: Arc<HttpStats>,
+    /// Bytes of the last OpenMetrics text, to size the next.
+    last_len: AtomicUsize,
 }
 
 impl Default for Metrics {
@@ -145,6 +150,7 @@ impl Metrics {
             mysql: Default::default(),
             http,
             registry: Registry::default(),
+            last_len: AtomicUsize::new(0),
         };
         registry.register("http_requests", "HTTP requests answered, by route, pool and status", m.requests.clone());
         registry.register(
@@ -187,9 +193,13 @@ impl Metrics {
 
     /// Every figure, in `format`. Reads the firewall's maps: call it off the async workers.
     pub fn encode(&self, format: Format) -> String {
-        let mut out = String::new();
+        // Sized like the last scrape (plus growth): a big scrape (megabytes with thousands of
+        // rules and backends) would otherwise copy itself at each doubling.
+        let last = self.last_len.load(Relaxed);
+        let mut out = String::with_capacity(last + last / 8);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        self.last_len.store(out.len(), Relaxed);
         match format {
             Format::OpenMetrics => out,
             Format::Classic => exposition::to_classic(&out),

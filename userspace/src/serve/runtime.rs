@@ -114,6 +114,8 @@ impl Generation {
         http: &HttpStats,
     ) -> Result<Generation, ServeError> {
         let base = config_path.parent().unwrap_or(Path::new("."));
+        // Before any handle is resolved: they share the switch, a reload flips it in place.
+        http.set_histograms(config.admin.latency_histograms);
         let mut pools: Vec<Arc<PoolRt>> = Vec::new();
         for p in &config.pools {
             let old = previous.and_then(|g| g.pools.iter().find(|o| o.name == p.name()));

@@ -7,19 +7,24 @@
 //! lock, no allocation, no label hashing per request. The handles live in [`HttpStats`] across
 //! reloads (a backend, route or listener that stays keeps its counts) and are read at scrape
 //! time by [`HttpCollector`].
+//!
+//! `[admin] latency_histograms = false` turns the histograms off: no clock reads for them per
+//! request, and no histogram families in `/metrics` (with many backends they are most of its
+//! series). Every histogram shares [`HttpStats`]'s switch, so a reload turns them on or off in
+//! place; the counts kept meanwhile stay.
 
 use std::{
     collections::{BTreeMap, HashSet},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, NoLabelSet},
+    encoding::{DescriptorEncoder, EncodeLabelSet, LabelSetEncoder, NoLabelSet},
     metrics::MetricType,
     registry::Unit,
 };
@@ -52,15 +57,26 @@ const BOUNDS_NS: [u64; 18] = [
 pub struct Histogram {
     buckets: [AtomicU64; BOUNDS_NS.len() + 1],
     sum_ns: AtomicU64,
+    /// Whether observations are made (shared by every histogram of an [`HttpStats`]).
+    on: Arc<AtomicBool>,
 }
 
 impl Default for Histogram {
     fn default() -> Self {
-        Histogram { buckets: std::array::from_fn(|_| AtomicU64::new(0)), sum_ns: AtomicU64::new(0) }
+        Self::switched(Arc::new(AtomicBool::new(true)))
     }
 }
 
 impl Histogram {
+    fn switched(on: Arc<AtomicBool>) -> Self {
+        Histogram { buckets: std::array::from_fn(|_| AtomicU64::new(0)), sum_ns: AtomicU64::new(0), on }
+    }
+
+    /// The start of a timing, or `None` (no clock read) while histograms are off.
+    pub fn start(&self) -> Option<Instant> {
+        self.on.load(Relaxed).then(Instant::now)
+    }
+
     pub fn observe(&self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         // The first bucket whose bound is >= ns (Prometheus buckets are `le`).
@@ -69,8 +85,11 @@ impl Histogram {
         self.sum_ns.fetch_add(ns, Relaxed);
     }
 
-    pub fn since(&self, t0: Instant) {
-        self.observe(t0.elapsed())
+    /// Observes the time since `t0` (from [`Histogram::start`]).
+    pub fn since(&self, t0: Option<Instant>) {
+        if let Some(t0) = t0 {
+            self.observe(t0.elapsed())
+        }
     }
 
     /// (sum in seconds, count, per-bucket counts with their bounds in seconds; the last bound
@@ -103,12 +122,16 @@ pub struct BackendStats {
 
 impl BackendStats {
     pub fn new(pool: &str, backend: &str) -> Self {
+        Self::switched(pool, backend, Arc::new(AtomicBool::new(true)))
+    }
+
+    fn switched(pool: &str, backend: &str, on: Arc<AtomicBool>) -> Self {
         BackendStats {
             pool: pool.to_string(),
             backend: backend.to_string(),
             by_class: Default::default(),
-            connect: Histogram::default(),
-            first_byte: Histogram::default(),
+            connect: Histogram::switched(on.clone()),
+            first_byte: Histogram::switched(on),
         }
     }
 
@@ -136,26 +159,27 @@ pub struct RouteStats {
     pub duration: Histogram,
 }
 
-/// Observes the time since its creation into a route's histogram when dropped.
+/// Observes the time since its creation into a route's histogram when dropped (nothing, and
+/// no clock read, while histograms are off).
 pub struct Timing<S: AsRef<RouteStats>> {
-    stats: Option<S>,
-    t0: Instant,
+    started: Option<(S, Instant)>,
 }
 
 impl<S: AsRef<RouteStats>> Timing<S> {
     pub fn start(stats: S) -> Self {
-        Timing { stats: Some(stats), t0: Instant::now() }
+        let t0 = stats.as_ref().duration.start();
+        Timing { started: t0.map(|t0| (stats, t0)) }
     }
     /// Drops without observing.
     pub fn cancel(mut self) {
-        self.stats = None;
+        self.started = None;
     }
 }
 
 impl<S: AsRef<RouteStats>> Drop for Timing<S> {
     fn drop(&mut self) {
-        if let Some(s) = &self.stats {
-            s.as_ref().duration.since(self.t0);
+        if let Some((s, t0)) = &self.started {
+            s.as_ref().duration.since(Some(*t0));
         }
     }
 }
@@ -181,9 +205,16 @@ struct Store {
 }
 
 /// Every handle of the running generation(s), by labels.
-#[derive(Default)]
 pub struct HttpStats {
     store: Mutex<Store>,
+    /// `[admin] latency_histograms`: shared by every histogram handed out.
+    histograms: Arc<AtomicBool>,
+}
+
+impl Default for HttpStats {
+    fn default() -> Self {
+        HttpStats { store: Mutex::default(), histograms: Arc::new(AtomicBool::new(true)) }
+    }
 }
 
 impl std::fmt::Debug for HttpStats {
@@ -197,12 +228,22 @@ impl HttpStats {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Turns the latency histograms on or off (each generation, from its config).
+    pub fn set_histograms(&self, on: bool) {
+        self.histograms.store(on, Relaxed);
+    }
+
+    pub fn histograms(&self) -> bool {
+        self.histograms.load(Relaxed)
+    }
+
     /// The handle of (`pool`, `backend`), created on first use (generation build time).
     pub fn backend(&self, pool: &str, backend: &str) -> Arc<BackendStats> {
+        let on = self.histograms.clone();
         self.store()
             .backends
             .entry((pool.to_string(), backend.to_string()))
-            .or_insert_with(|| Arc::new(BackendStats::new(pool, backend)))
+            .or_insert_with(|| Arc::new(BackendStats::switched(pool, backend, on)))
             .clone()
     }
 
@@ -214,7 +255,7 @@ impl HttpStats {
                 Arc::new(RouteStats {
                     route: route.to_string(),
                     pool: pool.to_string(),
-                    duration: Histogram::default(),
+                    duration: Histogram::switched(self.histograms.clone()),
                 })
             })
             .clone()
@@ -225,7 +266,10 @@ impl HttpStats {
             .listeners
             .entry(listener.to_string())
             .or_insert_with(|| {
-                Arc::new(ListenerStats { listener: listener.to_string(), handshake: Histogram::default() })
+                Arc::new(ListenerStats {
+                    listener: listener.to_string(),
+                    handshake: Histogram::switched(self.histograms.clone()),
+                })
             })
             .clone()
     }
@@ -266,19 +310,25 @@ impl Collector for HttpCollector {
             None,
             MetricType::Counter,
         )?;
-        for b in &backends {
+        let labels: Vec<Rendered> = backends
+            .iter()
+            .map(|b| Rendered::new([("pool", escape(&b.pool).as_str()), ("backend", escape(&b.backend).as_str())]))
+            .collect();
+        for (b, l) in backends.iter().zip(&labels) {
             for (i, class) in CLASSES.iter().enumerate() {
-                let labels = [("pool", escape(&b.pool)), ("backend", escape(&b.backend)), ("code", (*class).into())];
-                m.encode_family(&labels.as_slice())?
+                m.encode_family(&l.with("code", class))?
                     .encode_counter::<NoLabelSet, _, u64>(&b.by_class[i].load(Relaxed), None)?;
             }
         }
+        if !self.0.histograms() {
+            return Ok(());
+        }
         let seconds = Unit::Seconds;
-        let mut histograms = |name: &str, help: &str, rows: Vec<(Vec<(&'static str, String)>, &Histogram)>| {
+        let mut histograms = |name: &str, help: &str, rows: Vec<(Rendered, &Histogram)>| {
             let mut m = enc.encode_descriptor(name, help, Some(&seconds), MetricType::Histogram)?;
             for (labels, h) in rows {
                 let (sum, count, buckets) = h.read();
-                m.encode_family(&labels.as_slice())?.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+                m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
             }
             Ok::<_, std::fmt::Error>(())
         };
@@ -287,31 +337,84 @@ impl Collector for HttpCollector {
             "Time from a request's head read to the last byte of its answer written, by route",
             routes
                 .iter()
-                .map(|r| (vec![("route", escape(&r.route)), ("pool", escape(&r.pool))], &r.duration))
+                .map(|r| {
+                    (
+                        Rendered::new([("route", escape(&r.route).as_str()), ("pool", escape(&r.pool).as_str())]),
+                        &r.duration,
+                    )
+                })
                 .collect(),
         )?;
         histograms(
             "http_backend_connect_duration",
             "Time to open a new backend connection (TCP, PROXY header, TLS)",
-            backends
-                .iter()
-                .map(|b| (vec![("pool", escape(&b.pool)), ("backend", escape(&b.backend))], &b.connect))
-                .collect(),
+            backends.iter().zip(&labels).map(|(b, l)| (l.clone(), &b.connect)).collect(),
         )?;
         histograms(
             "http_backend_first_byte_duration",
             "Time from a request's first byte sent to a backend to its response head read",
-            backends
-                .iter()
-                .map(|b| (vec![("pool", escape(&b.pool)), ("backend", escape(&b.backend))], &b.first_byte))
-                .collect(),
+            backends.iter().zip(&labels).map(|(b, l)| (l.clone(), &b.first_byte)).collect(),
         )?;
         histograms(
             "tls_handshake_duration",
             "Time of completed TLS handshakes with clients, by listener",
-            listeners.iter().map(|l| (vec![("listener", escape(&l.listener))], &l.handshake)).collect(),
+            listeners
+                .iter()
+                .map(|l| (Rendered::new([("listener", escape(&l.listener).as_str())]), &l.handshake))
+                .collect(),
         )?;
         Ok(())
+    }
+}
+
+/// A label set rendered once into one piece (`k="v",…`, values escaped) and written with one
+/// call: a collector of thousands of series (rules, backends, histogram buckets) spends most of
+/// a scrape in the encoder's per-key, per-quote, per-value calls otherwise. The order and text
+/// are those of the `[(&str, String)]` sets it replaces.
+#[derive(Clone, Debug, Default)]
+pub struct Rendered(String);
+
+impl Rendered {
+    /// From (key, escaped value) pairs.
+    pub fn new<'a>(labels: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let mut s = String::new();
+        for (k, v) in labels {
+            if !s.is_empty() {
+                s.push(',');
+            }
+            s.push_str(k);
+            s.push_str("=\"");
+            s.push_str(v);
+            s.push('"');
+        }
+        Rendered(s)
+    }
+
+    /// These labels and one more (`value` escaped).
+    pub fn with(&self, key: &str, value: &str) -> Self {
+        let mut s = String::with_capacity(self.0.len() + key.len() + value.len() + 4);
+        s.push_str(&self.0);
+        if !s.is_empty() {
+            s.push(',');
+        }
+        s.push_str(key);
+        s.push_str("=\"");
+        s.push_str(value);
+        s.push('"');
+        Rendered(s)
+    }
+}
+
+impl EncodeLabelSet for Rendered {
+    fn encode(&self, mut enc: LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        // The whole set through the key writer, which writes verbatim (as it does keys), with
+        // no value after it: the text is already `k="v",…`.
+        let mut label = enc.encode_label();
+        let mut key = label.encode_label_key()?;
+        std::fmt::Write::write_str(&mut key, &self.0)
     }
 }
 
@@ -406,6 +509,99 @@ mod tests {
         ] {
             assert!(om.lines().any(|l| l == line), "no line {line:?} in\n{om}");
         }
+    }
+
+    #[test]
+    fn histograms_switched_off_observe_nothing_and_leave_metrics() {
+        let stats = Arc::new(HttpStats::default());
+        let b = stats.backend("web", "127.0.0.1:8080");
+        let r = stats.route("*/", "web");
+        let l = stats.listener("127.0.0.1:443");
+        let encode = || {
+            let mut reg = Registry::default();
+            reg.sub_registry_with_prefix("rampart").register_collector(Box::new(HttpCollector(stats.clone())));
+            let mut om = String::new();
+            prometheus_client::encoding::text::encode(&mut om, &reg).unwrap();
+            om
+        };
+        b.first_byte.observe(Duration::from_millis(3));
+        stats.set_histograms(false);
+        assert_eq!(b.connect.start(), None);
+        b.connect.since(b.connect.start());
+        drop(Timing::start(&*r));
+        l.handshake.since(l.handshake.start());
+        b.count(200);
+        let om = encode();
+        assert!(!om.contains("_duration_seconds"), "{om}");
+        assert!(
+            om.contains("rampart_http_backend_requests_total{pool=\"web\",backend=\"127.0.0.1:8080\",code=\"2xx\"} 1"),
+            "{om}"
+        );
+        // Handles made before and after the switch follow it; counts kept meanwhile stay.
+        stats.set_histograms(true);
+        let b2 = stats.backend("web", "127.0.0.1:8081");
+        b2.connect.since(b2.connect.start());
+        drop(Timing::start(&*r));
+        assert_eq!(
+            (b.connect.read().1, b.first_byte.read().1, r.duration.read().1, l.handshake.read().1),
+            (0, 1, 1, 0)
+        );
+        assert_eq!(b2.connect.read().1, 1);
+        let om = encode();
+        assert!(om.contains("rampart_http_request_duration_seconds_count{route=\"*/\",pool=\"web\"} 1"), "{om}");
+    }
+
+    /// A collector writing one counter and one histogram with either kind of label set.
+    struct Both(bool);
+
+    impl std::fmt::Debug for Both {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Both")
+        }
+    }
+
+    impl Collector for Both {
+        fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            let pairs = [("pool", escape("a\"b")), ("backend", "127.0.0.1:80".to_string())];
+            let rendered = Rendered::new(pairs.iter().map(|(k, v)| (*k, v.as_str())));
+            let mut m = enc.encode_descriptor("c", "C", None, MetricType::Counter)?;
+            if self.0 {
+                m.encode_family(&rendered.with("code", "2xx"))?.encode_counter::<NoLabelSet, _, u64>(&3u64, None)?;
+            } else {
+                let mut l = pairs.to_vec();
+                l.push(("code", "2xx".into()));
+                m.encode_family(&l.as_slice())?.encode_counter::<NoLabelSet, _, u64>(&3u64, None)?;
+            }
+            let h = Histogram::default();
+            h.observe(Duration::from_millis(2));
+            let (sum, count, buckets) = h.read();
+            let mut m = enc.encode_descriptor("h", "H", Some(&Unit::Seconds), MetricType::Histogram)?;
+            if self.0 {
+                m.encode_family(&rendered)?.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+            } else {
+                m.encode_family(&pairs.as_slice())?.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn rendered_labels_write_what_pairs_write() {
+        let text = |rendered| {
+            let mut reg = Registry::default();
+            reg.register_collector(Box::new(Both(rendered)));
+            let mut om = String::new();
+            prometheus_client::encoding::text::encode(&mut om, &reg).unwrap();
+            om
+        };
+        let (pairs, rendered) = (text(false), text(true));
+        assert!(pairs.contains("c_total{pool=\"a\\\"b\",backend=\"127.0.0.1:80\",code=\"2xx\"} 3\n"), "{pairs}");
+        assert!(
+            pairs.contains("h_seconds_bucket{le=\"0.0025\",pool=\"a\\\"b\",backend=\"127.0.0.1:80\"} 1\n"),
+            "{pairs}"
+        );
+        assert_eq!(rendered, pairs);
+        assert_eq!(Rendered::new([]).with("a", "1").0, "a=\"1\"");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -649,7 +649,7 @@ async fn attempt<B: RequestBody>(
                 // Boxed: a new backend connection is rare on the keep-alive path and costs a TCP
                 // (and maybe TLS) handshake anyway, while its 1.5 KiB future inline would size
                 // the state of every client connection, idle ones too.
-                let t0 = Instant::now();
+                let t0 = bc.stats.connect.start();
                 match Box::pin(bc.connect(header)).await {
                     Ok(u) => {
                         bc.stats.connect.since(t0);
@@ -659,7 +659,7 @@ async fn attempt<B: RequestBody>(
                 }
             }
         };
-        let sent_at = Instant::now();
+        let sent_at = bc.stats.first_byte.start();
         let sent = body.timer().within(response_timeout, up.send(head)).await;
         if let Err(e) = sent.unwrap_or_else(|t| Err(t.into())) {
             if !fresh && body.replayable() {
