@@ -67,6 +67,9 @@ pub struct Options {
     pub max_connections: u32,
     /// More `mariadbd` arguments.
     pub extra: Vec<String>,
+    /// An option file read first (`--defaults-file`, e.g. examples/stack/mariadb.cnf); the
+    /// arguments above override it. `None`: `--no-defaults`, no option file at all.
+    pub defaults_file: Option<PathBuf>,
 }
 
 impl Options {
@@ -84,14 +87,20 @@ impl Options {
             buffer_pool: "32M".to_string(),
             max_connections: 500,
             extra: Vec::new(),
+            defaults_file: None,
         }
     }
 
     /// `mariadbd`'s arguments.
     pub fn args(&self) -> Vec<String> {
         let d = &self.dir;
+        // mariadbd takes the option-file choice only as its first argument.
+        let defaults = match &self.defaults_file {
+            Some(f) => format!("--defaults-file={}", f.display()),
+            None => "--no-defaults".into(),
+        };
         let mut a: Vec<String> = vec![
-            "--no-defaults".into(),
+            defaults,
             "--user=root".into(),
             format!("--datadir={}", d.display()),
             format!("--socket={}", d.join("sock").display()),
