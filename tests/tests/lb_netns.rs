@@ -148,8 +148,9 @@ impl Lab {
             lab.join(&format!("b{}", i + 1), addr, "eth0", true);
         }
         let ok = |r: Result<(), NetlabError>| r.unwrap_or_else(|e| panic!("{e}"));
-        // The client reaches the VIP through the balancer.
+        // The client reaches the VIP through the balancer, in frames as a wire carries them.
         ok(Ns::named(lab.ns("c")).route(&format!("{VIP}/32"), LB));
+        ok(wire_like(&Ns::named(lab.ns("c")), "eth0"));
         // The balancer forwards (the FIB lookup needs it, and so does the first packet to a
         // backend whose MAC is not known yet).
         ok(Ns::named(lab.ns("lb")).sysctl("net.ipv4.ip_forward", "1"));
@@ -458,6 +459,8 @@ fn ecmp_two_balancers_one_lost_connections_survive() {
     }
     ok(r.sysctl("net.ipv4.ip_forward", "1"));
     ok(r.sysctl("net.ipv4.fib_multipath_hash_policy", "1"));
+    ok(wire_like(&c, "eth0"));
+    ok(wire_like(&r, "eth1"));
     let vip = format!("{VIP}/32");
     ok(r.multipath_route(&vip, &["10.77.0.3", "10.77.0.4"]));
     for lb in ["lb1", "lb2"] {
@@ -509,4 +512,12 @@ fn ecmp_two_balancers_one_lost_connections_survive() {
     assert!(survived >= 198, "only {survived} of 200 established connections survived losing a balancer");
     assert!(via("lb2") > f2, "lb2 took over no flow");
     lab.detached("lb1");
+}
+
+/// Makes `iface` send frames as a NIC puts them on the wire: no segmentation offload (a veth
+/// otherwise hands its peer TCP super-packets of up to 64 KiB, which the balancer's XDP would
+/// see as one frame far above the MTU and answer with ICMP too-big, over and over) and finished
+/// checksums.
+fn wire_like(ns: &Ns, iface: &str) -> Result<(), NetlabError> {
+    ns.run("ethtool", &["-K", iface, "tx", "off", "tso", "off", "gso", "off"]).map(|_| ())
 }
