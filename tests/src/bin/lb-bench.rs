@@ -52,7 +52,7 @@ use rampart_common::{fw::PROGRAM_NAME, xdp_action};
 use rampart_tests::{
     bench::{BpfStats, Flood, FloodSample, Table, rotation, run_bpftool, sh, udp4_frame},
     netns::rampart_bin,
-    packet::Packet,
+    packet::{Packet, TCP_ACK},
     tls_bench::report::{median, min_max, thousands},
 };
 
@@ -349,15 +349,17 @@ impl Case {
     }
 }
 
-/// A TCP frame to the service from a source that encodes `i` (10.128.0.0/9: a flow no other
-/// frame of the run uses).
+/// A TCP SYN to the service (a new connection) from a source that encodes `i` (10.128.0.0/9:
+/// a flow no other frame of the run uses).
 fn miss_frame(i: u32) -> Vec<u8> {
     let src = Ipv4Addr::from(0x0a80_0000 | (i & 0x7f_ffff));
     Packet::tcp4(src, VIP, 40000, TCP_PORT).build().bytes
 }
 
+/// A packet of an established connection (ACK): a SYN always opens a new flow (hashed again),
+/// so the connection table's hit is measured on what an open connection sends.
 fn hit_frame() -> Vec<u8> {
-    Packet::tcp4(Ipv4Addr::new(192, 0, 2, 7), VIP, 40000, TCP_PORT).build().bytes
+    Packet::tcp4(Ipv4Addr::new(192, 0, 2, 7), VIP, 40000, TCP_PORT).tcp_flags(TCP_ACK).build().bytes
 }
 
 fn non_service_frame() -> Vec<u8> {
