@@ -269,10 +269,12 @@ fn faults(s: &Stack) {
                 let answers = s.batch("client", &reqs, Conn::NewEach).expect("writes");
                 let at = start.elapsed().as_secs_f64();
                 for a in answers {
-                    let ok = a.status == 201;
-                    if ok {
-                        let id: u64 =
-                            a.body.split("\"id\": ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+                    // Acknowledged: a 201 whose whole answer arrived (a node killed mid-answer
+                    // leaves a status without the body: in flight, not acknowledged).
+                    let id =
+                        a.body.split("\"id\": ").nth(1).and_then(|r| r.split(',').next()?.trim().parse::<u64>().ok());
+                    let ok = a.status == 201 && a.error.is_empty() && id.is_some();
+                    if let (true, Some(id)) = (ok, id) {
                         acked.lock().unwrap().push(id);
                     }
                     let body: String = a.body.trim().chars().take(140).collect();
@@ -293,7 +295,7 @@ fn faults(s: &Stack) {
                 let at = start.elapsed().as_secs_f64();
                 for a in answers {
                     let what = format!("page {} {}", a.status, a.error);
-                    sent.lock().unwrap().push(Sent { from, at, ok: a.status == 200, what });
+                    sent.lock().unwrap().push(Sent { from, at, ok: a.status == 200 && a.error.is_empty(), what });
                 }
             }
         });
