@@ -235,7 +235,7 @@ impl Snapshot {
     pub fn now() -> Self {
         Snapshot {
             schema: SCHEMA,
-            version: crate::serve::process::VERSION.to_string(),
+            version: crate::VERSION.to_string(),
             taken_unix: unix_now(),
             monotonic_ns: monotonic_ns(),
             ..Snapshot::default()

@@ -34,7 +34,7 @@ use super::{
     rules::Action,
     state::{Counts, FwState, STATE_FILE, STATE_VERSION},
 };
-use crate::{paths, paths::Scope, serve::stats::Rendered};
+use crate::{labels::Rendered, paths, paths::Scope};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
@@ -396,7 +396,7 @@ pub(crate) fn iface_labels(scope: &Scope, iface: &str) -> [(&'static str, String
         Scope::Host => String::new(),
         Scope::Netns(n) => n.clone(),
     };
-    [("netns", crate::serve::stats::escape(&netns)), ("iface", crate::serve::stats::escape(iface))]
+    [("netns", crate::labels::escape(&netns)), ("iface", crate::labels::escape(iface))]
 }
 
 /// Every readable interface's view.

@@ -12,7 +12,7 @@ use super::{
     state::{self, Service},
     tables::LbTables,
 };
-use crate::{fw::view::iface_labels, paths::Scope, serve::stats::Rendered};
+use crate::{fw::view::iface_labels, labels::Rendered, paths::Scope};
 
 /// One interface's services with their counters.
 pub struct IfaceLb {

@@ -10,8 +10,7 @@ use prometheus_client::{
     registry::Unit,
 };
 
-/// The version `rampart --version` prints.
-pub const VERSION: &str = env!("RAMPART_VERSION");
+pub use crate::VERSION;
 
 /// `process_*`: start time, CPU, memory and file descriptors of this process.
 #[derive(Debug)]
