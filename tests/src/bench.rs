@@ -344,6 +344,21 @@ impl BpfStats {
         // bpftool leaves both out while they are zero.
         Ok((v["run_time_ns"].as_u64().unwrap_or(0), v["run_cnt"].as_u64().unwrap_or(0)))
     }
+
+    /// Runs `f` (a flood, say) and returns its result with program `prog`'s own ns per run
+    /// meanwhile: `None` without a program or when it did not run.
+    pub fn during<T>(&self, prog: Option<u32>, f: impl FnOnce() -> Result<T>) -> Result<(T, Option<f64>)> {
+        let before = prog.map(|id| self.of(id)).transpose()?;
+        let out = f()?;
+        let ns = match (prog, before) {
+            (Some(id), Some((t0, n0))) => {
+                let (t1, n1) = self.of(id)?;
+                (n1 > n0).then(|| (t1 - t0) as f64 / (n1 - n0) as f64)
+            }
+            _ => None,
+        };
+        Ok((out, ns))
+    }
 }
 
 /// The round's order of `n` contenders: A B C, then B C A, then C A B, … so that no contender is

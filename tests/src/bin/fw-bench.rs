@@ -660,17 +660,10 @@ fn flood_section(
     for round in 0..rounds {
         for i in rotation(rx.len(), round) {
             let r = &mut rx[i];
-            let before = r.prog.map(|id| stats.of(id)).transpose()?;
-            let s = r
-                .net
-                .measure(&frame, seconds, senders, &mut r.count)
-                .with_context(|| format!("flooding {}", r.name))?;
-            if let (Some(id), Some((t0, n0))) = (r.prog, before) {
-                let (t1, n1) = stats.of(id)?;
-                if n1 > n0 {
-                    prog_ns[i].push((t1 - t0) as f64 / (n1 - n0) as f64);
-                }
-            }
+            let (s, ns) = stats.during(r.prog, || {
+                r.net.measure(&frame, seconds, senders, &mut r.count).with_context(|| format!("flooding {}", r.name))
+            })?;
+            prog_ns[i].extend(ns);
             eprintln!("fw-bench: round {}/{rounds}: {}: {:.0} packets/s", round + 1, r.name, s.pps);
             samples[i].push(s);
         }

@@ -628,18 +628,13 @@ fn flood_section(rounds: usize, seconds: f64, senders: usize, dir: &Path, out: &
             check_stop()?;
             let c = &mut cs[i];
             let conf = flood_conf(c.net.rx_mac);
-            let before = c.prog.map(|id| stats.of(id)).transpose()?;
             let (sink, slots) = (&c.sink, c.slots.clone());
-            let s = c
-                .net
-                .measure_conf(&conf, seconds, senders, || Ok(sink.counts()?[slots.clone()].iter().sum()))
-                .with_context(|| format!("flooding {}", c.name))?;
-            if let (Some(id), Some((t0, n0))) = (c.prog, before) {
-                let (t1, n1) = stats.of(id)?;
-                if n1 > n0 {
-                    prog_ns[i].push((t1 - t0) as f64 / (n1 - n0) as f64);
-                }
-            }
+            let (s, ns) = stats.during(c.prog, || {
+                c.net
+                    .measure_conf(&conf, seconds, senders, || Ok(sink.counts()?[slots.clone()].iter().sum()))
+                    .with_context(|| format!("flooding {}", c.name))
+            })?;
+            prog_ns[i].extend(ns);
             eprintln!("lb-bench: flood round {}/{rounds}: {}: {:.0} packets/s", round + 1, c.name, s.pps);
             samples[i].push(s);
         }
