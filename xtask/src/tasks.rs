@@ -108,7 +108,7 @@ pub enum Bench {
     Lb,
     /// What monitoring costs: the XDP program's ns per packet with a `/metrics` scrape every
     /// second against none, and scrape time with 10,000 rules, 1,000 L4 and 1,000 HTTP backends.
-    /// (The latency histograms' cost: `bench tls -- --only rampart,rampart-nohist`.)
+    /// (The latency histograms' cost in req/s: `bench tls -- --only rampart,rampart-nohist,rampart-twin`.)
     Metrics,
 }
 

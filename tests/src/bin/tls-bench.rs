@@ -65,9 +65,11 @@ struct Args {
     /// Threads (rampart's tokio workers, HAProxy's nbthread, nginx's worker_processes).
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Contenders to run, in order: rampart, haproxy, nginx, and rampart-nohist (rampart with
+    /// Contenders to run, in order: rampart, haproxy, nginx, rampart-nohist (rampart with
     /// `[admin] latency_histograms = false`; beside rampart, the report gives the latency
-    /// histograms' cost: `--only rampart,rampart-nohist`).
+    /// histograms' cost) and rampart-twin (a second, identical rampart: the pair's A/A control,
+    /// the bench's own bias between two contenders doing the same work). The histograms' cost:
+    /// `--only rampart,rampart-nohist,rampart-twin`.
     #[arg(long, value_delimiter = ',', default_value = "rampart,haproxy,nginx")]
     only: Vec<String>,
     /// Do not pin the contenders and the clients to separate CPUs.
@@ -134,7 +136,9 @@ fn main() -> anyhow::Result<()> {
         .only
         .iter()
         .map(|s| {
-            Kind::parse(s).with_context(|| format!("unknown contender {s:?} (rampart, rampart-nohist, haproxy, nginx)"))
+            Kind::parse(s).with_context(|| {
+                format!("unknown contender {s:?} (rampart, rampart-nohist, rampart-twin, haproxy, nginx)")
+            })
         })
         .collect::<anyhow::Result<_>>()?;
     if kinds.is_empty() {
@@ -146,7 +150,10 @@ fn main() -> anyhow::Result<()> {
     if kinds.contains(&Kind::Haproxy) {
         require_tool("haproxy")?;
     }
-    let rampart_bin = if kinds.iter().any(|k| matches!(k, Kind::Rampart | Kind::RampartNoHistograms)) {
+    let rampart_bin = if kinds
+        .iter()
+        .any(|k| matches!(k, Kind::Rampart | Kind::RampartNoHistograms | Kind::RampartTwin))
+    {
         Some(locate_rampart(args.rampart_bin.clone().or_else(|| std::env::var_os("RAMPART_BIN").map(PathBuf::from)))?)
     } else {
         None
@@ -794,7 +801,7 @@ fn versions_line(results: &[Contender], backend: &Server, rampart_bin: Option<&P
     let mut parts: Vec<String> = results
         .iter()
         .map(|c| {
-            if matches!(c.kind, Kind::Rampart | Kind::RampartNoHistograms) {
+            if matches!(c.kind, Kind::Rampart | Kind::RampartNoHistograms | Kind::RampartTwin) {
                 format!("{} ({build})", c.label)
             } else {
                 c.label.clone()

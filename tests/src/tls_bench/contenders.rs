@@ -24,6 +24,10 @@ pub enum Kind {
     /// rampart with `[admin] latency_histograms = false`: beside [`Kind::Rampart`], the cost of
     /// the per-request latency histograms (same binary, same run).
     RampartNoHistograms,
+    /// A second, identical rampart (histograms on): beside [`Kind::Rampart`], the bench's own
+    /// bias and noise for a pair of contenders that do exactly the same work (an A/A control
+    /// for the histograms' cost).
+    RampartTwin,
     Haproxy,
     Nginx,
 }
@@ -33,6 +37,7 @@ impl Kind {
         match self {
             Kind::Rampart => "rampart",
             Kind::RampartNoHistograms => "rampart-nohist",
+            Kind::RampartTwin => "rampart-twin",
             Kind::Haproxy => "HAProxy",
             Kind::Nginx => "nginx",
         }
@@ -42,6 +47,7 @@ impl Kind {
         match s.to_ascii_lowercase().as_str() {
             "rampart" => Some(Kind::Rampart),
             "rampart-nohist" => Some(Kind::RampartNoHistograms),
+            "rampart-twin" => Some(Kind::RampartTwin),
             "haproxy" => Some(Kind::Haproxy),
             "nginx" => Some(Kind::Nginx),
             _ => None,
@@ -247,8 +253,7 @@ pub fn start(kind: Kind, setup: &Setup) -> Result<Server, BenchError> {
     let cgroup = setup.limit.map(|l| l.create(kind.name())).transpose()?;
     let cg = cgroup.as_ref();
     let mut server = match kind {
-        Kind::Rampart => start_rampart(setup, addr, cg, true),
-        Kind::RampartNoHistograms => start_rampart(setup, addr, cg, false),
+        Kind::Rampart | Kind::RampartNoHistograms | Kind::RampartTwin => start_rampart(setup, addr, cg, kind),
         Kind::Haproxy => start_haproxy(setup, addr, cg),
         Kind::Nginx => start_nginx_proxy(setup, addr, cg),
     }?;
@@ -257,14 +262,9 @@ pub fn start(kind: Kind, setup: &Setup) -> Result<Server, BenchError> {
     Ok(server)
 }
 
-fn start_rampart(
-    setup: &Setup,
-    addr: SocketAddr,
-    cgroup: Option<&Cgroup>,
-    histograms: bool,
-) -> Result<Server, BenchError> {
+fn start_rampart(setup: &Setup, addr: SocketAddr, cgroup: Option<&Cgroup>, kind: Kind) -> Result<Server, BenchError> {
     let Setup { work, cert, backend, threads, cpus, rampart_bin: bin, .. } = *setup;
-    let kind = if histograms { Kind::Rampart } else { Kind::RampartNoHistograms };
+    let histograms = kind != Kind::RampartNoHistograms;
     let dir = work.sub(kind.name())?;
     let conf = format!(
         "[admin]\ncontrol_socket = \"{sock}\"\ndrain_timeout = \"1s\"\nlatency_histograms = {histograms}\n\n\

@@ -434,7 +434,8 @@ pub fn render(ctx: &Context, contenders: &[Contender]) -> String {
         contenders.iter().find(|c| c.kind == Kind::Rampart),
         contenders.iter().find(|c| c.kind == Kind::RampartNoHistograms),
     ) {
-        let _ = writeln!(o, "\n{}", histogram_cost(r, n));
+        let twin = contenders.iter().find(|c| c.kind == Kind::RampartTwin);
+        let _ = writeln!(o, "\n{}", histogram_cost(r, n, twin));
     }
 
     idle_table(&mut o, contenders);
@@ -690,24 +691,68 @@ fn paired_line(r: &Contender, h: &Contender) -> String {
 
 /// The latency histograms' cost (issue 14: under 2 % of keep-alive req/s): rampart with them
 /// (`r`) against the same binary without them (`n`, `[admin] latency_histograms = false`), round
-/// by round, beside the noise: how far apart `n`'s own rounds are.
-pub fn histogram_cost(r: &Contender, n: &Contender) -> String {
-    let mut ratios = r.paired(n, Run::KeepAlive, |x| x.keepalive.rps);
-    let mut caveat = "";
-    if ratios.is_empty() {
+/// by round, beside the noise. With `twin` (a second rampart identical to `r`), the noise is the
+/// A/A control's: how far the paired ratio of two contenders doing the same work strays from 1
+/// (the bench's own bias between positions, cgroups and processes); without it, how far apart
+/// `n`'s own rounds are (which also holds the machine's drift, so it overstates the noise).
+pub fn histogram_cost(r: &Contender, n: &Contender, twin: Option<&Contender>) -> String {
+    let keepalive = |a: &Contender, b: &Contender| {
+        let ratios = a.paired(b, Run::KeepAlive, |x| x.keepalive.rps);
+        if !ratios.is_empty() {
+            return (ratios, false);
+        }
         // As the medians do: disturbed rounds rather than none, said as such.
-        ratios = r.rounds.iter().zip(&n.rounds).map(|(a, b)| a.keepalive.rps / b.keepalive.rps).collect();
-        ratios.retain(|x| x.is_finite());
-        caveat = " **Every round was disturbed by other programs' CPU use: these figures are from disturbed rounds.**";
-    }
+        let mut all: Vec<f64> =
+            a.rounds.iter().zip(&b.rounds).map(|(x, y)| x.keepalive.rps / y.keepalive.rps).collect();
+        all.retain(|x| x.is_finite());
+        (all, true)
+    };
+    let list = |v: &[f64]| v.iter().map(|x| format!("{x:.3}×")).collect::<Vec<_>>().join(", ");
+    let (ratios, disturbed) = keepalive(r, n);
+    let mut caveat = if disturbed {
+        " **Every round was disturbed by other programs' CPU use: these figures are from disturbed rounds.**"
+    } else {
+        ""
+    };
     if ratios.is_empty() {
         return "Latency histograms' cost: no round measured both rampart contenders.".into();
     }
     let (lo, hi) = min_max(&ratios);
     let cost = 1.0 - median(ratios.clone());
-    let own = n.col(Run::KeepAlive, |x| x.keepalive.rps);
-    let (nlo, nhi) = min_max(&own);
-    let noise = if median(own.clone()) > 0.0 { (nhi - nlo) / median(own) } else { f64::NAN };
+    let (noise, noise_said) = match twin.map(|t| keepalive(r, t)) {
+        Some((control, control_disturbed)) if !control.is_empty() => {
+            if control_disturbed {
+                caveat = " **Every round was disturbed by other programs' CPU use: these figures are from disturbed rounds.**";
+            }
+            let (clo, chi) = min_max(&control);
+            let bias = median(control.clone()) - 1.0;
+            // The largest distance from 1 of any A/A round: what the bench alone can make of
+            // two identical contenders.
+            let noise = control.iter().map(|x| (x - 1.0).abs()).fold(0.0, f64::max);
+            (
+                noise,
+                format!(
+                    "the noise, from the A/A control (rampart ÷ rampart-twin, two identical contenders with                      histograms, paired the same way), per round: {} (median {:.3}×, so a bias of {:+.1} %; range                      {clo:.3}–{chi:.3}×): the farthest round is {:.1} % from 1×",
+                    list(&control),
+                    1.0 + bias,
+                    bias * 100.0,
+                    noise * 100.0
+                ),
+            )
+        }
+        _ => {
+            let own = n.col(Run::KeepAlive, |x| x.keepalive.rps);
+            let (nlo, nhi) = min_max(&own);
+            let noise = if median(own.clone()) > 0.0 { (nhi - nlo) / median(own) } else { f64::NAN };
+            (
+                noise,
+                format!(
+                    "the noise, the spread of the no-histogram contender's own rounds ((max − min) ÷ median;                      add rampart-twin for an A/A control), is {:.1} %",
+                    noise * 100.0
+                ),
+            )
+        }
+    };
     // Only a run whose own noise is under the 2 % can say the cost is under it.
     let verdict = if cost >= 0.02 && cost > noise {
         "**not met**".to_string()
@@ -720,13 +765,11 @@ pub fn histogram_cost(r: &Contender, n: &Contender) -> String {
     format!(
         "Latency histograms' cost (issue 14: under 2 % of keep-alive req/s): {verdict}. Keep-alive req/s of rampart \
          with histograms ÷ without (`[admin] latency_histograms = false`, same binary, alternating within rounds), \
-         per round: {} (median {:.3}×, range {lo:.3}–{hi:.3}×), so the histograms cost {:.1} % of req/s; the noise, \
-         the spread of the no-histogram contender's own rounds ((max − min) ÷ median), is {:.1} %: the difference is \
-         {inside} it.{caveat}",
-        ratios.iter().map(|x| format!("{x:.3}×")).collect::<Vec<_>>().join(", "),
+         per round: {} (median {:.3}×, range {lo:.3}–{hi:.3}×), so the histograms cost {:.1} % of req/s; {noise_said}: \
+         the difference is {inside} it.{caveat}",
+        list(&ratios),
         1.0 - cost,
         cost * 100.0,
-        noise * 100.0,
     )
 }
 
@@ -876,8 +919,14 @@ mod tests {
             keepalive_usage: Usage { foreign, ..Usage::default() },
             ..Round::default()
         };
-        let r = contender(Kind::Rampart, vec![round(130.0, 900.0, 0.0), round(110.0, 1100.0, 0.0), round(500.0, 1.0, 50.0)]);
-        let h = contender(Kind::Haproxy, vec![round(100.0, 1000.0, 0.0), round(100.0, 1000.0, 0.0), round(100.0, 1000.0, 0.0)]);
+        let r = contender(
+            Kind::Rampart,
+            vec![round(130.0, 900.0, 0.0), round(110.0, 1100.0, 0.0), round(500.0, 1.0, 50.0)],
+        );
+        let h = contender(
+            Kind::Haproxy,
+            vec![round(100.0, 1000.0, 0.0), round(100.0, 1000.0, 0.0), round(100.0, 1000.0, 0.0)],
+        );
         // Round 3's keep-alive run was disturbed: left out of req/s, kept for p99.
         assert_eq!(r.paired(&h, Run::KeepAlive, |x| x.keepalive.rps), vec![1.3, 1.1]);
         let line = paired_line(&r, &h);
@@ -895,21 +944,44 @@ mod tests {
         };
         let n = contender(Kind::RampartNoHistograms, vec![round(1000.0, 0.0), round(1010.0, 0.0), round(995.0, 0.0)]);
         let r = contender(Kind::Rampart, vec![round(990.0, 0.0), round(999.9, 0.0), round(500.0, 50.0)]);
-        let line = histogram_cost(&r, &n);
+        let line = histogram_cost(&r, &n, None);
         // Rounds 1 and 2 (round 3 was disturbed): 0.99 each, so 1 %; the noise 15 / 1000.
         assert!(line.contains(": met.") && line.contains("0.990×, 0.990×"), "{line}");
-        assert!(line.contains("cost 1.0 % of req/s") && line.contains("is 1.5 %: the difference is inside it"), "{line}");
+        assert!(
+            line.contains("cost 1.0 % of req/s") && line.contains("is 1.5 %: the difference is inside it"),
+            "{line}"
+        );
         let r = contender(Kind::Rampart, vec![round(900.0, 0.0), round(909.0, 0.0), round(895.5, 0.0)]);
-        let line = histogram_cost(&r, &n);
+        let line = histogram_cost(&r, &n, None);
         assert!(line.contains("**not met**") && line.contains("cost 10.0 %") && line.contains("outside it"), "{line}");
         // A noisy run cannot say 1 % is under 2 %.
         let n = contender(Kind::RampartNoHistograms, vec![round(1000.0, 0.0), round(1040.0, 0.0), round(980.0, 0.0)]);
         let r = contender(Kind::Rampart, vec![round(990.0, 0.0), round(1029.6, 0.0), round(970.2, 0.0)]);
-        let line = histogram_cost(&r, &n);
+        let line = histogram_cost(&r, &n, None);
         assert!(line.contains("**cannot tell**: this run's noise (6.0 %)"), "{line}");
         let all = |rps| contender(Kind::Rampart, vec![round(rps, 50.0)]);
-        let line = histogram_cost(&all(990.0), &contender(Kind::RampartNoHistograms, vec![round(1000.0, 50.0)]));
+        let line = histogram_cost(&all(990.0), &contender(Kind::RampartNoHistograms, vec![round(1000.0, 50.0)]), None);
         assert!(line.contains("cost 1.0 %") && line.contains("from disturbed rounds"), "{line}");
+    }
+
+    #[test]
+    fn histogram_cost_against_an_a_a_control() {
+        let round = |rps: f64| Round { keepalive: WrkResult { rps, ..WrkResult::default() }, ..Round::default() };
+        // The machine drifts between rounds (n's own spread is 50 %), but paired rounds agree.
+        let n = contender(Kind::RampartNoHistograms, vec![round(1000.0), round(1500.0), round(1200.0)]);
+        let r = contender(Kind::Rampart, vec![round(995.0), round(1491.0), round(1194.0)]);
+        let twin = contender(Kind::RampartTwin, vec![round(1000.0), round(1497.0), round(1200.0)]);
+        let line = histogram_cost(&r, &n, Some(&twin));
+        // Cost: 0.995, 0.994, 0.995 → 0.5 %; the control strays at most 0.5 % from 1.
+        assert!(line.contains(": met.") && line.contains("cost 0.5 % of req/s"), "{line}");
+        assert!(line.contains("A/A control") && line.contains("0.995×, 0.996×, 0.995×"), "{line}");
+        assert!(line.contains("the farthest round is 0.5 % from 1×"), "{line}");
+        // Without the control, the drift makes the same run unable to tell.
+        assert!(histogram_cost(&r, &n, None).contains("**cannot tell**"));
+        // A control that strays as far as the cost: the difference is the bench's own.
+        let twin = contender(Kind::RampartTwin, vec![round(1100.0), round(1400.0), round(1300.0)]);
+        let line = histogram_cost(&r, &n, Some(&twin));
+        assert!(line.contains("**cannot tell**") && line.contains("inside it"), "{line}");
     }
 
     #[test]
