@@ -61,6 +61,9 @@ const APT_PACKAGES: &[&str] = &[
     "nmap",
     // The stack's lab: veth offloads set as a NIC's would be (checksums, GRO).
     "ethtool",
+    // tls-bench counts the daemon's instructions per request under callgrind (the latency
+    // histograms' cost, free of the machine's noise).
+    "valgrind",
 ];
 
 /// The bpf-linker release the kernel crate is linked with (its LLVM 22 matches nightly's).

@@ -13,7 +13,8 @@
 //!    every 10 s against responders in the lab), then N scrapes of `/metrics`, OpenMetrics and
 //!    the classic text alternating: p50/p99/max and the body size, against the target of 50 ms.
 //!
-//! The per-request histograms' cost is measured by `tls-bench --only rampart,rampart-nohist`.
+//! The per-request histograms' cost is measured by `tls-bench --only rampart,rampart-nohist,rampart-twin`
+//! (req/s beside an A/A control, and instructions per request under callgrind).
 
 use std::{
     fmt::Write as _,

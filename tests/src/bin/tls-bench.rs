@@ -24,6 +24,7 @@ use rampart_tests::tls_bench::{
     cgroup::CpuLimit,
     clients::{self, FixedRate, OPENSSL_CLIENT_CONF},
     contenders::{self, Kind, Server, Setup},
+    instructions,
     procs::{CPU_DMA_LATENCY, CpuSample, Cpus, Interference, PollingIdle, ticks_per_second},
     report::FOREIGN_LIMIT,
     report::{self, Contender, Round, Run, Usage},
@@ -103,6 +104,11 @@ struct Args {
     /// every request that finds it idle, and more often to the contender that uses less CPU.
     #[arg(long)]
     halting_idle: bool,
+    /// With rampart and rampart-nohist: keep-alive requests of the longer of the two callgrind
+    /// runs that count each one's instructions per request (the shorter serves a sixth as
+    /// many); 0: skip [default: 12,000; quick: 1,200].
+    #[arg(long, value_name = "N")]
+    callgrind_requests: Option<u64>,
 }
 
 /// The CFS period the CPU quota applies to: 10 ms. Measured against 2 ms (50%, 5 s runs): at
@@ -393,6 +399,24 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    // The histograms' cost in instructions, where req/s is too noisy to tell 2 %.
+    let callgrind_requests = args.callgrind_requests.unwrap_or(if args.quick { 1_200 } else { 12_000 });
+    let counted =
+        if kinds.contains(&Kind::Rampart) && kinds.contains(&Kind::RampartNoHistograms) && callgrind_requests > 0 {
+            require_tool("valgrind")?;
+            require_tool("h2load")?;
+            let mut counts = Vec::new();
+            for kind in [Kind::Rampart, Kind::RampartNoHistograms] {
+                eprintln!("tls-bench: {}: counting instructions per request under callgrind", kind.name());
+                let c = instructions::per_request(&setup, kind, callgrind_requests / 6, callgrind_requests)?;
+                eprintln!("tls-bench:   {:.0} instructions per request", c.instructions());
+                counts.push(c);
+            }
+            Some((counts[0], counts[1]))
+        } else {
+            None
+        };
+
     // Sanity: every contender served requests and handshakes, all full handshakes.
     let mut failed = Vec::new();
     for c in &results {
@@ -542,6 +566,9 @@ fn main() -> anyhow::Result<()> {
             .collect(),
     };
     print!("{}", report::render(&ctx, &results));
+    if let Some((on, off)) = counted {
+        println!("\n{}", report::instruction_cost(&on, &off));
+    }
     if args.keep {
         eprintln!("tls-bench: configs and logs kept in {}", work.path.display());
     }

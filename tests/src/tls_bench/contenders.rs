@@ -262,10 +262,17 @@ pub fn start(kind: Kind, setup: &Setup) -> Result<Server, BenchError> {
     Ok(server)
 }
 
-fn start_rampart(setup: &Setup, addr: SocketAddr, cgroup: Option<&Cgroup>, kind: Kind) -> Result<Server, BenchError> {
-    let Setup { work, cert, backend, threads, cpus, rampart_bin: bin, .. } = *setup;
+/// rampart's config as every rampart contender runs it (`kind` says whether histograms are on),
+/// written in the work directory's `dir` (its own control socket there): (its path, `dir`).
+pub fn rampart_config(
+    setup: &Setup,
+    addr: SocketAddr,
+    kind: Kind,
+    dir: &str,
+) -> Result<(PathBuf, PathBuf), BenchError> {
+    let Setup { work, cert, backend, .. } = *setup;
     let histograms = kind != Kind::RampartNoHistograms;
-    let dir = work.sub(kind.name())?;
+    let dir = work.sub(dir)?;
     let conf = format!(
         "[admin]\ncontrol_socket = \"{sock}\"\ndrain_timeout = \"1s\"\nlatency_histograms = {histograms}\n\n\
          [[https]]\nlisten = \"{addr}\"\ncerts = [{{ cert = \"{c}\", key = \"{k}\" }}]\nidle_timeout = \"5m\"\n\n\
@@ -276,7 +283,13 @@ fn start_rampart(setup: &Setup, addr: SocketAddr, cgroup: Option<&Cgroup>, kind:
         c = cert.cert_pem.display(),
         k = cert.key_pem.display(),
     );
-    let config = write_file(&dir.join("rampart.toml"), conf)?;
+    Ok((write_file(&dir.join("rampart.toml"), conf)?, dir))
+}
+
+fn start_rampart(setup: &Setup, addr: SocketAddr, cgroup: Option<&Cgroup>, kind: Kind) -> Result<Server, BenchError> {
+    let Setup { threads, cpus, rampart_bin: bin, .. } = *setup;
+    let histograms = kind != Kind::RampartNoHistograms;
+    let (config, dir) = rampart_config(setup, addr, kind, kind.name())?;
     let mut cmd = cpus.command(&bin.to_string_lossy());
     cmd.args(["serve", "--config"]).arg(&config);
     // The tokio runtime's worker count; tokio reads this variable when the program sets none.

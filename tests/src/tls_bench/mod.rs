@@ -8,6 +8,7 @@
 pub mod cgroup;
 pub mod clients;
 pub mod contenders;
+pub mod instructions;
 pub mod procs;
 pub mod report;
 
