@@ -408,6 +408,52 @@ fn drained_backend_keeps_its_flows_and_removed_one_loses_them() {
     });
 }
 
+/// The next hop is cached per backend (and CPU): a burst of one flow's packets makes only a
+/// few FIB lookups, not one each; and a neighbour change (the backend's MAC) reaches the packets
+/// once the cached entry expires, with no userspace involved.
+#[test]
+fn next_hop_is_cached_and_a_neighbour_change_is_picked_up() {
+    lab_test(|lab| {
+        let svc = svc4();
+        let syn = Packet::tcp4(CLIENT4, VIP4, 40000, 80).build().bytes;
+        let f = flow(CLIENT4.into(), VIP4.into(), 40000, 80, IPPROTO_TCP);
+        let backend = expected_backend(&lab.state, &svc, &f);
+        assert_eq!(lab.run(&syn).1, encapsulated(lab, &syn, backend, &f));
+        let frame = acked(&syn);
+        let before = lab.stat(stat::NEXTHOP_LOOKUPS);
+        let runs = 1_000;
+        for i in 0..runs {
+            assert_eq!(lab.run(&frame).1, encapsulated(lab, &frame, backend, &f), "packet {i}");
+        }
+        // A lookup is made again only per CPU and second: a burst this short makes a handful.
+        let lookups = lab.stat(stat::NEXTHOP_LOOKUPS) - before;
+        assert!(lookups < runs / 2, "{lookups} next-hop lookups for {runs} packets of one flow: no cache");
+
+        // The backend moves to another MAC (a failover, a replaced NIC).
+        let new_mac = [2, 0, 0, 0, 0x77, 0x77];
+        let text = new_mac.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":");
+        Ns::current().neigh("lb0", &backend.to_string(), &text).unwrap_or_else(|e| panic!("{e}"));
+        let mut want = encapsulated(lab, &frame, backend, &f);
+        want[..6].copy_from_slice(&new_mac);
+        // Bounded by count and time; the entry lives about a second.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut seen = None;
+        for _ in 0..2_000 {
+            let out = lab.run(&frame).1;
+            if out[..6] == new_mac {
+                seen = Some(out);
+                break;
+            }
+            assert_eq!(out, encapsulated(lab, &frame, backend, &f), "neither the old next hop nor the new one");
+            if std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(seen.expect("the new MAC never reached the packets"), want, "the packet after the change");
+    });
+}
+
 /// ICMP Fragmentation Needed / Packet Too Big: the whole answer, checksums included.
 #[test]
 fn too_big_is_answered_with_icmp() {

@@ -154,8 +154,10 @@ fn attach_claimed(
 ) -> Result<AttachReport> {
     let tables_err = |source| PipelineError::Tables { iface: iface.to_string(), source: Box::new(source) };
     let prog_err = |op| move |source| PipelineError::Program { iface: iface.to_string(), op, source: Box::new(source) };
+    let entries = opts.conntrack_entries.unwrap_or(DEFAULT_CONNTRACK_ENTRIES);
     let mut ebpf = EbpfLoader::new()
-        .map_max_entries(lb_map_names::CONNTRACK, opts.conntrack_entries.unwrap_or(DEFAULT_CONNTRACK_ENTRIES))
+        .map_max_entries(lb_map_names::CONNTRACK, entries)
+        .map_max_entries(lb_map_names::CONNTRACK6, entries)
         .load(FIREWALL_OBJ)
         .map_err(|source| PipelineError::Load { iface: iface.to_string(), source: Box::new(source) })?;
     let mut tables = FwTables::from_ebpf(&mut ebpf).map_err(tables_err)?;

@@ -8,8 +8,8 @@ use aya_ebpf::{
 use rampart_common::{
     Counter,
     lb::{
-        BackendInfo, DEFAULT_CONNTRACK_ENTRIES, FlowKey, FlowValue, LbConfig, LbCounter, MAX_BACKENDS, MAX_SERVICES,
-        PORT_WORDS, RING_ENTRIES, VipInfo, VipKey, stat,
+        BackendInfo, DEFAULT_CONNTRACK_ENTRIES, Flow4Key, FlowKey, FlowValue, LbConfig, LbCounter, MAX_BACKENDS,
+        MAX_SERVICES, NextHop, PORT_WORDS, RING_ENTRIES, VipInfo, VipKey, stat,
     },
 };
 
@@ -25,14 +25,21 @@ pub static LB_BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKEND
 /// Every service's Maglev table: backend ids.
 #[map]
 pub static LB_RING: Array<u32> = Array::with_max_entries(RING_ENTRIES, 0);
-/// Flow → backend. An LRU hash with one LRU list per CPU (`BPF_F_NO_COMMON_LRU`: no shared lock
-/// on the packet path); entries are shared, so a flow whose packets move to another CPU keeps
-/// its backend (an `LRU_PERCPU_HASH` would show that CPU a zeroed entry). A full table evicts
-/// the least recently used flow, which is hashed again if it comes back. Userspace sizes it
-/// when loading (`conntrack_entries`).
+/// Flow → backend, one table per family (IPv4 keys are 16 bytes, IPv6 keys 40). Each is an LRU
+/// hash with one LRU list per CPU (`BPF_F_NO_COMMON_LRU`: no shared lock on the packet path);
+/// entries are shared, so a flow whose packets move to another CPU keeps its backend (an
+/// `LRU_PERCPU_HASH` would show that CPU a zeroed entry). A full table evicts the least recently
+/// used flow, which is hashed again if it comes back. Userspace sizes both when loading
+/// (`conntrack_entries`).
 #[map]
-pub static LB_CONNTRACK: LruHashMap<FlowKey, FlowValue> =
+pub static LB_CT4: LruHashMap<Flow4Key, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+#[map]
+pub static LB_CT6: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+/// Each backend's next hop as this CPU last looked it up (`rampart_common::lb::NextHop`).
+#[map]
+pub static LB_NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub static LB_SVC_STATS: PerCpuArray<LbCounter> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 #[map]

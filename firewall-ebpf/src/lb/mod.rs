@@ -4,17 +4,18 @@
 //! `rampart_common::lb`.
 
 use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
-        xdp_action, xdp_md,
-    },
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action, xdp_md},
     helpers::{
         bpf_csum_diff, bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
+    maps::LruHashMap,
     programs::XdpContext,
 };
 use rampart_common::{
-    lb::{BACKEND_LIVE, BackendInfo, FlowKey, FlowValue, LbConfig, NO_BACKEND, VipKey, flow_hash, stat},
+    lb::{
+        BACKEND_LIVE, BackendInfo, FAMILY_V4, FAMILY_V6, Flow4Key, FlowKey, FlowValue, LbConfig, NEXTHOP_TTL_SECS,
+        NO_BACKEND, NextHop, VipKey, flow_hash6, stat,
+    },
     net::{
         DEFAULT_TTL, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HLEN, ICMPV6_PKT_TOOBIG,
         IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN,
@@ -23,7 +24,8 @@ use rampart_common::{
 };
 
 use self::maps::{
-    LB_BACKENDS, LB_BE_STATS, LB_CONFIG, LB_CONNTRACK, LB_PORTS, LB_RING, LB_STATS, LB_SVC_STATS, LB_VIPS,
+    LB_BACKENDS, LB_BE_STATS, LB_CONFIG, LB_CT4, LB_CT6, LB_NEXTHOPS, LB_PORTS, LB_RING, LB_STATS, LB_SVC_STATS,
+    LB_VIPS,
 };
 use crate::{
     count,
@@ -126,13 +128,65 @@ pub extern "C" fn rampart_lb_choose(raw: *mut xdp_md, meta: u64) -> u64 {
     let l3 = (meta & meta::L3_MASK) as usize;
     let l4 = ((meta >> meta::L4_SHIFT) & meta::L4_MASK) as usize;
     let proto = (meta >> meta::PROTO_SHIFT) as u8;
-    let Some(flow) = flow_of(&ctx, l3, l4, proto, meta & meta::V6 != 0) else {
+    let Some(ports) = at(&ctx, l4, 4) else {
         return choice::NOT_A_SERVICE;
     };
-    let bytes = frame_len(&ctx) as u64;
-    let vip_key = VipKey { addr: flow.dst, port: flow.dport, proto, family: flow.family, _pad: 0 };
+    // SAFETY: 4 bytes bounds-checked above.
+    let (sport, dport) =
+        unsafe { (u16::from_be_bytes([*ports, *ports.add(1)]), u16::from_be_bytes([*ports.add(2), *ports.add(3)])) };
+    // Each family its own key and table: an IPv4 flow hashes and compares 16 bytes, not 40.
+    if meta & meta::V6 != 0 {
+        let Some(h) = at(&ctx, l3, IPV6_HLEN) else {
+            return choice::NOT_A_SERVICE;
+        };
+        // SAFETY: 40 bytes bounds-checked above.
+        let (src, dst) = unsafe { ([word(h.add(8)), word(h.add(16))], [word(h.add(24)), word(h.add(32))]) };
+        let flow = FlowKey { src, dst, sport, dport, proto, family: FAMILY_V6, _pad: 0 };
+        let vip = VipKey { addr: dst, port: dport, proto, family: FAMILY_V6, _pad: 0 };
+        choose(&ctx, &LB_CT6, &flow, &vip, || flow_hash6(&flow.src, &flow.dst, flow.tail_word()), l3, l4, meta)
+    } else {
+        let Some(h) = at(&ctx, l3, IPV4_HLEN) else {
+            return choice::NOT_A_SERVICE;
+        };
+        // SAFETY: 20 bytes bounds-checked above.
+        let (src, dst) = unsafe { (addr4(h.add(12)), addr4(h.add(16))) };
+        let flow = Flow4Key { src, dst, sport, dport, proto, _pad: 0, _pad2: 0 };
+        let d = dst.to_ne_bytes();
+        let vip = VipKey {
+            addr: [u64::from_ne_bytes([d[0], d[1], d[2], d[3], 0, 0, 0, 0]), 0],
+            port: dport,
+            proto,
+            family: FAMILY_V4,
+            _pad: 0,
+        };
+        choose(&ctx, &LB_CT4, &flow, &vip, || flow.hash(), l3, l4, meta)
+    }
+}
+
+/// The coarse clock in seconds (what UDP flows' `seen` holds).
+#[inline(always)]
+fn now_secs() -> u32 {
+    // SAFETY: a helper without arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// [`rampart_lb_choose`] for one family: the service, then the connection table (`table`,
+/// keyed by `flow`), then on a miss the Maglev table at `hash() % ring_size`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn choose<K>(
+    ctx: &XdpContext,
+    table: &LruHashMap<K, FlowValue>,
+    flow: &K,
+    vip_key: &VipKey,
+    hash: impl FnOnce() -> u64,
+    l3: usize,
+    l4: usize,
+    meta: u64,
+) -> u64 {
+    let bytes = frame_len(ctx) as u64;
     // SAFETY: the value is only read.
-    let Some(vip) = (unsafe { LB_VIPS.get(&vip_key) }) else {
+    let Some(vip) = (unsafe { LB_VIPS.get(vip_key) }) else {
         return choice::NOT_A_SERVICE;
     };
     add_lb(&LB_SVC_STATS, vip.service, bytes, false);
@@ -142,13 +196,8 @@ pub extern "C" fn rampart_lb_choose(raw: *mut xdp_md, meta: u64) -> u64 {
         count(&LB_STATS, stat::NOT_BALANCED, bytes);
         return xdp_action::XDP_PASS as u64;
     }
-    let Some(config) = LB_CONFIG.get(0) else {
-        return xdp_action::XDP_ABORTED as u64;
-    };
-    // SAFETY: a helper without arguments.
-    let now = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
-    let udp = proto == IPPROTO_UDP;
-    let hash = flow_hash(&flow);
+    let udp = vip_key.proto == IPPROTO_UDP;
+    let hash = hash();
     let forward = |id: u32| choice::FORWARD | (hash & 0xffff_ffff) << choice::HASH_SHIFT | id as u64 & choice::ID_MASK;
 
     // A flow stays with its backend while that backend is live for this service (removed
@@ -156,10 +205,12 @@ pub extern "C" fn rampart_lb_choose(raw: *mut xdp_md, meta: u64) -> u64 {
     // not idle longer than the timeout. A TCP SYN (without ACK) opens a new connection, so it
     // is hashed by the current table whatever the table remembers, as Katran does: a client
     // port reused after its backend failed or was drained must not follow the old entry.
-    let slot = if opens_connection(&ctx, l4, proto) { None } else { LB_CONNTRACK.get_ptr_mut(&flow) };
+    let slot = if opens_connection(ctx, l4, vip_key.proto) { None } else { table.get_ptr_mut(flow) };
+    // Only UDP flows age; TCP's clock read (and its division) is saved.
+    let now = if udp { now_secs() } else { 0 };
     // SAFETY: the entry is copied out at once.
     if let Some(entry) = slot.map(|p| unsafe { *p })
-        && (!udp || now.wrapping_sub(entry.seen) <= config.udp_timeout)
+        && (!udp || LB_CONFIG.get(0).is_some_and(|c| now.wrapping_sub(entry.seen) <= c.udp_timeout))
         && let Some(b) = LB_BACKENDS.get(entry.backend)
         && b.flags & BACKEND_LIVE != 0
         && b.service == vip.service
@@ -187,7 +238,7 @@ pub extern "C" fn rampart_lb_choose(raw: *mut xdp_md, meta: u64) -> u64 {
         count(&LB_STATS, stat::NO_BACKEND, bytes);
         return xdp_action::XDP_DROP as u64;
     }
-    let _ = LB_CONNTRACK.insert(&flow, &FlowValue { backend: id, seen: now }, 0);
+    let _ = table.insert(flow, &FlowValue { backend: id, seen: now }, 0);
     add_lb(&LB_SVC_STATS, vip.service, 0, true);
     add_lb(&LB_BE_STATS, id, bytes, true);
     forward(id)
@@ -206,46 +257,21 @@ fn opens_connection(ctx: &XdpContext, l4: usize, proto: u8) -> bool {
     }
 }
 
-/// The packet's flow, read again at the parser's offsets.
+/// An IPv4 address at `p` as a [`Flow4Key`] holds it.
+///
+/// # Safety
+/// `p..p + 4` must be inside the frame.
 #[inline(always)]
-fn flow_of(ctx: &XdpContext, l3: usize, l4: usize, proto: u8, v6: bool) -> Option<FlowKey> {
-    let ports = at(ctx, l4, 4)?;
-    // SAFETY: 4 bytes bounds-checked above.
-    let (sport, dport) =
-        unsafe { (u16::from_be_bytes([*ports, *ports.add(1)]), u16::from_be_bytes([*ports.add(2), *ports.add(3)])) };
-    let (family, src, dst) = addrs(ctx, l3, v6)?;
-    Some(FlowKey { src, dst, sport, dport, proto, family, _pad: 0 })
+unsafe fn addr4(p: *const u8) -> u32 {
+    // SAFETY: the caller guarantees the bytes.
+    u32::from_ne_bytes(unsafe { core::ptr::read_unaligned(p as *const [u8; 4]) })
 }
 
-/// The family and the source and destination addresses of the IP header at `l3`, as the
-/// parser holds them.
+/// The backend (its id and entry) and the flow hash's low word that [`rampart_lb_choose`] chose.
 #[inline(always)]
-fn addrs(ctx: &XdpContext, l3: usize, v6: bool) -> Option<(u8, [u64; 2], [u64; 2])> {
-    if v6 {
-        let h = at(ctx, l3, IPV6_HLEN)?;
-        // SAFETY: 40 bytes bounds-checked above.
-        unsafe {
-            let w = |o: usize| u64::from_ne_bytes(core::ptr::read_unaligned(h.add(o) as *const [u8; 8]));
-            Some((6, [w(8), w(16)], [w(24), w(32)]))
-        }
-    } else {
-        let h = at(ctx, l3, IPV4_HLEN)?;
-        // SAFETY: 20 bytes bounds-checked above.
-        unsafe {
-            let w = |o: usize| {
-                let a = core::ptr::read_unaligned(h.add(o) as *const [u8; 4]);
-                u64::from_ne_bytes([a[0], a[1], a[2], a[3], 0, 0, 0, 0])
-            };
-            Some((4, [w(12), 0], [w(16), 0]))
-        }
-    }
-}
-
-/// The backend and the flow hash's low word that [`rampart_lb_choose`] chose.
-#[inline(always)]
-fn chosen(chosen: u64) -> Option<(&'static BackendInfo, &'static LbConfig, u32)> {
+fn chosen(chosen: u64) -> Option<(u32, &'static BackendInfo, &'static LbConfig, u32)> {
     let id = (chosen & choice::ID_MASK) as u32;
-    Some((LB_BACKENDS.get(id)?, LB_CONFIG.get(0)?, (chosen >> choice::HASH_SHIFT) as u32))
+    Some((id, LB_BACKENDS.get(id)?, LB_CONFIG.get(0)?, (chosen >> choice::HASH_SHIFT) as u32))
 }
 
 /// Encapsulates the IPv4 packet in `ctx` towards the backend [`rampart_lb_choose`] chose and
@@ -256,7 +282,7 @@ fn chosen(chosen: u64) -> Option<(&'static BackendInfo, &'static LbConfig, u32)>
 pub extern "C" fn rampart_lb_encap4(raw: *mut xdp_md, choice: u64) -> u64 {
     let ctx = XdpContext::new(raw);
     match chosen(choice) {
-        Some((backend, config, hash)) => encap_v4(&ctx, backend, config, hash),
+        Some((id, backend, config, hash)) => encap_v4(&ctx, id, backend, config, hash),
         None => xdp_action::XDP_ABORTED as u64,
     }
 }
@@ -267,7 +293,7 @@ pub extern "C" fn rampart_lb_encap4(raw: *mut xdp_md, choice: u64) -> u64 {
 pub extern "C" fn rampart_lb_encap6(raw: *mut xdp_md, choice: u64) -> u64 {
     let ctx = XdpContext::new(raw);
     match chosen(choice) {
-        Some((backend, config, hash)) => encap_v6(&ctx, backend, config, hash),
+        Some((id, backend, config, hash)) => encap_v6(&ctx, id, backend, config, hash),
         None => xdp_action::XDP_ABORTED as u64,
     }
 }
@@ -445,19 +471,19 @@ unsafe fn write_eth(p: *mut u8, dst: &[u8; 6], src: &[u8; 6], ethertype: u16) {
 }
 
 /// The Ethernet header of a frame whose head just grew by `grown` bytes (the original header
-/// now starts there): the FIB's MACs when the next hop is known; else the original MACs, so
-/// the stack still takes the frame as addressed to this host and forwards it. The EtherType
-/// stays: the outer header is of the inner's family.
+/// now starts there): the next hop's MACs when it is known; else the original MACs, so the
+/// stack still takes the frame as addressed to this host and forwards it. The EtherType stays:
+/// the outer header is of the inner's family.
 ///
 /// # Safety
 /// `p..p + grown + 14` must be inside the frame.
 #[inline(always)]
-unsafe fn keep_or_set_macs(p: *mut u8, grown: usize, resolved: bool, params: &FibParams) {
+unsafe fn keep_or_set_macs(p: *mut u8, grown: usize, hop: Option<&NextHop>) {
     // SAFETY: the caller guarantees the bytes; the two ranges do not overlap (grown >= 20).
     unsafe {
-        if resolved {
-            write_mac(p, &params.dmac);
-            write_mac(p.add(6), &params.smac);
+        if let Some(hop) = hop {
+            write_mac(p, &hop.dmac);
+            write_mac(p.add(6), &hop.smac);
         } else {
             let old = core::ptr::read_unaligned(p.add(grown) as *const [u8; 12]);
             core::ptr::write_unaligned(p as *mut [u8; 12], old);
@@ -467,19 +493,75 @@ unsafe fn keep_or_set_macs(p: *mut u8, grown: usize, resolved: bool, params: &Fi
     }
 }
 
-/// The next hop towards `params`' destination. `Err(action)`: the packet's fate when there is
-/// none usable (the counters are updated).
+/// What became of a packet's next hop.
+enum Hop {
+    /// Known: this CPU's cached entry (fresh, or just looked up).
+    Known(&'static NextHop),
+    /// No neighbour entry yet: the kernel must forward it (and resolve the neighbour).
+    NoNeigh,
+    /// No route, or another failure (counted): dropped.
+    Failed,
+}
+
+/// The next hop towards backend `id` (address `backend.addr`) for a packet that came in on
+/// this interface: this CPU's cached entry while it is fresh and made for the same address and
+/// ingress interface, else a `bpf_fib_lookup` whose success is cached for [`NEXTHOP_TTL_SECS`]
+/// (see `rampart_common::lb`, "The next hop"). `src` is the outer source, as the lookup's.
 #[inline(always)]
-fn next_hop(ctx: &XdpContext, params: &mut FibParams, bytes: u64) -> Result<u32, i64> {
+fn next_hop(ctx: &XdpContext, id: u32, backend: &BackendInfo, v6: bool, src: &[u64; 2], bytes: u64) -> Hop {
+    let Some(nh) = LB_NEXTHOPS.get_ptr_mut(id) else {
+        count(&LB_STATS, stat::FIB_FAILED, bytes);
+        return Hop::Failed;
+    };
+    // SAFETY: reading the context the kernel gave us.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: this CPU's own slot of a per-CPU array; XDP does not preempt itself on one CPU,
+    // so nothing writes it while it is read.
+    let hop = unsafe { &mut *nh };
+    if now < hop.expires && hop.addr == backend.addr && hop.ingress == ingress {
+        return Hop::Known(hop);
+    }
+    count(&LB_STATS, stat::NEXTHOP_LOOKUPS, bytes);
+    let mut raw = core::mem::MaybeUninit::<FibParams>::uninit();
+    // SAFETY: zeroed whole, and an all-zero bpf_fib_lookup is a valid value.
+    let params = unsafe { zeroed_fib_params(raw.as_mut_ptr()) };
+    params.ifindex = ingress;
+    // tot_len stays 0: the lookup then never answers "fragmentation needed" and returns the
+    // route's MTU, which is cached and checked against each packet.
+    if v6 {
+        params.family = AF_INET6;
+        params.l4_protocol = IPPROTO_IPV6;
+        // SAFETY: [u64; 2] and [u32; 4] have the same size; the bytes are the address.
+        params.__bindgen_anon_3.ipv6_src = unsafe { core::mem::transmute::<[u64; 2], [u32; 4]>(*src) };
+        params.__bindgen_anon_4.ipv6_dst = unsafe { core::mem::transmute::<[u64; 2], [u32; 4]>(backend.addr) };
+    } else {
+        params.family = AF_INET;
+        params.l4_protocol = IPPROTO_IPIP;
+        params.__bindgen_anon_3.ipv4_src = src[0] as u32;
+        params.__bindgen_anon_4.ipv4_dst = backend.addr[0] as u32;
+    }
     // SAFETY: the params struct is ours, of the size passed.
     let rc =
         unsafe { bpf_fib_lookup(ctx.ctx as *mut _, params as *mut _, core::mem::size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok(params.ifindex),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED | BPF_FIB_LKUP_RET_NO_NEIGH => Err(rc),
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            hop.addr = backend.addr;
+            hop.dmac = params.dmac;
+            hop.smac = params.smac;
+            hop.ifindex = params.ifindex;
+            hop.ingress = ingress;
+            // SAFETY: the helper wrote the MTU in the union.
+            hop.mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u32;
+            // In the coarse clock's nanoseconds (no division on the packet path).
+            hop.expires = now + NEXTHOP_TTL_SECS as u64 * 1_000_000_000;
+            Hop::Known(hop)
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => Hop::NoNeigh,
         _ => {
             count(&LB_STATS, stat::FIB_FAILED, bytes);
-            Err(-1)
+            Hop::Failed
         }
     }
 }
@@ -498,30 +580,24 @@ fn send(ctx: &XdpContext, ifindex: u32, bytes: u64) -> u32 {
 }
 
 #[inline(always)]
-fn encap_v4(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u32) -> u64 {
+fn encap_v4(ctx: &XdpContext, id: u32, backend: &BackendInfo, config: &LbConfig, hash: u32) -> u64 {
     let bytes = frame_len(ctx) as u64;
     let inner_len = frame_len(ctx) - ETH_HLEN;
     let outer_len = inner_len + IPV4_HLEN;
     let h = hash.to_be_bytes();
     let src = u64::from_ne_bytes([config.src4[0], config.src4[1], h[2], h[3], 0, 0, 0, 0]);
     let dst = backend.addr[0];
-    let mut raw = core::mem::MaybeUninit::<FibParams>::uninit();
-    // SAFETY: zeroed whole, and an all-zero bpf_fib_lookup is a valid value.
-    let params = unsafe { zeroed_fib_params(raw.as_mut_ptr()) };
-    params.family = AF_INET;
-    params.l4_protocol = IPPROTO_IPIP;
-    params.__bindgen_anon_1.tot_len = outer_len as u16;
-    // SAFETY: reading the context the kernel gave us.
-    params.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    params.__bindgen_anon_3.ipv4_src = src as u32;
-    params.__bindgen_anon_4.ipv4_dst = dst as u32;
-    let hop = next_hop(ctx, params, bytes);
-    if hop == Err(BPF_FIB_LKUP_RET_FRAG_NEEDED as i64) {
-        // SAFETY: the helper wrote the MTU in the union.
-        let mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u64;
-        return sent::TOO_BIG | mtu.saturating_sub(IPV4_HLEN as u64) & sent::MTU_MASK;
-    }
-    if hop == Err(-1) || outer_len > 0xffff {
+    let hop = match next_hop(ctx, id, backend, false, &[src, 0], bytes) {
+        Hop::Known(hop) => {
+            if outer_len > hop.mtu as usize {
+                return sent::TOO_BIG | (hop.mtu as u64).saturating_sub(IPV4_HLEN as u64) & sent::MTU_MASK;
+            }
+            Some(hop)
+        }
+        Hop::NoNeigh => None,
+        Hop::Failed => return xdp_action::XDP_DROP as u64,
+    };
+    if outer_len > 0xffff {
         return xdp_action::XDP_DROP as u64;
     }
     // SAFETY: growing the head by a header; checked below.
@@ -534,12 +610,12 @@ fn encap_v4(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u3
     };
     // SAFETY: 34 bytes bounds-checked above.
     unsafe {
-        keep_or_set_macs(p, IPV4_HLEN, hop.is_ok(), params);
+        keep_or_set_macs(p, IPV4_HLEN, hop);
         write_ipv4(p.add(ETH_HLEN), outer_len as u16, IPPROTO_IPIP, src, dst);
     }
     match hop {
-        Ok(ifindex) => send(ctx, ifindex, bytes) as u64,
-        Err(_) => {
+        Some(hop) => send(ctx, hop.ifindex, bytes) as u64,
+        None => {
             // No neighbour yet: the kernel forwards this one and resolves it; the MACs it sees
             // are the original frame's (to us), as for any packet it routes.
             count(&LB_STATS, stat::FIB_NO_NEIGH, bytes);
@@ -549,7 +625,7 @@ fn encap_v4(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u3
 }
 
 #[inline(always)]
-fn encap_v6(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u32) -> u64 {
+fn encap_v6(ctx: &XdpContext, id: u32, backend: &BackendInfo, config: &LbConfig, hash: u32) -> u64 {
     let bytes = frame_len(ctx) as u64;
     let inner_len = frame_len(ctx) - ETH_HLEN;
     let outer_len = inner_len + IPV6_HLEN;
@@ -559,24 +635,17 @@ fn encap_v6(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u3
         u64::from_ne_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]),
         u64::from_ne_bytes([s[8], s[9], s[10], s[11], h[0], h[1], h[2], h[3]]),
     ];
-    let mut raw = core::mem::MaybeUninit::<FibParams>::uninit();
-    // SAFETY: zeroed whole, and an all-zero bpf_fib_lookup is a valid value.
-    let params = unsafe { zeroed_fib_params(raw.as_mut_ptr()) };
-    params.family = AF_INET6;
-    params.l4_protocol = IPPROTO_IPV6;
-    params.__bindgen_anon_1.tot_len = outer_len as u16;
-    // SAFETY: reading the context the kernel gave us.
-    params.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    // SAFETY: [u64; 2] and [u32; 4] have the same size; the bytes are the address.
-    params.__bindgen_anon_3.ipv6_src = unsafe { core::mem::transmute::<[u64; 2], [u32; 4]>(src) };
-    params.__bindgen_anon_4.ipv6_dst = unsafe { core::mem::transmute::<[u64; 2], [u32; 4]>(backend.addr) };
-    let hop = next_hop(ctx, params, bytes);
-    if hop == Err(BPF_FIB_LKUP_RET_FRAG_NEEDED as i64) {
-        // SAFETY: the helper wrote the MTU in the union.
-        let mtu = unsafe { params.__bindgen_anon_1.mtu_result } as u64;
-        return sent::TOO_BIG | mtu.saturating_sub(IPV6_HLEN as u64) & sent::MTU_MASK;
-    }
-    if hop == Err(-1) || inner_len > 0xffff {
+    let hop = match next_hop(ctx, id, backend, true, &src, bytes) {
+        Hop::Known(hop) => {
+            if outer_len > hop.mtu as usize {
+                return sent::TOO_BIG | (hop.mtu as u64).saturating_sub(IPV6_HLEN as u64) & sent::MTU_MASK;
+            }
+            Some(hop)
+        }
+        Hop::NoNeigh => None,
+        Hop::Failed => return xdp_action::XDP_DROP as u64,
+    };
+    if inner_len > 0xffff {
         return xdp_action::XDP_DROP as u64;
     }
     // SAFETY: growing the head by a header; checked below.
@@ -589,12 +658,12 @@ fn encap_v6(ctx: &XdpContext, backend: &BackendInfo, config: &LbConfig, hash: u3
     };
     // SAFETY: 54 bytes bounds-checked above.
     unsafe {
-        keep_or_set_macs(p, IPV6_HLEN, hop.is_ok(), params);
+        keep_or_set_macs(p, IPV6_HLEN, hop);
         write_ipv6(p.add(ETH_HLEN), inner_len as u16, IPPROTO_IPV6, hash, &src, &backend.addr);
     }
     match hop {
-        Ok(ifindex) => send(ctx, ifindex, bytes) as u64,
-        Err(_) => {
+        Some(hop) => send(ctx, hop.ifindex, bytes) as u64,
+        None => {
             count(&LB_STATS, stat::FIB_NO_NEIGH, bytes);
             xdp_action::XDP_PASS as u64
         }

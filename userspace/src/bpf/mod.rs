@@ -9,5 +9,7 @@ pub static MINIMAL_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub static CALIBRATION_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-calibration"));
 /// The balancer benchmark's floor: parse, count, swap MACs, XDP_TX.
 pub static MINIMAL_TX_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-minimal-tx"));
+/// The balancer flood's calibration: that floor plus a fixed extra cost per packet.
+pub static CALIBRATION_TX_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-calibration-tx"));
 /// The balancer benchmark's count point at the backends: count by destination, drop.
 pub static SINK_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-sink"));

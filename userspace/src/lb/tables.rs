@@ -53,9 +53,11 @@ pub struct LbTables {
     vips: HashMap<MapData, VipKey, VipInfo>,
     backends: Array<MapData, BackendInfo>,
     ring: Array<MapData, u32>,
-    /// Not written by userspace (the program fills it); held so it is pinned and unpinned with
-    /// the others.
+    /// Not written by userspace (the program fills them); held so they are pinned and unpinned
+    /// with the others.
     conntrack: Map,
+    conntrack6: Map,
+    nexthops: Map,
     service_stats: PerCpuArray<MapData, LbCounter>,
     backend_stats: PerCpuArray<MapData, LbCounter>,
     stats: PerCpuArray<MapData, Counter>,
@@ -101,6 +103,8 @@ impl LbTables {
             backends: typed(names::BACKENDS, get(names::BACKENDS)?)?,
             ring: typed(names::RING, get(names::RING)?)?,
             conntrack: get(names::CONNTRACK)?,
+            conntrack6: get(names::CONNTRACK6)?,
+            nexthops: get(names::NEXTHOPS)?,
             service_stats: typed(names::SERVICE_STATS, get(names::SERVICE_STATS)?)?,
             backend_stats: typed(names::BACKEND_STATS, get(names::BACKEND_STATS)?)?,
             stats: typed(names::STATS, get(names::STATS)?)?,
@@ -118,8 +122,14 @@ impl LbTables {
         pin(names::VIPS, self.vips.map())?;
         pin(names::BACKENDS, self.backends.map())?;
         pin(names::RING, self.ring.map())?;
-        let path = dir.join(names::CONNTRACK);
-        self.conntrack.pin(&path).map_err(|source| LbTablesError::Pin { map: names::CONNTRACK, path, source })?;
+        for (name, map) in [
+            (names::CONNTRACK, &self.conntrack),
+            (names::CONNTRACK6, &self.conntrack6),
+            (names::NEXTHOPS, &self.nexthops),
+        ] {
+            let path = dir.join(name);
+            map.pin(&path).map_err(|source| LbTablesError::Pin { map: name, path, source })?;
+        }
         pin(names::SERVICE_STATS, self.service_stats.map())?;
         pin(names::BACKEND_STATS, self.backend_stats.map())?;
         pin(names::STATS, self.stats.map())?;

@@ -122,7 +122,8 @@ impl Collector for LbCollector {
         }
         let mut m = enc.encode_descriptor(
             "lb_events",
-            "What happened to packets addressed to L4 services (forwarded, no_backend, icmp_too_big, …)",
+            "What happened to packets addressed to L4 services (forwarded, no_backend, icmp_too_big, …); \
+             nexthop_lookups counts next-hop (FIB) lookups, not packets",
             None,
             MetricType::Counter,
         )?;
