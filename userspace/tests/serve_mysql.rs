@@ -250,6 +250,17 @@ fn clients_work_on_both_ports_with_tls_sysbench_status_and_metrics() {
         let out = c.client(c.ro, "INSERT INTO t.w (v) VALUES (1)", &[]);
         assert!(String::from_utf8_lossy(&out.stderr).contains("read-only"), "{out:?}");
 
+        // Messages many times the session's copy buffers, both ways, arrive whole and in order:
+        // a 98,000-byte query (the server compares it with what it should be) and a
+        // 1,000,000-byte value back.
+        let big = "rampart".repeat(14_000);
+        let q = format!("SELECT '{big}' = REPEAT('rampart', 14000); SELECT REPEAT('0123456789', 100000)");
+        let out = c.client(c.rw, &q, &[]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("1"), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(lines.next() == Some("0123456789".repeat(100_000).as_str()) && lines.next().is_none());
+
         // TLS passes through: the client negotiates it with the server and verifies the
         // server's certificate, rampart only carries the bytes.
         let ca = format!("--ssl-ca={}", c.ca.display());

@@ -146,6 +146,9 @@ struct Sample {
     transactions: u64,
     /// CPU time the proxy process used during the run, per transaction (µs); none for direct.
     proxy_cpu_us: Option<f64>,
+    /// Context switches of the proxy's threads during the run, per transaction: how often it
+    /// slept and was woken (or preempted) for each one; none for direct.
+    proxy_switches: Option<f64>,
 }
 
 /// Reads transactions/s and the 99th percentile from sysbench's report.
@@ -167,7 +170,7 @@ fn parse_sysbench(report: &str) -> Result<Sample> {
     let transactions =
         value("transactions:")?.split_whitespace().next().and_then(|s| s.parse().ok()).context("transactions")?;
     let p99 = value("99th percentile:")?.trim().parse().context("99th percentile")?;
-    Ok(Sample { tps, p99_ms: p99, transactions, proxy_cpu_us: None })
+    Ok(Sample { tps, p99_ms: p99, transactions, proxy_cpu_us: None, proxy_switches: None })
 }
 
 /// CPU time (user + system, all threads) process `pid` has used so far, from /proc/PID/stat.
@@ -183,6 +186,24 @@ fn cpu_time(pid: u32) -> Result<Duration> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// Context switches (voluntary and involuntary) of all threads of process `pid` so far, from
+/// /proc/PID/task/*/status.
+fn context_switches(pid: u32) -> Result<u64> {
+    let mut n = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread may end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else { continue };
+        for l in status.lines() {
+            if let Some(v) =
+                l.strip_prefix("voluntary_ctxt_switches:").or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                n += v.trim().parse::<u64>()?;
+            }
+        }
+    }
+    Ok(n)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -308,17 +329,25 @@ fn main() -> Result<()> {
                     Contender::Haproxy => Some(haproxy.child.id()),
                 };
                 let cpu_before = pid.map(cpu_time).transpose()?;
+                let switches_before = pid.map(context_switches).transpose()?;
                 let report = sysbench(workload, port_of(c), &extra)?;
                 let mut sample = parse_sysbench(&report)?;
                 if let (Some(pid), Some(before)) = (pid, cpu_before) {
                     let used = cpu_time(pid)?.saturating_sub(before);
                     sample.proxy_cpu_us = Some(used.as_secs_f64() * 1e6 / sample.transactions.max(1) as f64);
                 }
+                if let (Some(pid), Some(before)) = (pid, switches_before) {
+                    let n = context_switches(pid)?.saturating_sub(before);
+                    sample.proxy_switches = Some(n as f64 / sample.transactions.max(1) as f64);
+                }
                 eprintln!(
-                    "mysql-bench:   {:.0} transactions/s, p99 {:.2} ms{}",
+                    "mysql-bench:   {:.0} transactions/s, p99 {:.2} ms{}{}",
                     sample.tps,
                     sample.p99_ms,
-                    sample.proxy_cpu_us.map_or(String::new(), |u| format!(", proxy CPU {u:.1} µs/transaction"))
+                    sample.proxy_cpu_us.map_or(String::new(), |u| format!(", proxy CPU {u:.1} µs/transaction")),
+                    sample
+                        .proxy_switches
+                        .map_or(String::new(), |n| format!(", {n:.2} proxy context switches/transaction"))
                 );
                 samples[w][ci].push(sample);
             }
@@ -342,30 +371,37 @@ fn main() -> Result<()> {
     writeln!(
         out,
         "| workload | contender | transactions/s | p99 ms | tps vs direct | tps vs HAProxy | p99 vs HAProxy | \
-         proxy CPU µs/transaction |"
+         proxy CPU µs/transaction | proxy context switches/transaction |"
     )?;
-    writeln!(out, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")?;
+    writeln!(out, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")?;
     for (w, workload) in workloads.iter().enumerate() {
-        let med: Vec<(f64, f64, Option<f64>)> = samples[w]
+        let med: Vec<(f64, f64, Option<f64>, Option<f64>)> = samples[w]
             .iter()
             .map(|s| {
                 let mut tps: Vec<f64> = s.iter().map(|x| x.tps).collect();
                 let mut p99: Vec<f64> = s.iter().map(|x| x.p99_ms).collect();
                 let mut cpu: Vec<f64> = s.iter().filter_map(|x| x.proxy_cpu_us).collect();
-                (median(&mut tps), median(&mut p99), (!cpu.is_empty()).then(|| median(&mut cpu)))
+                let mut sw: Vec<f64> = s.iter().filter_map(|x| x.proxy_switches).collect();
+                (
+                    median(&mut tps),
+                    median(&mut p99),
+                    (!cpu.is_empty()).then(|| median(&mut cpu)),
+                    (!sw.is_empty()).then(|| median(&mut sw)),
+                )
             })
             .collect();
         let (direct, haproxy) = (med[0], med[2]);
         for (ci, c) in contenders.iter().enumerate() {
-            let (tps, p99, cpu) = med[ci];
+            let (tps, p99, cpu, sw) = med[ci];
             writeln!(
                 out,
-                "| {workload} | {} | {tps:.0} | {p99:.2} | {:.3}x | {:.3}x | {:.3}x | {} |",
+                "| {workload} | {} | {tps:.0} | {p99:.2} | {:.3}x | {:.3}x | {:.3}x | {} | {} |",
                 c.name(),
                 tps / direct.0,
                 tps / haproxy.0,
                 p99 / haproxy.1,
-                cpu.map_or("-".to_string(), |u| format!("{u:.1}"))
+                cpu.map_or("-".to_string(), |u| format!("{u:.1}")),
+                sw.map_or("-".to_string(), |n| format!("{n:.2}"))
             )?;
         }
     }
