@@ -233,7 +233,9 @@ impl TlsStream {
                         discard += record.discard;
                         let payload = record.payload;
                         match want {
-                            Want::Read(buf) if plain.is_empty() => {
+                            // An empty record (TLS allows them) delivers nothing: a read
+                            // that returned no bytes would be taken for the end of the stream.
+                            Want::Read(buf) if plain.is_empty() && !payload.is_empty() => {
                                 let n = payload.len().min(buf.remaining());
                                 buf.put_slice(&payload[..n]);
                                 plain.extend_from_slice(&payload[n..]);
@@ -412,9 +414,9 @@ impl AsyncWrite for TlsStream {
         let this = self.get_mut();
         if !this.close_sent {
             ready!(this.poll_send(cx))?;
-            match this.advance(&mut Want::Close)? {
-                Advanced::Closed => this.close_sent = true,
-                _ => {}
+            // Closed: both close_notify were sent already.
+            if let Advanced::Closed = this.advance(&mut Want::Close)? {
+                this.close_sent = true;
             }
         }
         ready!(this.poll_send(cx))?;
