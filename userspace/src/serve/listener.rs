@@ -33,7 +33,7 @@ use super::{
     },
     metrics::ListenerLabels,
     proxy_protocol::{self, ProxyHeader},
-    tcp::Tcp,
+    tls_stream::{self, TlsStream},
 };
 
 /// Activity of one client connection, for the idle and header-read timeouts.
@@ -212,13 +212,13 @@ async fn serve_tls_conn(
         (peer, local)
     };
     let labels = ListenerLabels { listener: lrt.name.clone() };
-    let acceptor = tokio_rustls::TlsAcceptor::from(lrt.tls.clone());
     let t0 = lrt.stats.handshake.start();
     // ALPN is read here, not from `tls` below: a borrowed local keeps its slot in this future's
     // state after it is moved into `h1::serve`, 1.2 KiB more for every connection.
-    let (tls, h2) = match tokio::time::timeout(lrt.client_header_timeout, acceptor.accept(Tcp(tcp))).await {
+    let handshake = tls_stream::accept(tcp, lrt.tls.clone());
+    let (tls, h2) = match tokio::time::timeout(lrt.client_header_timeout, handshake).await {
         Ok(Ok(s)) => {
-            let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+            let h2 = s.alpn_protocol() == Some(b"h2");
             (s, h2)
         }
         Ok(Err(e)) => {
@@ -243,7 +243,7 @@ async fn serve_tls_conn(
     Ok(())
 }
 
-async fn serve_h2(shared: Arc<Shared>, ctx: Arc<ConnCtx>, tls: tokio_rustls::server::TlsStream<Tcp>) {
+async fn serve_h2(shared: Arc<Shared>, ctx: Arc<ConnCtx>, tls: TlsStream) {
     let lrt = ctx.listener.clone();
     let activity = Activity::new(false);
     let io = TokioIo::new(ActivityIo { inner: tls, activity: activity.clone() });

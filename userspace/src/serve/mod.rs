@@ -25,6 +25,7 @@ pub mod stats;
 pub mod tcp;
 pub mod timer;
 pub mod tls;
+pub mod tls_stream;
 
 // admin.rs answers with the proxy's pages and bodies.
 use http::proxy;

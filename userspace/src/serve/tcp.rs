@@ -1,4 +1,5 @@
-//! The TCP stream under rustls, client side and backend side.
+//! The TCP stream under rustls toward https:// backends (clients are served by `tls_stream.rs`,
+//! which writes with send(2) itself).
 //!
 //! rustls hands its finished records to `write_vectored`, and tokio's `TcpStream` turns that
 //! into writev(2) even when there is one buffer, which is nearly always (one answer, one
