@@ -22,7 +22,10 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Mutex, MutexGuard},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -89,6 +92,8 @@ pub enum StackError {
     Mariadb(#[from] mariadb_lab::Error),
     #[error("{what}: not within {limit:?}; last: {last}")]
     Timeout { what: String, limit: Duration, last: String },
+    #[error("{what}: interrupted")]
+    Interrupted { what: String },
 }
 
 pub type Result<T, E = StackError> = std::result::Result<T, E>;
@@ -116,10 +121,21 @@ pub fn capture(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Polls `f` every 200 ms until it gives `Some`, for at most `limit`.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Makes every wait of this crate give up from now on (the demo's Ctrl-C: the stack is then
+/// dropped, which removes it). Only stores to an atomic, so a signal handler may call it.
+pub fn interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Polls `f` every 200 ms until it gives `Some`, for at most `limit` (or until [`interrupt`]).
 pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<Option<T>, String>) -> Result<T> {
     let start = Instant::now();
     loop {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return Err(StackError::Interrupted { what: what.to_string() });
+        }
         let last = match f() {
             Ok(Some(v)) => return Ok(v),
             Ok(None) => "not yet".to_string(),
@@ -168,17 +184,28 @@ pub struct Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        // The databases first, then processes and namespaces with the lab; the attaches' pins
-        // were registered as undo commands, which run while the namespaces still exist.
-        self.mariadb.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        if let Err(e) = self.lab().teardown() {
+        if let Err(e) = self.teardown() {
             eprintln!("stack teardown: {e}");
         }
-        let _ = fs::remove_dir_all(&self.opts.work);
     }
 }
 
 impl Stack {
+    /// Removes everything: the databases first, then processes and namespaces with the lab
+    /// (the attaches' pins were registered as undo commands, which run while the namespaces
+    /// still exist), then the work directory. Goes on past failures and reports them; a second
+    /// call (the drop after an explicit one) has nothing left to do.
+    pub fn teardown(&self) -> Result<()> {
+        self.mariadb.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let lab = self.lab().teardown();
+        let dir = match fs::remove_dir_all(&self.opts.work) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", &self.opts.work)(e)),
+            _ => Ok(()),
+        };
+        lab?;
+        dir
+    }
+
     /// Brings the whole stack up and waits until a request through the VIP reaches MariaDB.
     pub fn up(opts: Options) -> Result<Stack> {
         let s = Stack::start(opts)?;
