@@ -11,7 +11,10 @@
 //! 2. zones: what nmap sees from the internet, the attacker and the web tier;
 //! 3. faults under steady traffic: web1's rampart killed, the MySQL primary killed and the
 //!    replica promoted, an application server hung; no acknowledged write lost, failures only
-//!    while a fault is being noticed, the alerts fire in Prometheus and resolve.
+//!    while a fault is being noticed, the alerts fire in Prometheus and resolve;
+//! 4. reloads under steady traffic: a new rule file at the edge (an address added to the
+//!    blocklist), a renewed certificate on the web tier, a new backend in an application
+//!    server's pool; each in force afterwards, and not one request failed.
 //!
 //! Needs root (namespaces, XDP); fails saying so without it.
 
@@ -48,6 +51,7 @@ fn whole_stack_traffic_zones_and_faults() {
     traffic(&s);
     zones(&s);
     faults(&s);
+    reloads(&s);
 }
 
 fn web_requests(s: &Stack) -> f64 {
@@ -365,4 +369,155 @@ fn faults(s: &Stack) {
     let late: Vec<&&Sent> = failed.iter().filter(|f| f.from > tail).collect();
     assert!(late.is_empty(), "requests failed after recovery: {late:?}");
     println!("events: {events:?}");
+}
+
+/// A static page on a new connection, with the certificate it came with: (web node, serial
+/// of the site's certificate in lower-case hex), or curl's complaint.
+fn page_and_serial(s: &Stack) -> Result<(String, String), String> {
+    const CERTS: &str = "\n@@certs@@\n";
+    let mut cmd = s.ns("client").command("curl");
+    cmd.args(["-sS", "--max-time", "10", "--http1.1", "-H", "Connection: close", "-o", "-"]);
+    cmd.args(["-w", &format!("{CERTS}%{{certs}}")]);
+    cmd.args(["--resolve", &format!("{SITE}:443:{VIP}"), "--cacert"]).arg(&s.public_ca);
+    cmd.arg(format!("https://{SITE}/"));
+    let out = capture(&mut cmd).map_err(|e| e.to_string())?;
+    let (body, certs) = out.split_once(CERTS).ok_or_else(|| format!("no certificates in {out:?}"))?;
+    let web = WEB.iter().find(|w| body.contains(&format!("from {w}"))).ok_or_else(|| format!("page {body:?}"))?;
+    // The first certificate of the chain is the site's.
+    let serial = certs
+        .lines()
+        .find_map(|l| l.strip_prefix("Serial Number:"))
+        .ok_or_else(|| format!("no serial in {certs:?}"))?;
+    Ok((web.to_string(), serial.trim().replace(':', "").to_ascii_lowercase()))
+}
+
+/// The attacker, from an address outside the blocklist: (HTTP status) or curl's error.
+fn attacker_from(s: &Stack, addr: &str) -> Result<u16, String> {
+    s.curl("attacker", "/", &["--interface", addr, "--max-time", "3"]).map(|(code, _)| code).map_err(|e| e.to_string())
+}
+
+fn reloads(s: &Stack) {
+    use std::sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    };
+    let started = std::time::Instant::now();
+    let stop = AtomicBool::new(false);
+    // (ok, what) of every request of the steady traffic.
+    let sent: Mutex<Vec<(bool, String)>> = Mutex::default();
+    let record = |answers: Vec<Answer>, want: u16| {
+        let mut v = sent.lock().unwrap();
+        for a in answers {
+            let ok = a.status == want && a.error.is_empty();
+            v.push((ok, format!("{} {} {}", a.status, a.error, a.body.trim().chars().take(120).collect::<String>())));
+        }
+    };
+    let new_addr = "198.51.100.30";
+    s.ns("attacker").addr("eth0", &format!("{new_addr}/24")).expect("the attacker's new address");
+    let deny = |s: &Stack| s.metric_sum("edge", "rampart_fw_rule_packets_total", "action=\"deny\"").unwrap();
+    std::thread::scope(|sc| {
+        // Static pages and /api/ writes, each on a new connection, and h2 connections that
+        // stay open across the reloads (the edge's rules and the web tier's certificate change
+        // under them).
+        sc.spawn(|| {
+            let pages: Vec<Req> = (0..5).map(|_| Req::Get("/".into())).collect();
+            while !stop.load(Ordering::Relaxed) {
+                record(s.batch("client", &pages, Conn::NewEach).expect("pages"), 200);
+            }
+        });
+        sc.spawn(|| {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let writes: Vec<Req> =
+                    (0..5).map(|i| Req::Post("/api/notes".into(), format!("reload {n} {i}"))).collect();
+                n += 1;
+                record(s.batch("client", &writes, Conn::NewEach).expect("writes"), 201);
+            }
+        });
+        sc.spawn(|| {
+            let pages: Vec<Req> = (0..40).map(|_| Req::Get("/".into())).collect();
+            while !stop.load(Ordering::Relaxed) {
+                record(s.batch("client", &pages, Conn::KeepAlive2).expect("h2 pages"), 200);
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        std::thread::sleep(Duration::from_secs(2));
+
+        // (a) The attacker comes back from an address outside the blocklist and gets through;
+        // the operator adds it to the edge's rule file and applies the file again.
+        assert_eq!(attacker_from(s, new_addr), Ok(200), "{new_addr} is not in the shipped blocklist");
+        let rules = s.dir("edge").join("front.rules.toml");
+        let text = std::fs::read_to_string(&rules).unwrap();
+        let edited = text.replacen("blocklist = [", &format!("blocklist = [\"{new_addr}/32\", "), 1);
+        assert_ne!(text, edited, "front.rules.toml has no blocklist set");
+        std::fs::write(rules.with_extension("new"), edited).unwrap();
+        std::fs::rename(rules.with_extension("new"), &rules).unwrap();
+        let out = s.rampart("edge", &["attach", "--config", "edge.toml"]).expect("rampart attach --config edge.toml");
+        println!("edge: rampart attach --config edge.toml:\n{}", out.trim_end());
+        let before = deny(s);
+        let r = attacker_from(s, new_addr);
+        assert!(r.is_err(), "{new_addr} still got an answer after the reload: {r:?}");
+        let dropped = deny(s) - before;
+        assert!(dropped >= 1.0, "the blocklist rule counted {dropped} packets from {new_addr}");
+        println!("edge: {new_addr} blocked by the reloaded rules ({dropped} packets dropped by the blocklist rule)");
+
+        // (b) A renewed certificate on the web tier, then `rampart reload` on each web node.
+        let (_, old) = page_and_serial(s).expect("a page before the renewal");
+        let new = s.renew_site_certificate().expect("renew the certificate").to_ascii_lowercase();
+        assert_ne!(old, new);
+        for w in WEB {
+            let out = s.reload(w).expect("rampart reload");
+            println!("{w}: {}", out.trim());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let (web, serial) = page_and_serial(s).expect("a page after the renewal");
+            assert_eq!(serial, new, "{web} served serial {serial} after the reload (old {old}, new {new})");
+            seen.insert(web);
+            if seen.len() == WEB.len() {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), WEB.len(), "30 connections reached only {seen:?}");
+        println!("web tier: the renewed certificate (serial {new}, was {old}) from both web nodes");
+
+        // (c) A second application process on app1, added to its pool.
+        s.start_app_worker("app1", "app1-b", "127.0.0.1:8001").expect("start app1-b");
+        wait_for("app1-b listening", Duration::from_secs(20), || {
+            let mut cmd = s.ns("app1").command("curl");
+            cmd.args(["-sS", "--max-time", "2", "http://127.0.0.1:8001/api/health"]);
+            Ok(capture(&mut cmd).ok().filter(|b| b.contains("app1-b")).map(|_| ()))
+        })
+        .expect("app1-b");
+        let conf = s.dir("app1").join("app.toml");
+        let text = std::fs::read_to_string(&conf).unwrap();
+        let edited =
+            text.replacen("backends = [\"127.0.0.1:8000\"]", "backends = [\"127.0.0.1:8000\", \"127.0.0.1:8001\"]", 1);
+        assert_ne!(text, edited, "app.toml's pool is not as shipped");
+        std::fs::write(&conf, edited).unwrap();
+        println!("app1: {}", s.reload("app1").expect("rampart reload").trim());
+        let new_backend = "pool=\"api\",backend=\"127.0.0.1:8001\"";
+        let took = wait_for("requests on app1's new backend", Duration::from_secs(20), || {
+            let n =
+                s.metric_sum("app1", "rampart_http_backend_requests_total", new_backend).map_err(|e| e.to_string())?;
+            let answered = sent.lock().unwrap().iter().filter(|(_, w)| w.contains("\"app\": \"app1-b\"")).count();
+            Ok((n >= 5.0 && answered >= 1).then_some((n, answered)))
+        })
+        .expect("app1-b in the pool");
+        println!(
+            "app1: the new backend 127.0.0.1:8001 took {} requests ({} writes answered by app1-b)",
+            took.0, took.1
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    let sent = sent.into_inner().unwrap();
+    let failed: Vec<&(bool, String)> = sent.iter().filter(|(ok, _)| !ok).collect();
+    println!(
+        "reloads: {} requests under steady traffic in {:.0} s, {} failed",
+        sent.len(),
+        started.elapsed().as_secs_f64(),
+        failed.len()
+    );
+    assert!(sent.len() >= 100, "only {} requests during the reloads", sent.len());
+    assert!(failed.is_empty(), "requests failed during the reloads: {failed:#?}");
 }

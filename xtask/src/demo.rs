@@ -1,559 +1,483 @@
-//! `cargo xtask demo`: rampart in front of a server, between two network namespaces.
-//!
-//! "internet" holds three client addresses (a customer, the admins' network, a blocklisted host);
-//! "server" runs a few services behind rampart. Part one: the same traffic is sent before and
-//! after rampart's XDP firewall is attached with the rule file of README.md. Part two ([`https`]):
-//! with the firewall still attached, `rampart serve` terminates HTTPS on the server's port 443
-//! and proxies to a pool of two web backends, shown with curl. Each expectation is printed as ✔
-//! or ✘. Part three ([`lb`]): the XDP L4 balancer in front of three web backends. Part four
-//! ([`mysql`]): `rampart serve` routing MySQL to a MariaDB primary and replica, through a crash
-//! of the primary and its replica's promotion. The network is built with [`rampart_netlab`];
-//! everything the demo creates is removed by [`Lab`]'s `Drop`, on success, failure or Ctrl-C.
-mod https;
-mod lb;
-mod mysql;
+//! `cargo xtask demo`: the seeds' whole stack (`examples/stack/`, brought up by
+//! [`rampart_stack`], the same files and topology as the system test `tests/tests/stack.rs`),
+//! narrated. Each claim is checked as it is made and printed ✔ or ✘:
+//! HTTPS from the client spreads over web1 and web2; the attacker is dropped at the edge (the
+//! blocklist rule's counter shows it) and the zones keep MySQL to the application tier; `/api/`
+//! writes land on the primary and reads come from the replica; `rampart top` on the edge shows
+//! each web node's flows per second; a web node's daemon is killed and the MySQL primary fails
+//! over while traffic runs, and Prometheus fires the matching alerts and resolves them.
+//! It exits 0 only if every claim held. The stack is removed at the end, also on failure or
+//! Ctrl-C; with `--keep` it stays up (and the demo says where to look) until Ctrl-C.
+mod faults;
 
 use std::{
     fmt::Write as _,
     fs,
-    io::{BufRead, BufReader},
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::mpsc,
+    path::Path,
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use rampart_netlab::{NetlabError, Ns, Proc, Undo, veth};
+use rampart_stack::{Conn, Options, PROMETHEUS, Req, SITE, Stack, VIP, WEB, admin_addr, wait_for};
 
-use crate::{
-    probe,
-    proc::{self, OnInterrupt, Out, capture, check_interrupt, show, wait_bounded},
-};
+use crate::proc::{self, check_interrupt, interrupted};
 
-/// The rule file of issue 2 and README.md, as written to `rules.toml`.
-const RULES: &str = r#"default = "deny"
+/// The edge's two backends (web1, web2 on the front network).
+const WEB_FRONT: [(&str, &str); 2] = [("web1", "10.0.1.11"), ("web2", "10.0.1.12")];
 
-[sets]
-blocklist = ["203.0.113.0/24", "2001:db8:bad::/48"]
-crawlers = { file = "crawlers.txt" }
-
-[[rule]]
-action = "deny"
-src = "@blocklist"
-
-[[rule]]
-action = "allow"
-proto = "tcp"
-dport = [80, 443]
-
-[[rule]]
-action = "allow"
-proto = "tcp"
-src = "198.51.100.0/24"
-dport = 22
-
-[[rule]]
-action = "allow"
-proto = "icmp"
-"#;
-
-/// The set `crawlers` reads, one prefix per line (no rule uses it: it shows the file form).
-const CRAWLERS: &str = "66.249.64.0/19\n157.55.39.0/24\n2001:4860:4801::/48\n";
-
-const SERVER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const CUSTOMER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-const ADMIN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-const BLOCKED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 66);
-/// The NIC on each side of the veth pair (each in its own namespace, so the names never clash).
-const IFACE: &str = "eth0";
-const TCP_PORTS: [u16; 4] = [22, 80, 443, 8080];
-const UDP_PORT: u16 = 53;
-/// How long a probe waits for an answer. A dropped SYN is retried after 1 s, so 1.5 s sees two.
-const PROBE_TIMEOUT_MS: u64 = 1500;
-/// Bound for any one command (`ip`, `rampart`, a probe).
-const COMMAND_LIMIT: Duration = Duration::from_secs(60);
-
-fn who(ip: Ipv4Addr) -> &'static str {
-    match ip {
-        CUSTOMER => "a customer",
-        ADMIN => "the admins",
-        BLOCKED => "blocklisted",
-        _ => "",
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Traffic {
-    Ping,
-    Tcp(u16),
-    Udp(u16),
-}
-
-impl Traffic {
-    fn label(self) -> String {
-        match self {
-            Traffic::Ping => "ping (ICMP echo)".to_string(),
-            Traffic::Tcp(p) => format!("TCP {p} ({})", service(p)),
-            Traffic::Udp(p) => format!("UDP {p} ({})", service(p)),
-        }
-    }
-}
-
-fn service(port: u16) -> &'static str {
-    match port {
-        22 => "ssh",
-        53 => "dns",
-        80 => "http",
-        443 => "https",
-        8080 => "admin app",
-        _ => "?",
-    }
-}
-
-/// One expectation about traffic through the firewall.
-struct Check {
-    traffic: Traffic,
-    from: Ipv4Addr,
-    allowed: bool,
-    /// Which rule decides, in the words of the rule file.
-    why: &'static str,
-}
-
-const fn check(traffic: Traffic, from: Ipv4Addr, allowed: bool, why: &'static str) -> Check {
-    Check { traffic, from, allowed, why }
-}
-
-const CHECKS: [Check; 9] = [
-    check(Traffic::Ping, CUSTOMER, true, "rule 4 allows icmp"),
-    check(Traffic::Ping, BLOCKED, false, "rule 1 denies @blocklist before rule 4 allows icmp"),
-    check(Traffic::Tcp(80), CUSTOMER, true, "rule 2 allows tcp 80 and 443"),
-    check(Traffic::Tcp(443), CUSTOMER, true, "rule 2 allows tcp 80 and 443"),
-    check(Traffic::Tcp(80), BLOCKED, false, "rule 1 denies @blocklist: first match wins"),
-    check(Traffic::Tcp(22), ADMIN, true, "rule 3 allows tcp 22 from 198.51.100.0/24"),
-    check(Traffic::Tcp(22), CUSTOMER, false, "no rule matches: default deny"),
-    check(Traffic::Tcp(8080), CUSTOMER, false, "no rule matches: default deny"),
-    check(Traffic::Udp(UDP_PORT), CUSTOMER, false, "no rule matches: default deny"),
-];
-
-/// Everything the demo creates, removed in `Drop` (also on failure and Ctrl-C).
-struct Lab {
-    /// The namespaces (and with them the veth pairs and the bridge), the helpers running in
-    /// them, and the rampart commands that undo what was attached.
-    net: rampart_netlab::Lab,
-    internet: Ns,
-    server: Ns,
-    dir: PathBuf,
-    /// Part one's listeners (`xtask __serve`).
-    listeners: Option<Proc>,
-    /// Part two's web backends (`xtask __web`), by name.
-    backends: Vec<(String, Proc)>,
-    /// `rampart serve`.
-    daemon: Option<Child>,
-    /// Part four's MariaDB servers (killed when dropped).
-    databases: Vec<mariadb_lab::Server>,
-    rampart: PathBuf,
-    /// While the firewall is attached: the `detach` cleanup runs.
-    detach: Option<Undo>,
-    cleaned: bool,
-}
-
-impl Lab {
-    fn new(rampart: &Path) -> Result<Self> {
-        let net = rampart_netlab::Lab::new("rampart")?;
-        Ok(Lab {
-            internet: Ns::named(net.name("internet")),
-            server: Ns::named(net.name("server")),
-            dir: std::env::temp_dir().join(format!("{}-demo", net.prefix())),
-            net,
-            listeners: None,
-            backends: Vec::new(),
-            daemon: None,
-            databases: Vec::new(),
-            rampart: rampart.to_path_buf(),
-            detach: None,
-            cleaned: false,
-        })
-    }
-
-    /// Pins of the program rampart attaches to the server's NIC (see `userspace/src/paths.rs`).
-    fn pin_dir(&self) -> PathBuf {
-        Path::new("/sys/fs/bpf/rampart").join(format!("netns-{}", self.server)).join(IFACE)
-    }
-
-    /// rampart's per-namespace directories: pins and runtime state.
-    fn scope_dirs(&self) -> [PathBuf; 2] {
-        let scope = format!("netns-{}", self.server);
-        [Path::new("/sys/fs/bpf/rampart").join(&scope), Path::new("/run/rampart").join(scope)]
-    }
-
-    fn rampart(&self, args: &[&str]) -> Command {
-        self.rampart_in(&self.server, args)
-    }
-
-    /// `rampart -n NETNS ARGS…`.
-    fn rampart_in(&self, netns: &Ns, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.rampart);
-        cmd.args(["-n", netns.name()]).args(args);
-        cmd
-    }
-
-    /// Has cleanup run `rampart -n NETNS ARGS…` before the namespaces go (pins outlive a
-    /// deleted namespace).
-    fn undo(&mut self, netns: &Ns, args: &[&str]) -> Undo {
-        let cmd = self.rampart_in(netns, args);
-        self.net.on_teardown(cmd)
-    }
-
-    /// Removes everything; returns what could not be removed. Runs to the end even after Ctrl-C.
-    fn cleanup(&mut self) -> Vec<String> {
-        if self.cleaned {
-            return Vec::new();
-        }
-        self.cleaned = true;
-        let mut problems = Vec::new();
-        if let Err(e) = self.stop_daemon() {
-            problems.push(format!("{e:#}"));
-        }
-        for mut db in std::mem::take(&mut self.databases) {
-            db.kill();
-        }
-        // The helpers, then rampart's undo commands (newest first), then the namespaces.
-        match self.net.teardown() {
-            Ok(()) => {}
-            Err(NetlabError::Teardown { problems: p, .. }) => problems.extend(p.iter().map(ToString::to_string)),
-            Err(e) => problems.push(e.to_string()),
-        }
-        // Whatever a failed run left pinned for the (now deleted) server namespace.
-        for dir in self.scope_dirs().iter().chain([&self.dir]) {
-            if dir.exists()
-                && let Err(e) = fs::remove_dir_all(dir)
-            {
-                problems.push(format!("removing {}: {e}", dir.display()));
-            }
-        }
-        problems
-    }
-
-    /// Stops `rampart serve` the way an operator does (SIGTERM: it stops accepting, lets
-    /// requests in flight finish, exits), killing it if it takes longer than its drain timeout
-    /// allows. `None` if it was not running.
-    fn stop_daemon(&mut self) -> Result<Option<ExitStatus>> {
-        let Some(mut child) = self.daemon.take() else { return Ok(None) };
-        if let Ok(Some(status)) = child.try_wait() {
-            return Ok(Some(status));
-        }
-        // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        // The config's drain_timeout is 5 s; what takes longer is a bug (wait_bounded kills it).
-        wait_bounded(&mut child, "rampart serve", Duration::from_secs(15), OnInterrupt::Finish).map(Some)
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if self.cleaned {
-            return;
-        }
-        eprintln!("cleaning up: namespaces {}, {}", self.net.namespaces().join(", "), self.dir.display());
-        for p in self.cleanup() {
-            eprintln!("cleanup: {p}");
-        }
-    }
-}
-
-fn heading(n: usize, title: &str) {
-    println!("\n── {n}. {title} {}", "─".repeat(70usize.saturating_sub(title.len() + 6)));
-}
-
-fn indent(text: &str, by: usize) -> String {
-    let pad = " ".repeat(by);
-    text.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("{pad}{l}\n") }).collect()
-}
-
-/// The namespaces, the veth pair, the addresses, and the services in "server".
-fn build_network(lab: &mut Lab) -> Result<()> {
-    let (inet, srv) = (lab.net.ns("internet")?, lab.net.ns("server")?);
-    // IPv4 only: without IPv6 the kernel sends no neighbour discovery or MLD of its own, so
-    // the counters show exactly the demo's traffic (a kernel without IPv6 has nothing to turn
-    // off).
-    if Path::new("/proc/sys/net/ipv6").exists() {
-        for ns in [&inet, &srv] {
-            for conf in ["all", "default"] {
-                ns.sysctl(&format!("net.ipv6.conf.{conf}.disable_ipv6"), "1")?;
-            }
-        }
-    }
-    let mut client = inet.end(IFACE);
-    for addr in [CUSTOMER, ADMIN, BLOCKED] {
-        client = client.addr(&format!("{addr}/24"));
-    }
-    veth(srv.end(IFACE).addr(&format!("{SERVER_IP}/24")), client)?;
-    // "internet" is the server's router: replies to 198.51.100.10 and 203.0.113.66 go back
-    // through it.
-    srv.route("default", &CUSTOMER.to_string())?;
-    start_listeners(lab)
-}
-
-fn start_listeners(lab: &mut Lab) -> Result<()> {
-    let tcp = TCP_PORTS.map(|p| p.to_string()).join(",");
-    let args = ["__serve", "--name", "the server", "--tcp", &tcp, "--udp", &UDP_PORT.to_string()];
-    let server = lab.server.clone();
-    lab.listeners = Some(start_helper(lab, &server, &args, "the server's listeners")?);
-    Ok(())
-}
-
-/// Starts `xtask ARGS` in `netns` and waits for it to print `ready`. The lab keeps it from the
-/// start, so that cleanup stops it even if it never gets ready.
-fn start_helper(lab: &mut Lab, netns: &Ns, args: &[&str], what: &str) -> Result<Proc> {
-    let me = std::env::current_exe().context("locating the xtask binary")?;
-    let mut cmd = netns.command(&me);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-    let helper = lab.net.spawn(&mut cmd)?;
-    let stdout = lab.net.child(helper).stdout.take().context("helper without stdout")?;
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    match rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(line) if line.trim() == "ready" => Ok(helper),
-        Ok(line) => bail!("{what} did not start (said {line:?})"),
-        Err(_) => bail!("{what} did not start within 10 s"),
-    }
-}
-
-/// Sends `traffic` from `from` to the server; true if it got an answer (or a refusal, which
-/// also proves the packet arrived).
-fn reaches(lab: &Lab, traffic: Traffic, from: Ipv4Addr) -> Result<bool> {
-    check_interrupt()?;
-    let mut cmd = match traffic {
-        Traffic::Ping => {
-            let mut cmd = lab.internet.command("ping");
-            cmd.args(["-n", "-q", "-c", "1", "-W", "1", "-I", &from.to_string(), &SERVER_IP.to_string()]);
-            cmd
-        }
-        Traffic::Tcp(port) | Traffic::Udp(port) => {
-            let me = std::env::current_exe().context("locating the xtask binary")?;
-            let proto = if matches!(traffic, Traffic::Tcp(_)) { "tcp" } else { "udp" };
-            let mut cmd = lab.internet.command(me);
-            cmd.args(["__probe", proto, "--from", &from.to_string(), "--to", &SERVER_IP.to_string()]).args([
-                "--port",
-                &port.to_string(),
-                "--timeout-ms",
-                &PROBE_TIMEOUT_MS.to_string(),
-            ]);
-            cmd
-        }
-    };
-    let out = capture(&mut cmd, COMMAND_LIMIT)?;
-    let code = out.status.code();
-    match traffic {
-        // ping: 0 = reply, 1 = no reply; anything else is a failure of ping itself.
-        Traffic::Ping if code == Some(0) || code == Some(1) => Ok(code == Some(0)),
-        Traffic::Tcp(_) | Traffic::Udp(_) if code == Some(probe::ANSWERED) || code == Some(probe::REFUSED) => Ok(true),
-        Traffic::Tcp(_) | Traffic::Udp(_) if code == Some(probe::NO_ANSWER) => Ok(false),
-        _ => bail!("`{}` failed ({}):\n{}", show(&cmd), out.status, out.text()),
-    }
-}
-
-fn mark(ok: bool) -> &'static str {
-    if ok { "✔" } else { "✘" }
-}
-
-/// The expectations met and not met so far.
+/// The claims made so far, and those that did not hold.
 #[derive(Default)]
-struct Tally {
+pub struct Tally {
     total: usize,
     failures: Vec<String>,
 }
 
 impl Tally {
-    /// Records an expectation the caller has printed; `failure` says what went wrong.
-    fn record(&mut self, ok: bool, failure: impl FnOnce() -> String) -> bool {
+    /// Prints `✔ text` or `✘ text` and records it.
+    pub fn expect(&mut self, ok: bool, text: &str) -> bool {
+        println!("  {} {text}", if ok { "✔" } else { "✘" });
         self.total += 1;
         if !ok {
-            self.failures.push(failure());
+            self.failures.push(text.to_string());
         }
         ok
     }
-
-    /// Prints `✔ text` or `✘ text` and records it.
-    fn expect(&mut self, ok: bool, text: &str) -> bool {
-        println!("  {} {text}", mark(ok));
-        self.record(ok, || text.to_string())
-    }
 }
 
-fn line(ok: bool, c: &Check, result: &str, why: &str) -> String {
-    let mark = mark(ok);
-    let text = format!(
-        "  {mark} {:<20} from {:<14} {:<13} {result:<8} {why}",
-        c.traffic.label(),
-        c.from.to_string(),
-        format!("({})", who(c.from)),
-    );
-    text.trim_end().to_string()
+pub fn heading(n: usize, title: &str) {
+    println!("\n── {n}. {title} {}", "─".repeat(80usize.saturating_sub(title.chars().count() + 6)));
 }
 
-/// Without a firewall every service must answer, or the later "denied" would prove nothing.
-fn baseline(lab: &Lab) -> Result<()> {
-    let mut failed = 0;
-    for c in &CHECKS {
-        let ok = reaches(lab, c.traffic, c.from)?;
-        failed += usize::from(!ok);
-        println!("{}", line(ok, c, if ok { "answered" } else { "NO ANSWER" }, ""));
-    }
-    if failed > 0 {
-        bail!("{failed} service(s) did not answer even without a firewall: the demo network is broken");
-    }
-    Ok(())
+pub fn indent(text: &str, by: usize) -> String {
+    let pad = " ".repeat(by);
+    text.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("{pad}{l}\n") }).collect()
 }
 
-/// `cmd` as the user would type it: `rampart` for the binary xtask built.
-fn shown(lab: &Lab, cmd: &Command) -> String {
-    show(cmd).replacen(&lab.rampart.to_string_lossy().into_owned(), "rampart", 1)
-}
-
-/// Runs `cmd`, showing it and its output; any exit status is returned.
-fn show_run(lab: &Lab, cmd: &mut Command) -> Result<Out> {
+/// `rampart -n NETNS ARGS` on `node` (from the node's directory), shown as a user would type
+/// it, with its output; fails if it fails.
+pub fn show_rampart(s: &Stack, node: &str, args: &[&str]) -> Result<String> {
     check_interrupt()?;
-    println!("  $ {}", shown(lab, cmd));
-    let out = capture(cmd, COMMAND_LIMIT)?;
-    print!("{}", indent(&out.text(), 4));
+    println!("  $ rampart -n {} {}", s.ns(node).name(), args.join(" "));
+    let out = s.rampart(node, args)?;
+    print!("{}", indent(out.trim_end(), 4));
     Ok(out)
 }
 
-/// Runs a `rampart` command, showing it and its output; fails if it fails.
-fn show_rampart(lab: &Lab, args: &[&str]) -> Result<()> {
-    let mut cmd = lab.rampart(args);
-    let out = show_run(lab, &mut cmd)?;
-    if !out.success() {
-        bail!("`{}` failed ({})", shown(lab, &cmd), out.status);
-    }
-    Ok(())
+/// `node`'s control socket, as an absolute path (the commands shown can be pasted).
+fn control(s: &Stack, node: &str) -> String {
+    s.dir(node).join("control.sock").display().to_string()
 }
 
-/// The demo. Fails if any expectation fails (after cleaning up).
-pub fn run(rampart: &Path) -> Result<()> {
+/// The curl command the client runs for `path` (shown, then run by [`Stack::curl`]).
+fn curl_line(s: &Stack, path: &str, extra: &str) -> String {
+    format!(
+        "ip netns exec {} curl{extra} --resolve {SITE}:443:{VIP} --cacert {} https://{SITE}{path}",
+        s.ns("client").name(),
+        s.public_ca.display()
+    )
+}
+
+/// The value of a one-sample Prometheus query answer, or every (label value, value) of a
+/// vector answer, by `label`.
+fn prom_vector(s: &Stack, query: &str, label: &str) -> Result<Vec<(String, f64)>> {
+    let q: String = query
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let text = s.prometheus(&format!("/api/v1/query?query={q}"))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("Prometheus said {text}"))?;
+    let mut out = Vec::new();
+    for r in v["data"]["result"].as_array().context("no result in Prometheus's answer")? {
+        let name = r["metric"][label].as_str().unwrap_or("").to_string();
+        let value = r["value"][1].as_str().and_then(|x| x.parse().ok()).unwrap_or(f64::NAN);
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+fn stack_options(rampart: &Path) -> Options {
+    Options {
+        rampart: rampart.to_path_buf(),
+        examples: crate::tasks::root().join("examples"),
+        work: std::env::temp_dir().join(format!("rampart-demo-{}", std::process::id())),
+        tag: "demo".to_string(),
+        // The shipped alert rules wait up to a minute before firing; the demo waits a tenth.
+        alert_speedup: 10,
+        narrate: true,
+    }
+}
+
+/// The demo. Fails if any claim did not hold (after removing the stack).
+pub fn run(rampart: &Path, keep: bool) -> Result<()> {
     proc::catch_interrupts();
     let started = Instant::now();
-    let mut lab = Lab::new(rampart)?;
     let mut tally = Tally::default();
+    println!("\nrampart demo: the seeds' whole stack (examples/stack/), in network namespaces on this machine");
+    println!("Using {}. Everything is removed at the end (also on failure or Ctrl-C).", rampart.display());
 
-    println!("\nrampart demo: an XDP firewall, an HTTPS reverse proxy, an XDP L4 balancer and a MySQL router");
-    println!("Using {}. Everything below is removed at the end (also on Ctrl-C).", rampart.display());
-
-    heading(1, "A small network in two network namespaces");
-    build_network(&mut lab)?;
-    let services = TCP_PORTS.iter().map(|p| format!("{p} ({})", service(*p))).collect::<Vec<_>>().join(", ");
-    let mut diagram = format!("\"internet\"  netns {}, {IFACE}:\n", lab.internet);
-    for addr in [CUSTOMER, ADMIN, BLOCKED] {
-        diagram.push_str(&format!("    {:<14} {}\n", addr.to_string(), who(addr)));
+    heading(1, "The stack");
+    print!("{}", indent(TOPOLOGY, 2));
+    println!("  (drawn in examples/stack/topology.svg; every node's files are those of examples/stack/)\n");
+    let opts = stack_options(rampart);
+    let stack = match Stack::up(opts) {
+        Ok(s) => s,
+        Err(rampart_stack::StackError::Interrupted { .. }) => bail!("interrupted"),
+        Err(e) => return Err(e).context("bringing the stack up"),
+    };
+    tally.expect(true, &format!("the stack is up and answers end to end ({} s)", started.elapsed().as_secs()));
+    let result = claims(&stack, &mut tally);
+    if let Err(e) = &result {
+        tally.expect(false, &format!("the demo stopped: {e:#}"));
     }
-    diagram.push_str(&format!(
-        "      │  veth pair\n\"server\"    netns {}, {IFACE} (rampart attaches here):\n",
-        lab.server
-    ));
-    diagram.push_str(&format!(
-        "    {:<14} TCP {services}; UDP {UDP_PORT} ({})\n",
-        SERVER_IP.to_string(),
-        service(UDP_PORT)
-    ));
-    print!("{}", indent(&diagram, 2));
-
-    heading(2, "Without a firewall, everything reaches the server");
-    println!("  ✔: the service answered, as it should with nothing in the way.");
-    baseline(&lab)?;
-
-    heading(3, "The rule file");
-    fs::create_dir_all(&lab.dir).with_context(|| format!("creating {}", lab.dir.display()))?;
-    let rules = lab.dir.join("rules.toml");
-    fs::write(&rules, RULES).with_context(|| format!("writing {}", rules.display()))?;
-    let crawlers = lab.dir.join("crawlers.txt");
-    fs::write(&crawlers, CRAWLERS).with_context(|| format!("writing {}", crawlers.display()))?;
-    println!("  {}: rules are tried in order, the first that matches decides.", rules.display());
-    print!("{}", indent(RULES, 4));
-    println!("  ({} lists the set `crawlers`, one prefix per line.)", crawlers.display());
-
-    heading(4, "Attach rampart to the server's NIC and load the rules");
-    // From here on, cleanup detaches (it reports a failure if the attach itself failed).
-    lab.detach = Some(lab.undo(&lab.server.clone(), &["detach", "--iface", IFACE]));
-    show_rampart(&lab, &["attach", "--iface", IFACE])?;
-    show_rampart(&lab, &["fw", "load", &rules.to_string_lossy()])?;
-
-    heading(5, "The same traffic, through the firewall");
-    println!("  ✔: rampart did what the rules say (denied traffic gets no answer at all).");
-    for c in &CHECKS {
-        let reached = reaches(&lab, c.traffic, c.from)?;
-        let ok = reached == c.allowed;
-        let result = if reached { "allowed" } else { "denied" };
-        let why = if ok {
-            c.why.to_string()
-        } else {
-            let want = if c.allowed { "allowed" } else { "denied" };
-            format!("expected {want}: {}", c.why)
-        };
-        println!("{}", line(ok, c, result, &why));
-        tally.record(ok, || format!("{} from {}: {why}", c.traffic.label(), c.from));
+    if keep && result.is_ok() {
+        where_to_look(&stack);
+        while !interrupted() {
+            thread::sleep(Duration::from_millis(200));
+        }
+        println!();
     }
 
-    heading(6, "Per-rule counters and the verdict counters");
-    show_rampart(&lab, &["fw", "list"])?;
-    println!("  A denied TCP connection counts 2 packets: the SYN, and its retry 1 s later.");
-    show_rampart(&lab, &["status"])?;
-
-    // Part two, with the firewall still attached: sections 7 to 11.
-    let log_seen = https::run(&mut lab, &mut tally)?;
-
-    heading(12, "Stop rampart serve (SIGTERM: it drains) and detach");
-    https::stop(&mut lab, &mut tally, log_seen)?;
-    show_rampart(&lab, &["detach", "--iface", IFACE])?;
-    if let Some(undo) = lab.detach.take() {
-        lab.net.cancel(undo);
-    }
-    let pins = lab.pin_dir();
-    let left = pins.exists();
+    heading(11, "Clean up");
+    let prefix = stack.lab().prefix().to_string();
+    let work = stack.opts.work.clone();
+    let problems = match stack.teardown() {
+        Ok(()) => leftovers(&prefix, &work),
+        Err(e) => vec![e.to_string()],
+    };
     tally.expect(
-        !left,
-        &if left {
-            format!("{} still exists after detach", pins.display())
+        problems.is_empty(),
+        &if problems.is_empty() {
+            format!("removed: every process, pin and namespace ({prefix}-*), and {}", work.display())
         } else {
-            format!("nothing left pinned under {}", pins.display())
+            format!("left behind: {}", problems.join("; "))
         },
     );
-
-    // Part three: the L4 balancer in front of three web backends.
-    lb::run(&mut lab, &mut tally, 13)?;
-
-    // Part four: MySQL routing through a failover (sections 14 to 17).
-    mysql::run(&mut lab, &mut tally, 14)?;
-
-    heading(18, "Clean up");
-    let problems = lab.cleanup();
-    if problems.is_empty() {
-        tally.expect(
-            true,
-            &format!("removed every namespace (and the veth pairs and the bridge with them) and {}", lab.dir.display()),
-        );
-    }
-    for p in problems {
-        println!("  ✘ {p}");
-        tally.record(false, || p);
-    }
 
     println!();
     let took = started.elapsed().as_secs();
     if tally.failures.is_empty() {
-        println!("All {} expectations met ({took} s).", tally.total);
+        println!("All {} claims held ({took} s).", tally.total);
         return Ok(());
     }
-    let mut msg = format!("{} of {} expectation(s) not met:", tally.failures.len(), tally.total);
+    let mut msg = format!("{} of {} claim(s) did not hold ({took} s):", tally.failures.len(), tally.total);
     for f in &tally.failures {
         let _ = write!(msg, "\n  - {f}");
     }
     bail!(msg)
+}
+
+const TOPOLOGY: &str = "\
+client 198.51.100.10, attacker 198.51.100.66 (blocklisted)      internet 198.51.100.0/24
+        │
+edge    XDP: front-zone firewall, then the L4 balancer for 203.0.113.10:80,443
+        │ IP-in-IP (front 10.0.1.0/24)            replies go straight back (DSR)
+web1 10.0.1.11, web2 10.0.1.12   decap, rampart serve: TLS, nginx for static files,
+        │ TLS (internal CA)                      /api/ re-encrypted to the app tier
+app1 10.1.2.21, app2 10.1.2.22   rampart serve: TLS, app.py, MySQL router rw :3306 / ro :3307
+        │ MySQL (database zone)
+db1 10.1.3.31 (primary), db2 10.1.3.32 (semi-sync GTID replica)
+mon 10.1.9.10   Prometheus, scraping every rampart, with examples/monitoring/ alerts
+";
+
+/// Everything the demo claims, in order; the first error stops it (cleanup follows).
+fn claims(s: &Stack, tally: &mut Tally) -> Result<()> {
+    spread(s, tally)?;
+    front_zone(s, tally)?;
+    api(s, tally)?;
+    top(s, tally)?;
+    status_pages(s, tally)?;
+    faults::run(s, tally)?;
+    Ok(())
+}
+
+/// Section 2: static pages through the VIP, each on a new connection, spread over the web tier.
+fn spread(s: &Stack, tally: &mut Tally) -> Result<()> {
+    heading(2, "HTTPS through the VIP: the edge spreads connections over web1 and web2");
+    println!("  $ {}", curl_line(s, "/", " -sS"));
+    let (code, body) = s.curl("client", "/", &[])?;
+    print!("{}", indent(body.trim_end(), 4));
+    tally.expect(code == 200, &format!("{code}: the static page, TLS verified against the site's CA"));
+    let n = 100;
+    let pages: Vec<Req> = (0..n).map(|_| Req::Get("/".into())).collect();
+    let answers = s.batch("client", &pages, Conn::NewEach)?;
+    let per: Vec<usize> =
+        WEB.iter().map(|w| answers.iter().filter(|a| a.body.contains(&format!("from {w}"))).count()).collect();
+    let ok = answers.iter().filter(|a| a.status == 200).count();
+    let fair = per.iter().all(|&c| c * 100 >= n * 35 && c * 100 <= n * 65);
+    tally.expect(
+        ok == n && fair,
+        &format!(
+            "{ok} of {n} requests on new connections answered: {} by web1, {} by web2 (each between 35 and 65 %)",
+            per[0], per[1]
+        ),
+    );
+    let h2: Vec<Req> = (0..10).map(|_| Req::Get("/".into())).collect();
+    let answers = s.batch("client", &h2, Conn::KeepAlive2)?;
+    let all_h2 = answers.iter().all(|a| a.status == 200 && a.version == "h2");
+    let connects: u32 = answers.iter().map(|a| a.connects).sum();
+    tally.expect(
+        all_h2 && connects == 1,
+        &format!("10 requests over one HTTP/2 connection (ALPN h2): {connects} connection(s), all answered"),
+    );
+    println!("  The edge balances connections (layer 4), not requests; its counters per backend:");
+    let out = show_rampart(s, "edge", &["lb", "list"])?;
+    let listed = WEB_FRONT.iter().all(|(_, ip)| out.contains(ip));
+    tally.expect(listed, "rampart lb list: both web nodes behind 203.0.113.10:443/tcp and :80/tcp, with their flows");
+    Ok(())
+}
+
+/// Section 3: the attacker gets nothing through the edge; the zones behind it.
+fn front_zone(s: &Stack, tally: &mut Tally) -> Result<()> {
+    heading(3, "The front zone: the attacker is dropped at the edge, before TLS");
+    let deny = |s: &Stack| s.metric_sum("edge", "rampart_fw_rule_packets_total", "action=\"deny\"");
+    let handshakes = |s: &Stack| -> Result<f64> {
+        WEB.iter().map(|w| Ok(s.metric_sum(w, "rampart_tls_handshakes_total", "")?)).sum()
+    };
+    let (before, tls_before) = (deny(s)?, handshakes(s)?);
+    println!("  $ {}", curl_line(s, "/", " -sS --max-time 3").replace(s.ns("client").name(), s.ns("attacker").name()));
+    let r = s.curl("attacker", "/", &["--max-time", "3"]);
+    let shown = match &r {
+        Ok((code, _)) => format!("answered {code}"),
+        // curl's own words, without the command line the error repeats.
+        Err(e) => {
+            let e = e.to_string();
+            e.find("curl: (").map_or(e.clone(), |i| e[i..].trim().to_string())
+        }
+    };
+    println!("    {shown}");
+    let dropped = deny(s)? - before;
+    let tls = handshakes(s)? - tls_before;
+    tally.expect(r.is_err(), "the attacker (198.51.100.66, in the blocklist) got no answer at all");
+    tally.expect(
+        dropped >= 1.0,
+        &format!("the blocklist rule counted {dropped} more packet(s) at the edge (the SYN and its retries)"),
+    );
+    tally.expect(tls == 0.0, "no TLS handshake reached the web tier from it");
+    show_rampart(s, "edge", &["fw", "list"])?;
+
+    println!("\n  The zones behind the edge (nmap, one port each):");
+    let mut zones = |node: &str, target: &str, port: u16, want: &str, why: &str| -> Result<()> {
+        check_interrupt()?;
+        let state = nmap(s, node, target, port)?;
+        tally.expect(state == want, &format!("{node} → {target}:{port} {state} ({why})"));
+        Ok(())
+    };
+    zones("client", VIP, 22, "filtered", "front zone: only 80 and 443")?;
+    zones("client", VIP, 443, "open", "the service")?;
+    zones("web1", "10.1.3.31", 3306, "filtered", "database zone: not from the web tier")?;
+    zones("app1", "10.1.3.31", 3306, "open", "database zone: the application tier only")?;
+    Ok(())
+}
+
+/// nmap's state of one TCP port (`open`, `filtered`, …).
+fn nmap(s: &Stack, node: &str, target: &str, port: u16) -> Result<String> {
+    let mut cmd = s.ns(node).command("nmap");
+    cmd.args(["-Pn", "-n", "-sS", "--max-retries", "1", "--host-timeout", "30s", "-T4", "-p", &port.to_string()]);
+    let out = rampart_stack::capture(cmd.arg(target))?;
+    Ok(out
+        .lines()
+        .find(|l| l.starts_with(&format!("{port}/tcp")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("missing")
+        .to_string())
+}
+
+/// A field of app.py's JSON answer, as text (`"server_id": 1` → `1`).
+fn field(body: &str, name: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
+    match &v[name] {
+        serde_json::Value::String(x) => Some(x.clone()),
+        serde_json::Value::Null => None,
+        x => Some(x.to_string()),
+    }
+}
+
+/// Section 4: `/api/` through both TLS hops to the application and MariaDB.
+fn api(s: &Stack, tally: &mut Tally) -> Result<()> {
+    heading(4, "/api/: writes land on the primary, reads come from the replica");
+    println!(
+        "  web → app over TLS verified against the internal CA; app.py knows only rampart's ports 3306 (rw) and 3307 (ro)"
+    );
+    println!("  $ {}", curl_line(s, "/api/notes", " -sS -X POST --data-binary 'hello from the demo'"));
+    let (code, body) = s.curl("client", "/api/notes", &["-X", "POST", "--data-binary", "hello from the demo"])?;
+    print!("{}", indent(body.trim_end(), 4));
+    let id = field(&body, "id").unwrap_or_default();
+    let writer = field(&body, "server_id");
+    tally.expect(
+        code == 201 && writer.as_deref() == Some("1"),
+        &format!("{code}: note {id} written on server_id {} (db1, the primary)", writer.as_deref().unwrap_or("?")),
+    );
+    let path = format!("/api/notes/{id}");
+    println!("  $ {}", curl_line(s, &path, " -sS"));
+    // Semi-synchronous replication acknowledges once the replica has the write in its log;
+    // applying it may take a moment more (a 404 until then).
+    let (code, body) =
+        wait_for("the note on the replica", Duration::from_secs(10), || match s.curl("client", &path, &[]) {
+            Ok((200, body)) => Ok(Some((200, body))),
+            Ok((code, body)) => Err(format!("{code} {body}")),
+            Err(e) => Err(e.to_string()),
+        })?;
+    print!("{}", indent(body.trim_end(), 4));
+    let reader = field(&body, "server_id");
+    tally.expect(
+        code == 200 && reader.as_deref() == Some("2") && field(&body, "body").as_deref() == Some("hello from the demo"),
+        &format!("{code}: note {id} read back from server_id {} (db2, the replica)", reader.as_deref().unwrap_or("?")),
+    );
+    let out = show_rampart(s, "app1", &["status", "--control-socket", &control(s, "app1")])?;
+    tally.expect(
+        out.contains("10.1.3.31") && out.contains("10.1.3.32") && out.to_lowercase().contains("primary"),
+        "rampart status on app1: its MySQL router sees db1 as the primary and db2 as a replica",
+    );
+    Ok(())
+}
+
+/// Section 5: `rampart top` on the edge while the client sends requests.
+fn top(s: &Stack, tally: &mut Tally) -> Result<()> {
+    heading(5, "rampart top on the edge, while the client sends requests");
+    let stop = AtomicBool::new(false);
+    let frame = thread::scope(|sc| -> Result<String> {
+        sc.spawn(|| {
+            let pages: Vec<Req> = (0..10).map(|_| Req::Get("/".into())).collect();
+            while !stop.load(Ordering::Relaxed) && !interrupted() {
+                let _ = s.batch("client", &pages, Conn::NewEach);
+            }
+        });
+        thread::sleep(Duration::from_secs(1));
+        let args = ["top", "--control-socket", &control(s, "edge"), "--iterations", "2", "--interval", "2"];
+        println!("  $ rampart -n {} {}", s.ns("edge").name(), args.join(" "));
+        let out = s.rampart("edge", &args);
+        stop.store(true, Ordering::Relaxed);
+        let out = out?;
+        // The second screen: rates over the 2 s between the two.
+        let last = out.rfind("rampart top").map_or(out.as_str(), |i| &out[i..]);
+        print!("{}", indent(last.trim_end(), 4));
+        Ok(last.to_string())
+    })?;
+    // A backend's row: address, "l4", REQ/S "-", FLOWS/S, PKT/S, …
+    let rate = |ip: &str| -> f64 {
+        frame
+            .lines()
+            .find(|l| l.trim_start().starts_with(ip) && l.contains(" l4 "))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let rates: Vec<f64> = WEB_FRONT.iter().map(|(_, ip)| rate(ip)).collect();
+    tally.expect(
+        rates.iter().all(|&r| r > 0.0),
+        &format!(
+            "rampart top shows each web node's new flows/s (one request per connection here, so its requests/s): \
+             web1 {}, web2 {}",
+            rates[0], rates[1]
+        ),
+    );
+    println!("  TLS ends on the web nodes: there, rampart top counts requests per backend (nginx, app1, app2), e.g.");
+    println!("    rampart -n {} top --control-socket {}", s.ns("web1").name(), control(s, "web1"));
+    Ok(())
+}
+
+/// Section 6: every daemon's status page and Prometheus.
+fn status_pages(s: &Stack, tally: &mut Tally) -> Result<()> {
+    heading(6, "Status pages and Prometheus");
+    let mut all = true;
+    for node in ["edge", "web1", "web2", "app1", "app2"] {
+        let addr = admin_addr(node);
+        let mut cmd = s.ns("mon").command("curl");
+        cmd.args(["-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{addr}/")]);
+        let code = rampart_stack::capture(&mut cmd).unwrap_or_default();
+        all &= code.trim() == "200";
+        println!("    {node:<5} http://{addr}/  ({})", code.trim());
+    }
+    tally.expect(all, "every rampart serves its status page (and /metrics) on its admin listener, internal side only");
+    // Over the last minute: sections 2 to 5 sent requests to both (a shorter window may fall
+    // between two scrapes of one of them). The next scrape may still be due: wait for it.
+    let query = "sum by (instance) (rate(rampart_http_requests_total{tier=\"web\"}[1m]))";
+    let mut qps = Vec::new();
+    let both = wait_for("each web node's requests/s in Prometheus", Duration::from_secs(20), || {
+        qps = prom_vector(s, query, "instance").map_err(|e| e.to_string())?;
+        Ok((qps.len() == 2 && qps.iter().all(|(_, v)| *v > 0.0)).then_some(()))
+    });
+    let text = qps.iter().map(|(i, v)| format!("{i} {v:.2}/s")).collect::<Vec<_>>().join(", ");
+    tally.expect(
+        both.is_ok(),
+        &format!("Prometheus ({PROMETHEUS}) has each web node's requests/s over the last minute: {text}"),
+    );
+    Ok(())
+}
+
+/// With `--keep`: what to look at while the stack runs.
+fn where_to_look(s: &Stack) {
+    let mon = s.ns("mon").name();
+    println!("\n── The stack stays up until Ctrl-C ─────────────────────────────────────────────────");
+    println!("  Status pages (inside the namespaces; from the monitoring node):");
+    for node in ["edge", "web1", "web2", "app1", "app2"] {
+        println!("    ip netns exec {mon} curl -s http://{}/          ({node})", admin_addr(node));
+    }
+    println!("  Prometheus: http://{PROMETHEUS}/ inside namespace {mon}, e.g.");
+    println!("    ip netns exec {mon} curl -s http://{PROMETHEUS}/api/v1/alerts");
+    println!("  (the namespaces are not reachable from the host's own network; for a browser, forward a port:");
+    println!(
+        "    socat TCP-LISTEN:19090,bind=127.0.0.1,fork,reuseaddr EXEC:'ip netns exec {mon} socat STDIO TCP:{PROMETHEUS}'"
+    );
+    println!("   then open http://127.0.0.1:19090/, and the same for a status page)");
+    println!("  rampart top (q quits):");
+    println!("    rampart -n {} top --control-socket {}", s.ns("edge").name(), control(s, "edge"));
+    println!("    rampart -n {} top --control-socket {}", s.ns("web1").name(), control(s, "web1"));
+    println!("  A request as the client:");
+    println!("    {}", curl_line(s, "/", " -s"));
+    println!("  Logs and files of each node: {}/<node>/", s.opts.work.display());
+    println!("  rampart is {}", s.opts.rampart.display());
+}
+
+/// What teardown should have removed and did not: namespaces named `PREFIX-*`, pins and
+/// runtime state of their scopes, the work directory.
+fn leftovers(prefix: &str, work: &Path) -> Vec<String> {
+    let mut left = Vec::new();
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = l.split_whitespace().next().unwrap_or("");
+            if name.starts_with(&format!("{prefix}-")) {
+                left.push(format!("namespace {name}"));
+            }
+        }
+    }
+    let scope = format!("netns-{prefix}-");
+    for base in ["/sys/fs/bpf/rampart", "/sys/fs/bpf/rampart/decap", "/run/rampart", "/run/rampart/decap"] {
+        let Ok(entries) = fs::read_dir(base) else { continue };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&scope) {
+                left.push(e.path().display().to_string());
+            }
+        }
+    }
+    if work.exists() {
+        left.push(work.display().to_string());
+    }
+    left
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_of_the_application_answers() {
+        let body = "{\"id\": 12, \"app\": \"app2\", \"server_id\": 1}\n";
+        assert_eq!(field(body, "id").as_deref(), Some("12"));
+        assert_eq!(field(body, "app").as_deref(), Some("app2"));
+        assert_eq!(field(body, "body"), None);
+        assert_eq!(field("not json", "id"), None);
+    }
+
+    #[test]
+    fn leftovers_name_only_this_run() {
+        let work = std::env::temp_dir().join("rampart-demo-test-no-such-dir");
+        assert!(leftovers("no-such-prefix-0-0", &work).is_empty());
+    }
 }

@@ -2,16 +2,11 @@
 //!
 //! Every command but `setup` runs setup first, so each works on a fresh Debian 12 machine.
 mod demo;
-mod probe;
 mod proc;
 mod setup;
 mod tasks;
-mod web;
 
-use std::{
-    net::{Ipv4Addr, SocketAddr},
-    process::ExitCode,
-};
+use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -42,50 +37,21 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Setup, build, then show rampart at work between two network namespaces (as root): the
-    /// XDP firewall, then HTTPS through `rampart serve` to a pool of two web backends.
-    Demo,
+    /// Setup, build, then the seeds' whole stack (examples/stack/) in network namespaces, as
+    /// root: HTTPS through the edge's firewall and L4 balancer to two web nodes, /api/ to the
+    /// application tier and MariaDB, `rampart top`, a web node and the MySQL primary lost under
+    /// traffic, Prometheus's alerts; every claim checked. About 2 minutes.
+    Demo {
+        /// Keep the stack running at the end (the demo says where to look) until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Setup, build, then run a benchmark (as root).
     Bench {
         what: tasks::Bench,
         /// Passed to the benchmark binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
-    },
-    /// The demo's server end (run inside a namespace).
-    #[command(name = "__serve", hide = true)]
-    Serve {
-        #[arg(long)]
-        name: String,
-        #[arg(long, value_delimiter = ',')]
-        tcp: Vec<u16>,
-        #[arg(long, value_delimiter = ',')]
-        udp: Vec<u16>,
-        #[arg(long, default_value_t = 600)]
-        max_seconds: u64,
-    },
-    /// One of the demo's web backends (run inside a namespace).
-    #[command(name = "__web", hide = true)]
-    Web {
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        listen: SocketAddr,
-        #[arg(long, default_value_t = 600)]
-        max_seconds: u64,
-    },
-    /// The demo's client end (run inside a namespace).
-    #[command(name = "__probe", hide = true)]
-    Probe {
-        proto: probe::Proto,
-        #[arg(long)]
-        from: Ipv4Addr,
-        #[arg(long)]
-        to: Ipv4Addr,
-        #[arg(long)]
-        port: u16,
-        #[arg(long, default_value_t = 1500)]
-        timeout_ms: u64,
     },
 }
 
@@ -114,22 +80,16 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             let rampart = tasks::build(&tools)?;
             tasks::test(&tools, &rampart, &args)?;
         }
-        Cmd::Demo => {
-            tasks::require_root("demo", "it creates network namespaces and attaches an XDP program")?;
+        Cmd::Demo { keep } => {
+            tasks::require_root("demo", "it creates network namespaces and attaches XDP programs")?;
             let tools = setup::setup()?;
             let rampart = tasks::build_rampart_release(&tools)?;
-            demo::run(&rampart)?;
+            demo::run(&rampart, keep)?;
         }
         Cmd::Bench { what, args } => {
             tasks::require_root("bench", "benchmarks load XDP programs and create network namespaces")?;
             let tools = setup::setup()?;
             tasks::bench(&tools, what, &args)?;
-        }
-        Cmd::Serve { name, tcp, udp, max_seconds } => probe::serve(&name, &tcp, &udp, max_seconds)?,
-        Cmd::Web { name, listen, max_seconds } => web::serve(&name, listen, max_seconds)?,
-        Cmd::Probe { proto, from, to, port, timeout_ms } => {
-            let code = probe::probe(proto, from, to, port, timeout_ms)?;
-            return Ok(ExitCode::from(code as u8));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -14,6 +14,8 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
+    // The stack's own waits give up too (it only stores to an atomic as well).
+    rampart_stack::interrupt();
 }
 
 /// From now on SIGINT and SIGTERM set a flag instead of killing xtask, so that `Drop` guards run.
@@ -107,22 +109,15 @@ fn reader<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Strin
     })
 }
 
-/// Whether a wait gives up when the user interrupts: cleanup must not.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum OnInterrupt {
-    Stop,
-    Finish,
-}
-
-/// Waits for `child` until it exits or `limit` passes (or the user interrupts, with
-/// [`OnInterrupt::Stop`]); kills it in the other cases.
-pub fn wait_bounded(child: &mut Child, what: &str, limit: Duration, on: OnInterrupt) -> Result<ExitStatus> {
+/// Waits for `child` until it exits, `limit` passes or the user interrupts; kills it in the
+/// other cases.
+fn wait_bounded(child: &mut Child, what: &str, limit: Duration) -> Result<ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().with_context(|| format!("waiting for `{what}`"))? {
             return Ok(status);
         }
-        let stop = on == OnInterrupt::Stop && interrupted();
+        let stop = interrupted();
         if stop || Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
@@ -138,11 +133,6 @@ pub fn wait_bounded(child: &mut Child, what: &str, limit: Duration, on: OnInterr
 /// Runs `cmd` with its output captured, for at most `limit`; stops it if the user interrupts.
 /// Any exit status is returned.
 pub fn capture(cmd: &mut Command, limit: Duration) -> Result<Out> {
-    capture_with(cmd, limit, OnInterrupt::Stop)
-}
-
-/// [`capture`], choosing what an interrupt does.
-pub fn capture_with(cmd: &mut Command, limit: Duration, on: OnInterrupt) -> Result<Out> {
     let what = show(cmd);
     let mut child = cmd
         .stdin(Stdio::null())
@@ -152,7 +142,7 @@ pub fn capture_with(cmd: &mut Command, limit: Duration, on: OnInterrupt) -> Resu
         .with_context(|| format!("cannot start `{what}`"))?;
     let out = reader(child.stdout.take());
     let err = reader(child.stderr.take());
-    let status = wait_bounded(&mut child, &what, limit, on)?;
+    let status = wait_bounded(&mut child, &what, limit)?;
     let stdout = out.join().unwrap_or_default();
     let stderr = err.join().unwrap_or_default();
     Ok(Out { status, stdout, stderr })

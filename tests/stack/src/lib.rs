@@ -22,7 +22,10 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Mutex, MutexGuard},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -89,6 +92,8 @@ pub enum StackError {
     Mariadb(#[from] mariadb_lab::Error),
     #[error("{what}: not within {limit:?}; last: {last}")]
     Timeout { what: String, limit: Duration, last: String },
+    #[error("{what}: interrupted")]
+    Interrupted { what: String },
 }
 
 pub type Result<T, E = StackError> = std::result::Result<T, E>;
@@ -116,10 +121,21 @@ pub fn capture(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Polls `f` every 200 ms until it gives `Some`, for at most `limit`.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Makes every wait of this crate give up from now on (the demo's Ctrl-C: the stack is then
+/// dropped, which removes it). Only stores to an atomic, so a signal handler may call it.
+pub fn interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Polls `f` every 200 ms until it gives `Some`, for at most `limit` (or until [`interrupt`]).
 pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<Option<T>, String>) -> Result<T> {
     let start = Instant::now();
     loop {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return Err(StackError::Interrupted { what: what.to_string() });
+        }
         let last = match f() {
             Ok(Some(v)) => return Ok(v),
             Ok(None) => "not yet".to_string(),
@@ -168,17 +184,28 @@ pub struct Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        // The databases first, then processes and namespaces with the lab; the attaches' pins
-        // were registered as undo commands, which run while the namespaces still exist.
-        self.mariadb.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        if let Err(e) = self.lab().teardown() {
+        if let Err(e) = self.teardown() {
             eprintln!("stack teardown: {e}");
         }
-        let _ = fs::remove_dir_all(&self.opts.work);
     }
 }
 
 impl Stack {
+    /// Removes everything: the databases first, then processes and namespaces with the lab
+    /// (the attaches' pins were registered as undo commands, which run while the namespaces
+    /// still exist), then the work directory. Goes on past failures and reports them; a second
+    /// call (the drop after an explicit one) has nothing left to do.
+    pub fn teardown(&self) -> Result<()> {
+        self.mariadb.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let lab = self.lab().teardown();
+        let dir = match fs::remove_dir_all(&self.opts.work) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", &self.opts.work)(e)),
+            _ => Ok(()),
+        };
+        lab?;
+        dir
+    }
+
     /// Brings the whole stack up and waits until a request through the VIP reaches MariaDB.
     pub fn up(opts: Options) -> Result<Stack> {
         let s = Stack::start(opts)?;
@@ -277,35 +304,66 @@ impl Stack {
             cmd.arg(format!("/CN={cn}")).args(["-keyout", &format!("{ca}.key"), "-out", &format!("{ca}.pem")]);
             capture(&mut cmd)?;
         }
-        for (leaf, ca, name, ip) in
-            [("www", "public-ca", SITE, Some(VIP)), ("app", "internal-ca", "app.internal", None)]
-        {
-            let mut san = format!("DNS:{name}");
-            if let Some(ip) = ip {
-                san.push_str(&format!(",IP:{ip}"));
-            }
-            let ext = format!(
-                "subjectAltName = {san}\nbasicConstraints = critical, CA:FALSE\n\
-                 keyUsage = critical, digitalSignature\nextendedKeyUsage = serverAuth\n"
-            );
-            let ext_file = dir.join(format!("{leaf}.ext"));
-            fs::write(&ext_file, ext).map_err(io("write", &ext_file))?;
-            let mut req = Command::new("openssl");
-            req.current_dir(&dir).args(["req", "-new"]).args(p256).args(["-subj", &format!("/CN={name}")]);
-            req.args(["-keyout", &format!("{leaf}.key"), "-out", &format!("{leaf}.csr")]);
-            capture(&mut req)?;
-            let mut sign = Command::new("openssl");
-            sign.current_dir(&dir).args(["x509", "-req", "-in", &format!("{leaf}.csr"), "-CA", &format!("{ca}.pem")]);
-            sign.args(["-CAkey", &format!("{ca}.key"), "-days", "2", "-sha256", "-extfile", &format!("{leaf}.ext")]);
-            sign.args(["-out", &format!("{leaf}.pem")]);
-            capture(&mut sign)?;
-        }
+        self.leaf("www", "public-ca", SITE, Some(VIP))?;
+        self.leaf("app", "internal-ca", "app.internal", None)?;
         for who in ["shop", "monitor", "repl"] {
             let pw = format!("{who}-{:x}", random_u64());
             self.passwords.insert(who, pw);
         }
         self.say("certificates: a public CA for www.stack.test, an internal CA for app.internal");
         Ok(())
+    }
+
+    /// A leaf certificate `pki/NAME.pem` + `pki/NAME.key` for `dns` (and `ip`), signed by `ca`
+    /// (`public-ca` or `internal-ca`), with a random serial (openssl's default).
+    fn leaf(&self, leaf: &str, ca: &str, dns: &str, ip: Option<&str>) -> Result<()> {
+        let dir = self.opts.work.join("pki");
+        let p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        let mut san = format!("DNS:{dns}");
+        if let Some(ip) = ip {
+            san.push_str(&format!(",IP:{ip}"));
+        }
+        let ext = format!(
+            "subjectAltName = {san}\nbasicConstraints = critical, CA:FALSE\n\
+             keyUsage = critical, digitalSignature\nextendedKeyUsage = serverAuth\n"
+        );
+        let ext_file = dir.join(format!("{leaf}.ext"));
+        fs::write(&ext_file, ext).map_err(io("write", &ext_file))?;
+        let mut req = Command::new("openssl");
+        req.current_dir(&dir).args(["req", "-new"]).args(p256).args(["-subj", &format!("/CN={dns}")]);
+        req.args(["-keyout", &format!("{leaf}.key"), "-out", &format!("{leaf}.csr")]);
+        capture(&mut req)?;
+        let mut sign = Command::new("openssl");
+        sign.current_dir(&dir).args(["x509", "-req", "-in", &format!("{leaf}.csr"), "-CA", &format!("{ca}.pem")]);
+        sign.args(["-CAkey", &format!("{ca}.key"), "-days", "2", "-sha256", "-extfile", &format!("{leaf}.ext")]);
+        sign.args(["-out", &format!("{leaf}.pem")]);
+        capture(&mut sign)?;
+        Ok(())
+    }
+
+    /// A new certificate for the site (same name, same public CA, a new key and serial),
+    /// installed on every web node the way an operator renews one: each file written beside
+    /// the old one and renamed over it. The daemons pick it up on their next reload (or
+    /// within a second, when they notice the files changed). Returns the new serial, as
+    /// `openssl x509 -serial` prints it (hex, upper case).
+    pub fn renew_site_certificate(&self) -> Result<String> {
+        self.leaf("www-renewed", "public-ca", SITE, Some(VIP))?;
+        let pki = self.opts.work.join("pki");
+        for w in WEB {
+            let tls = self.dir(w).join("tls");
+            // The key first: a daemon that reads the pair between the two renames sees a
+            // mismatch, keeps the old pair and reads both again once the certificate changes.
+            for (from, to) in [("www-renewed.key", "www.key"), ("www-renewed.pem", "www.pem")] {
+                let tmp = tls.join(format!("{to}.new"));
+                fs::copy(pki.join(from), &tmp).map_err(io("copy", &pki.join(from)))?;
+                fs::rename(&tmp, tls.join(to)).map_err(io("rename", &tmp))?;
+            }
+        }
+        let mut cmd = Command::new("openssl");
+        cmd.args(["x509", "-noout", "-serial", "-in"]).arg(pki.join("www-renewed.pem"));
+        let out = capture(&mut cmd)?;
+        let serial = out.trim().strip_prefix("serial=").ok_or_else(|| step("openssl x509 -serial", out.clone()))?;
+        Ok(serial.to_ascii_uppercase())
     }
 
     /// Copies each role's files from `examples/stack/` into each node's directory, with the
@@ -526,6 +584,20 @@ impl Stack {
         self.spawn_logged("mon", "prometheus.log", cmd)?;
         self.say("started: nginx (web), app.py (app), rampart serve (edge, web, app), Prometheus (mon)");
         Ok(())
+    }
+
+    /// Another application server process on `app` (`app.py --name NAME --listen LISTEN`, the
+    /// same program and database user), e.g. a second worker to add to the node's pool.
+    pub fn start_app_worker(&self, app: &'static str, name: &str, listen: &str) -> Result<()> {
+        let mut cmd = self.ns(app).command("/usr/bin/python3");
+        cmd.args(["app.py", "--name", name, "--listen", listen, "--password-file", "app.pass"]);
+        self.spawn_logged(app, &format!("{name}.log"), cmd)?;
+        Ok(())
+    }
+
+    /// `rampart reload` of `node`'s daemon (through its control socket): what it answered.
+    pub fn reload(&self, node: &str) -> Result<String> {
+        self.rampart(node, &["reload", "--control-socket", "control.sock"])
     }
 
     /// Stops or resumes `app`'s application server (SIGSTOP/SIGCONT: it hangs, connections

@@ -162,6 +162,8 @@ impl ClusterRt {
         let mut tick = tokio::time::interval(self.cfg.check_interval.0);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut round = self.state.decision().round;
+        // Failed checks of the primary in a row (roles::hold_primary).
+        let mut missed = 0;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -186,6 +188,7 @@ impl ClusterRt {
             }
             round += 1;
             let d = roles::decide(&seen, self.cfg.max_lag.0, round);
+            let d = roles::hold_primary(&self.state.decision().primary, d, &mut missed);
             self.apply(d, &metrics);
         }
     }

@@ -169,6 +169,37 @@ pub fn decide(seen: &[(SocketAddr, Result<MysqlState, String>)], max_lag: Durati
     Decision { servers, primary, round }
 }
 
+/// Rounds in a row the primary's probe may fail before the read-write port gives it up. One
+/// probe lost or slower than its timeout (a busy machine, a long fsync) must not refuse every
+/// write for a round: the stack test saw single-round "no writable primary" refusals with the
+/// primary healthy. A primary that answers read-only, or another writable server, counts at once.
+pub const PRIMARY_FALL: u32 = 2;
+
+/// `d` with the previous round's primary kept while only its probe failed, for fewer than
+/// [`PRIMARY_FALL`] rounds in a row and with no other server writable. `missed` counts the
+/// failed rounds across calls.
+pub fn hold_primary(prev: &Primary, mut d: Decision, missed: &mut u32) -> Decision {
+    let Primary::One(p) = *prev else {
+        *missed = 0;
+        return d;
+    };
+    let unreachable = d.servers.iter().any(|s| s.addr == p && s.role == Role::Unreachable);
+    if d.primary != Primary::None || !unreachable {
+        *missed = 0;
+        return d;
+    }
+    *missed += 1;
+    if *missed < PRIMARY_FALL {
+        d.primary = Primary::One(p);
+        if let Some(s) = d.servers.iter_mut().find(|s| s.addr == p) {
+            s.role = Role::Primary;
+            let why = s.note.take().unwrap_or_default();
+            s.note = Some(format!("check failed ({why}), {} of {PRIMARY_FALL} in a row; still the primary", *missed));
+        }
+    }
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +255,37 @@ mod tests {
         assert_eq!(d.primary.refusal("main").unwrap(), "no writable primary in cluster main");
         assert_eq!(d.servers[0].role, Role::Unreachable);
         assert_eq!(d.servers[0].note.as_deref(), Some("connection refused"));
+    }
+
+    #[test]
+    fn one_failed_check_of_the_primary_is_held_two_are_not() {
+        let ok = decide(&[(a(1), primary()), (a(2), replica(true, true, Some(0)))], MAX, 1);
+        let mut missed = 0;
+        let ok = hold_primary(&Primary::Unknown, ok, &mut missed);
+        assert_eq!(ok.primary, Primary::One(a(1)));
+        let lost = || decide(&[(a(1), Err("timed out".into())), (a(2), replica(true, true, Some(0)))], MAX, 2);
+        let held = hold_primary(&ok.primary, lost(), &mut missed);
+        assert_eq!(held.primary, Primary::One(a(1)));
+        assert_eq!(held.servers[0].role, Role::Primary);
+        assert!(held.servers[0].note.as_deref().unwrap().contains("timed out"), "{:?}", held.servers[0]);
+        let gone = hold_primary(&held.primary, lost(), &mut missed);
+        assert_eq!(gone.primary, Primary::None);
+        assert_eq!(gone.servers[0].role, Role::Unreachable);
+        // Back after a single miss: the count starts again.
+        let mut missed = 1;
+        let back = decide(&[(a(1), primary()), (a(2), replica(true, true, Some(0)))], MAX, 3);
+        let back = hold_primary(&Primary::One(a(1)), back, &mut missed);
+        assert_eq!((back.primary, missed), (Primary::One(a(1)), 0));
+    }
+
+    #[test]
+    fn a_primary_that_answers_read_only_or_another_writable_counts_at_once() {
+        let mut missed = 0;
+        let demoted = decide(&[(a(1), Ok(MysqlState { read_only: true, replication: None }))], MAX, 2);
+        assert_eq!(hold_primary(&Primary::One(a(1)), demoted, &mut missed).primary, Primary::None);
+        // The old primary's check failed, and the operator promoted the other: follow it now.
+        let promoted = decide(&[(a(1), Err("timed out".into())), (a(2), primary())], MAX, 2);
+        assert_eq!(hold_primary(&Primary::One(a(1)), promoted, &mut missed).primary, Primary::One(a(2)));
     }
 
     #[test]
