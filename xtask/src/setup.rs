@@ -61,6 +61,8 @@ const APT_PACKAGES: &[&str] = &[
     "nmap",
     // The stack's lab: veth offloads set as a NIC's would be (checksums, GRO).
     "ethtool",
+    // `cargo xtask demo --keep` forwards the status pages and Prometheus out of the lab with socat.
+    "socat",
     // tls-bench counts the daemon's instructions per request under callgrind (the latency
     // histograms' cost, free of the machine's noise).
     "valgrind",
