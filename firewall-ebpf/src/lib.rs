@@ -6,7 +6,8 @@
 //! - [`count`]: per-CPU counters.
 //!
 //! The programs are in `bin/`: `rampart.rs` (the pipeline: parse → fw → lb), `decap.rs` (the
-//! backends' side of the balancer) and the benchmark floors (`minimal*.rs`). A program that
+//! backends' side of the balancer) and the benchmark floors (`minimal*.rs`, `calibration*.rs`,
+//! `sink.rs`, which share `floor.rs` by `#[path]` include). A program that
 //! links anything of this library gets all of its maps and global functions in its object
 //! (bpf-linker keeps them), so `decap.rs` and the floors use none of it.
 #![no_std]

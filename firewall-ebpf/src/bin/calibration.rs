@@ -1,9 +1,12 @@
 //! The flood benchmark's calibration: the minimal program (`minimal.rs`) plus a fixed extra cost
-//! per packet, a bounded loop of `LOOPS` dependent multiply-xor steps. fw-bench measures that
+//! per packet (`floor::burn`: `LOOPS` dependent multiply-xorshift steps). fw-bench measures that
 //! cost with BPF_PROG_TEST_RUN; if a flood cannot tell this program from the minimal one, the
 //! flood does not saturate the receiver and its figures are reported invalid.
 #![no_std]
 #![no_main]
+
+#[path = "../floor.rs"]
+mod floor;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -11,9 +14,6 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::XdpContext,
 };
-
-/// Iterations of the extra work; each depends on the last, so they cannot overlap.
-const LOOPS: u32 = 256;
 
 /// Slot 0: packets dropped (as MINIMAL_COUNT); slot 1: the loop's result, stored so that the
 /// compiler cannot drop the loop.
@@ -34,29 +34,8 @@ pub fn xdp_calibration(ctx: XdpContext) -> u32 {
     if ethertype != 0x0008 || proto != 17 {
         return xdp_action::XDP_PASS;
     }
-    // Seeded from the packet, so the result cannot be computed at compile time.
-    let mut x = src as u64 | 1;
-    for _ in 0..LOOPS {
-        x = x.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        x ^= x >> 29;
-    }
-    if let Some(c) = CALIBRATION_COUNT.get_ptr_mut(1) {
-        // SAFETY: per-CPU slot, no concurrent writer.
-        unsafe { *c = x };
-    }
-    if let Some(c) = CALIBRATION_COUNT.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot, no concurrent writer.
-        unsafe { *c += 1 };
-    }
+    let x = floor::burn(src);
+    floor::store(&CALIBRATION_COUNT, 1, x);
+    floor::bump(&CALIBRATION_COUNT, 0);
     xdp_action::XDP_DROP
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -3,6 +3,9 @@
 #![no_std]
 #![no_main]
 
+#[path = "../floor.rs"]
+mod floor;
+
 use aya_ebpf::{bindings::xdp_action, macros::{map, xdp}, maps::PerCpuArray, programs::XdpContext};
 
 #[map]
@@ -21,19 +24,6 @@ pub fn xdp_minimal(ctx: XdpContext) -> u32 {
     if ethertype != 0x0008 || proto != 17 {
         return xdp_action::XDP_PASS;
     }
-    if let Some(c) = MINIMAL_COUNT.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot, no concurrent writer.
-        unsafe { *c += 1 };
-    }
+    floor::bump(&MINIMAL_COUNT, 0);
     xdp_action::XDP_DROP
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -4,6 +4,9 @@
 #![no_std]
 #![no_main]
 
+#[path = "../floor.rs"]
+mod floor;
+
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
@@ -28,26 +31,8 @@ pub fn xdp_minimal_tx(ctx: XdpContext) -> u32 {
     if ethertype != 0x0008 || version != 4 {
         return xdp_action::XDP_PASS;
     }
-    if let Some(c) = MINIMAL_TX_COUNT.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot, no concurrent writer.
-        unsafe { *c += 1 };
-    }
+    floor::bump(&MINIMAL_TX_COUNT, 0);
     // SAFETY: within the checked bytes.
-    unsafe {
-        let dst = core::ptr::read_unaligned(p as *const [u8; 6]);
-        let src = core::ptr::read_unaligned(p.add(6) as *const [u8; 6]);
-        core::ptr::write_unaligned(p as *mut [u8; 6], src);
-        core::ptr::write_unaligned(p.add(6) as *mut [u8; 6], dst);
-    }
+    unsafe { floor::swap_macs(p) };
     xdp_action::XDP_TX
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -6,6 +6,9 @@
 #![no_std]
 #![no_main]
 
+#[path = "../floor.rs"]
+mod floor;
+
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
@@ -43,19 +46,6 @@ pub fn xdp_sink(ctx: XdpContext) -> u32 {
             break;
         }
     }
-    if let Some(c) = SINK_COUNT.get_ptr_mut(slot) {
-        // SAFETY: per-CPU slot, no concurrent writer.
-        unsafe { *c += 1 };
-    }
+    floor::bump(&SINK_COUNT, slot);
     xdp_action::XDP_DROP
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
