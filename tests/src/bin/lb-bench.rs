@@ -571,36 +571,34 @@ fn nft_contender(name: &'static str, expr: &str, queues: usize, dir: &Path) -> R
 
 fn flood_contenders(queues: usize, dir: &Path) -> Result<Vec<FloodContender>> {
     let mut v = Vec::new();
-    {
-        let net = balancer_pair("fl", queues)?;
-        let mut f = MinimalTx::load()?;
+    // The floor and its calibration: the same rig, one program each.
+    let floors: [(&str, fn() -> Result<MinimalTx>, &'static str, String); 2] = [
+        (
+            "fl",
+            MinimalTx::load,
+            "floor: xdp_minimal_tx",
+            "XDP: parse Ethernet/IPv4, count, swap MACs, XDP_TX back out of the same veth (the frame goes back to \
+             its source's side unchanged: counted there, as addressed to the VIP)"
+                .into(),
+        ),
+        (
+            "cal",
+            MinimalTx::calibration,
+            CALIBRATION,
+            "the floor plus a fixed extra cost per packet (256 dependent multiply-xorshift steps), to prove the \
+             flood tells a costlier program from the floor"
+                .into(),
+        ),
+    ];
+    for (tag, load, name, does) in floors {
+        let net = balancer_pair(tag, queues)?;
+        let mut f = load()?;
         f.attach(&net.rx_ns, &net.rx_if)?;
         let sink = Sink::attach(&net.tx_ns, &net.tx_if)?;
         v.push(FloodContender {
-            name: "floor: xdp_minimal_tx",
-            does: "XDP: parse Ethernet/IPv4, count, swap MACs, XDP_TX back out of the same veth (the frame goes back \
-                   to its source's side unchanged: counted there, as addressed to the VIP)"
-                .into(),
-            loaded: format!("`xdp_minimal_tx` (id {}), native mode on the balancer's veth", f.prog_id()?),
-            prog: Some(f.prog_id()?),
-            slots: SINK_VIP..SINK_VIP + 1,
-            sink,
-            rp: None,
-            _floor: Some(f),
-            net,
-        });
-    }
-    {
-        let net = balancer_pair("cal", queues)?;
-        let mut f = MinimalTx::calibration()?;
-        f.attach(&net.rx_ns, &net.rx_if)?;
-        let sink = Sink::attach(&net.tx_ns, &net.tx_if)?;
-        v.push(FloodContender {
-            name: CALIBRATION,
-            does: "the floor plus a fixed extra cost per packet (256 dependent multiply-xorshift steps), to prove the \
-                   flood tells a costlier program from the floor"
-                .into(),
-            loaded: format!("`xdp_calibration_tx` (id {}), native mode on the balancer's veth", f.prog_id()?),
+            name,
+            does,
+            loaded: format!("`{}` (id {}), native mode on the balancer's veth", f.prog, f.prog_id()?),
             prog: Some(f.prog_id()?),
             slots: SINK_VIP..SINK_VIP + 1,
             sink,
